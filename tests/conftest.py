@@ -1,0 +1,43 @@
+"""Shared fixtures: the real data under ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("VQDIFF_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+SUBJECT = shared_data_dir() / "subject01"
+needs_data = pytest.mark.skipif(
+    not SUBJECT.is_dir(), reason=f"real data not found at {SUBJECT} (set VQDIFF_SHARED_DATA to ../shared/data)"
+)
+
+
+@pytest.fixture(scope="session")
+def subject_dir() -> Path:
+    if not SUBJECT.is_dir():
+        pytest.skip(f"real data not found at {SUBJECT} (set VQDIFF_SHARED_DATA to ../shared/data)")
+    return SUBJECT
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield

@@ -1,0 +1,163 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from vqdiff.api import Codec, decode, default_model_dir, encode
+from vqdiff.bottlenecks import KINDS
+from vqdiff.bundle import Bundle, SpatialHeader
+from vqdiff.checkpoint import load_checkpoint, save_checkpoint
+from vqdiff.errors import CheckpointError, LatentsFormatError, ModelMismatchError
+from vqdiff.latents import Latents
+from vqdiff.models import ModelConfig, StreamlineAutoencoder
+from vqdiff.normalise import Normalisation
+
+TINY = dict(hidden=16, residual_hidden=8, embedding_dim=8)
+
+
+def _model(kind="vq_diff", **kw):
+    b = {"num_codes": 16} if kind not in ("ae", "vae") else {}
+    return StreamlineAutoencoder.from_config(ModelConfig.for_kind(kind, bottleneck=b, **{**TINY, **kw}))
+
+
+@pytest.fixture
+def norm():
+    return Normalisation.fit(np.array([[-100.0, -100, -100], [100, 100, 100]]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_rebuilds_model_alone(tmp_path, kind, norm):
+    model = _model(kind).train()
+    model(torch.randn(2, 3, 64, 64))  # moves EMA buffers for vq_ema
+    model.eval()
+    save_checkpoint(tmp_path / "ck", model, norm, extra={"metrics": {"buan": 0.5}})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.model.config == model.config and ck.normalisation == norm
+    assert ck.info["metrics"] == {"buan": 0.5} and len(ck.model_hash) == 64
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ck.model(x).reconstruction, model(x).reconstruction)
+
+
+def test_checkpoint_has_no_pickle(tmp_path, norm):
+    save_checkpoint(tmp_path / "ck", _model(), norm)
+    raw = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    assert not raw.startswith(b"\x80") and b"PK\x03\x04" not in raw[:4]
+    json.loads((tmp_path / "ck" / "config.json").read_text())
+
+
+def test_checkpoint_errors(tmp_path, norm):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_checkpoint(tmp_path / "missing")
+    save_checkpoint(tmp_path / "ck", _model(), norm)
+    with pytest.raises(FileExistsError):
+        save_checkpoint(tmp_path / "ck", _model(), norm)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["format_version"] = 99
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not supported"):
+        load_checkpoint(tmp_path / "ck")
+    save_checkpoint(tmp_path / "ck2", _model(), norm)
+    (tmp_path / "ck2" / "model.safetensors").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(tmp_path / "ck2")
+    save_checkpoint(tmp_path / "ck3", _model(hidden=32), norm)
+    (tmp_path / "ck3" / "config.json").write_text((tmp_path / "ck" / "config.json").read_text().replace("99", "1"))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path / "ck3")
+
+
+@pytest.fixture
+def codec(tmp_path, norm):
+    save_checkpoint(tmp_path / "model", _model(), norm, model_id="tiny")
+    return Codec.from_checkpoint(tmp_path / "model")
+
+
+def _random_bundle(n=100, seed=0):
+    rng = np.random.default_rng(seed)
+    s = [np.cumsum(rng.normal(size=(int(rng.integers(10, 90)), 3)), 0).astype(np.float32) for _ in range(n)]
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-90, -126, -72]
+    return Bundle(s, SpatialHeader(affine, (91, 109, 91), (2.0, 2.0, 2.0), "LAS"), "trk", "synthetic")
+
+
+def test_latents_file_round_trip(tmp_path, codec):
+    lat = codec.encode(_random_bundle())
+    assert lat.latents.shape == (2, 8, 16, 16) and lat.indices.shape == (2, 16, 16)
+    assert lat.model == {"id": "tiny", "kind": "vq_diff", "sha256": codec.model_hash}
+    lat.save(tmp_path / "x.vqlat")
+    again = Latents.load(tmp_path / "x.vqlat")
+    np.testing.assert_array_equal(again.latents, lat.latents)
+    np.testing.assert_array_equal(again.order, lat.order)
+    np.testing.assert_array_equal(again.flipped, lat.flipped)
+    np.testing.assert_array_equal(again.n_points, lat.n_points)
+    np.testing.assert_array_equal(again.indices, lat.indices)
+    assert again.header.to_dict() == lat.header.to_dict()
+    assert again.normalisation == lat.normalisation and again.source == {"format": "trk", "name": "synthetic"}
+    with pytest.raises(FileExistsError):
+        lat.save(tmp_path / "x.vqlat")
+
+
+def test_latents_refuses_foreign_or_future_files(tmp_path, codec):
+    with pytest.raises(LatentsFormatError, match="vqdiff-latents"):
+        Latents.from_bytes(b"TRACK" + b"\0" * 100)
+    with pytest.raises(LatentsFormatError):
+        Latents.from_bytes(b"")
+    from safetensors.numpy import save
+
+    with pytest.raises(LatentsFormatError, match="format tag"):
+        Latents.from_bytes(save({"a": np.zeros(2, np.float32)}))
+    data = codec.encode(_random_bundle()).to_bytes()
+    future = data.replace(b'"format_version":"1"', b'"format_version":"7"')
+    assert future != data
+    with pytest.raises(LatentsFormatError, match="not supported"):
+        Latents.from_bytes(future)
+
+
+def test_decode_restores_order_direction_space(codec):
+    bundle = _random_bundle(n=130)
+    out = codec.decode(codec.encode(bundle), restore_points=True)
+    assert len(out.streamlines) == 130
+    assert [len(s) for s in out.streamlines] == [len(s) for s in bundle.streamlines]
+    assert np.array_equal(out.header.affine, bundle.header.affine) and out.header.voxel_order == "LAS"
+
+
+def test_decode_refuses_other_models_latents(tmp_path, codec, norm):
+    lat = codec.encode(_random_bundle())
+    save_checkpoint(tmp_path / "other", _model(), norm)
+    with pytest.raises(ModelMismatchError, match="made by model"):
+        Codec.from_checkpoint(tmp_path / "other").decode(lat)
+
+
+def test_module_level_api_and_default_model_env(tmp_path, codec, monkeypatch):
+    monkeypatch.setenv("VQDIFF_MODEL", str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="VQDIFF_MODEL"):
+        default_model_dir()
+    monkeypatch.setenv("VQDIFF_MODEL", str(tmp_path / "model"))
+    lat = encode(_random_bundle(n=5))
+    assert len(decode(lat).streamlines) == 5
+
+
+def test_real_bundle_round_trip_through_random_model(subject_dir, tmp_path):
+    trk = nib.streamlines.load(subject_dir / "IFOF_R.trk")
+    streamlines = list(trk.streamlines)
+    norm = Normalisation.fit(np.concatenate(streamlines))
+    save_checkpoint(tmp_path / "m", StreamlineAutoencoder.from_config(ModelConfig.for_kind("vq_diff")), norm)
+    codec = Codec.from_checkpoint(tmp_path / "m")
+    bundle = Bundle(streamlines, SpatialHeader(trk.affine, (256, 256, 256), (1.0, 1.0, 1.0)), "trk", "IFOF_R")
+    lat = codec.encode(bundle)
+    assert lat.latents.shape == (45, 64, 16, 16) and lat.n_streamlines == 2880
+    lat.save(tmp_path / "IFOF_R.vqlat")
+    out = codec.decode(Latents.load(tmp_path / "IFOF_R.vqlat"))
+    assert len(out.streamlines) == 2880 and out.name == "IFOF_R"
+    assert all(s.shape == (64, 3) and np.isfinite(s).all() for s in out.streamlines)
+    np.testing.assert_array_equal(out.header.affine, bundle.header.affine)
+    # the decoded groups, re-ordered through the stored permutation, are what the model produced
+    groups = codec.decode_groups(lat.latents)
+    slot0 = norm.invert(groups.transpose(0, 2, 3, 1))[0, 0]
+    first = lat.order[0]
+    expected = out.streamlines[first][::-1] if lat.flipped[first] else out.streamlines[first]
+    np.testing.assert_allclose(expected, slot0, atol=1e-5)

@@ -1,0 +1,140 @@
+"""Self-describing checkpoints: a directory with ``model.safetensors`` and ``config.json``.
+
+``config.json`` holds the format name and version, the model config (enough to rebuild the
+model alone), the normalisation, and optional training config, data manifest hash and metrics.
+Weights are safetensors; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .models import ModelConfig, StreamlineAutoencoder
+from .normalise import Normalisation
+
+FORMAT = "vqdiff-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class Checkpoint:
+    model: StreamlineAutoencoder
+    normalisation: Normalisation
+    model_id: str
+    model_hash: str  # sha256 of model.safetensors
+    info: dict[str, Any] = field(default_factory=dict)  # the whole config.json
+
+    @property
+    def short_hash(self) -> str:
+        return self.model_hash[:12]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: StreamlineAutoencoder,
+    normalisation: Normalisation,
+    *,
+    model_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``path/`` atomically (a temp dir renamed into place). ``extra`` adds top-level keys
+    (e.g. ``training``, ``data_manifest_sha256``, ``metrics``, ``state``) to config.json."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: -f) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_id": model_id or path.name,
+            "model": model.config.to_dict(),
+            "normalisation": normalisation.to_dict(),
+            **(extra or {}),
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``config.json`` of checkpoint ``path`` (no weights loaded)."""
+    path = Path(path)
+    cfg_path = path / CONFIG
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected {WEIGHTS} and {CONFIG} inside)")
+    if not cfg_path.is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} must contain both {WEIGHTS} and {CONFIG}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: format {config.get('format')!r} is not {FORMAT!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path}: format_version {config.get('format_version')!r} is not supported; "
+            f"this vqdiff reads version {FORMAT_VERSION}"
+        )
+    return config
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild model and normalisation from checkpoint directory ``path`` alone; model in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = read_config(path)
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+        normalisation = Normalisation.from_dict(config["normalisation"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG}: invalid model or normalisation entry: {e}") from e
+    model = StreamlineAutoencoder.from_config(model_config)
+    try:
+        state = load_file(str(path / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / WEIGHTS} is not a readable safetensors file: {e}") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path / WEIGHTS} does not match the model in {CONFIG}: {e}") from e
+    model.to(device).eval()
+    return Checkpoint(model, normalisation, str(config.get("model_id", path.name)), file_sha256(path / WEIGHTS), config)

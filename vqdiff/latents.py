@@ -1,0 +1,182 @@
+"""`Latents`: a bundle's encoding, self-describing and saved as a versioned safetensors file.
+
+A latents file holds the tensors ``latents`` (G, D, 16, 16) float32, ``order`` and ``pad_mask``
+(G*64,), ``flipped`` and ``n_points`` (N,), optionally ``indices`` (G, 16, 16) int64 (argmax code
+per position), and a JSON header in the safetensors metadata: format name and version, the model
+(id, kind, sha256), the normalisation, the input's spatial header and source format/name.
+Readers refuse other formats and unknown versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import SpatialHeader
+from .errors import LatentsFormatError
+
+FORMAT = "vqdiff-latents"
+FORMAT_VERSION = 1
+SUFFIX = ".vqlat"
+_TENSORS = ("latents", "order", "pad_mask", "flipped", "n_points")
+
+
+@dataclass
+class Latents:
+    latents: np.ndarray  # (G, D, 16, 16) float32
+    order: np.ndarray  # (G*64,) int64
+    pad_mask: np.ndarray  # (G*64,) bool
+    flipped: np.ndarray  # (N,) bool
+    n_points: np.ndarray  # (N,) int64
+    header: SpatialHeader
+    model: dict[str, Any]  # {"id", "kind", "sha256"}
+    normalisation: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)  # {"format", "name"}
+    indices: np.ndarray | None = None  # (G, 16, 16) int64
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_streamlines(self) -> int:
+        return int(self.flipped.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.latents.shape[0])
+
+    def _check(self) -> None:
+        g = self.latents.shape[0] if self.latents.ndim == 4 else -1
+        slots = self.order.shape[0]
+        n = self.flipped.shape[0]
+        problems = []
+        if self.latents.ndim != 4:
+            problems.append(f"latents must be 4-D (G, D, H, W), got shape {self.latents.shape}")
+        elif g == 0 or slots % g:
+            problems.append(f"order has {slots} slots, not a multiple of {g} groups")
+        if self.pad_mask.shape != self.order.shape:
+            problems.append(f"pad_mask shape {self.pad_mask.shape} != order shape {self.order.shape}")
+        if self.n_points.shape != (n,):
+            problems.append(f"n_points shape {self.n_points.shape} != ({n},)")
+        if int(self.pad_mask.sum()) != n:
+            problems.append(f"pad_mask marks {int(self.pad_mask.sum())} real slots for {n} streamlines")
+        elif n and not np.array_equal(np.sort(self.order[self.pad_mask]), np.arange(n)):
+            problems.append("order is not a permutation of the streamlines")
+        if problems:
+            raise LatentsFormatError("inconsistent latents file: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ serialisation
+    def _tensors(self) -> dict[str, np.ndarray]:
+        t = {
+            "latents": np.ascontiguousarray(self.latents, np.float32),
+            "order": np.ascontiguousarray(self.order, np.int64),
+            "pad_mask": np.ascontiguousarray(self.pad_mask, np.uint8),
+            "flipped": np.ascontiguousarray(self.flipped, np.uint8),
+            "n_points": np.ascontiguousarray(self.n_points, np.int64),
+        }
+        if self.indices is not None:
+            t["indices"] = np.ascontiguousarray(self.indices, np.int64)
+        return t
+
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "model": json.dumps(self.model),
+            "normalisation": json.dumps(self.normalisation),
+            "header": json.dumps(self.header.to_dict()),
+            "source": json.dumps(self.source),
+        }
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        self._check()
+        return save(self._tensors(), metadata=self._metadata())
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write atomically (temp file + rename); refuse to overwrite unless asked."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: -f) to replace it")
+        data = self.to_bytes()
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Latents:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        metadata = _read_metadata(data)
+        try:
+            tensors = load(bytes(data))
+        except (SafetensorError, ValueError) as e:
+            raise LatentsFormatError(f"unreadable latents tensors: {e}") from e
+        return cls._from_parts(tensors, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Latents:
+        path = Path(path)
+        try:
+            return cls.from_bytes(path.read_bytes())
+        except LatentsFormatError as e:
+            raise LatentsFormatError(f"{path}: {e}") from e
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Latents:
+        missing = [k for k in _TENSORS if k not in tensors]
+        if missing:
+            raise LatentsFormatError(f"latents file lacks tensor(s) {missing}; expected {list(_TENSORS)}")
+        try:
+            header = SpatialHeader.from_dict(json.loads(meta["header"]))
+            obj = cls(
+                latents=tensors["latents"].astype(np.float32, copy=False),
+                order=tensors["order"].astype(np.int64, copy=False),
+                pad_mask=tensors["pad_mask"].astype(bool),
+                flipped=tensors["flipped"].astype(bool),
+                n_points=tensors["n_points"].astype(np.int64, copy=False),
+                header=header,
+                model=json.loads(meta["model"]),
+                normalisation=json.loads(meta["normalisation"]),
+                source=json.loads(meta.get("source", "{}")),
+                indices=tensors.get("indices"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise LatentsFormatError(f"latents metadata is incomplete or invalid: {e}") from e
+        obj._check()
+        return obj
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    """Parse and check the safetensors JSON header without touching the tensors."""
+    accepted = f"a {FORMAT} file (safetensors, version {FORMAT_VERSION}) written by vqdiff encode"
+    if len(data) < 8:
+        raise LatentsFormatError(f"file is too short to be {accepted}")
+    n = int.from_bytes(bytes(data[:8]), "little")
+    if n <= 0 or n > len(data) - 8 or n > 100_000_000:
+        raise LatentsFormatError(f"not {accepted} (bad header length)")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LatentsFormatError(f"not {accepted} (header is not JSON)") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LatentsFormatError(f"not {accepted} (format tag missing)")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise LatentsFormatError(
+            f"latents format_version {meta.get('format_version')!r} is not supported; "
+            f"this vqdiff reads version {FORMAT_VERSION}"
+        )
+    return meta
