@@ -110,7 +110,12 @@ def _pc1_projection(x: np.ndarray) -> np.ndarray:
     flat = flat - flat.mean(axis=0)
     if len(flat) < 2:
         return np.zeros(len(flat))
-    return flat @ _principal_axis(flat)
+    if len(flat) < flat.shape[1]:  # few rows: the SVD is cheaper than the (D, D) eigenproblem
+        axis = np.linalg.svd(flat, full_matrices=False)[2][0]
+        axis = -axis if axis[np.argmax(np.abs(axis))] < 0 else axis
+    else:
+        axis = _principal_axis(flat)
+    return flat @ axis
 
 
 def group_order(oriented: np.ndarray, group_size: int = GROUP_SIZE) -> np.ndarray:

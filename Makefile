@@ -1,0 +1,38 @@
+# vqdiff: the two set-up commands of the README are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+SHARED ?= ../shared/data
+OUT    ?= out
+# The CPU build of torch (a local wheel on our machines); GPU users install their own torch first.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install run test lint default-model clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,export,eval]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Main job: encode -> decode round trip of a real bundle with the bundled default model.
+run: install
+	mkdir -p $(OUT)
+	$(BIN)/vqdiff-roundtrip $(SHARED)/subject01/IFOF_R.trk $(OUT)/IFOF_R.vqlat $(OUT)/IFOF_R_recon.trk -f
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+# Rebuild the bundled default model from ../shared/data/subject01 (see models/default/MODEL_CARD.md).
+default-model: install
+	$(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --seed 0 -f
+	$(BIN)/vqdiff-train runs/default-data runs/default --kind vq_diff $(TRAIN_ARGS)
+
+clean:
+	rm -rf $(OUT) runs .pytest_cache .ruff_cache

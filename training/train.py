@@ -1,0 +1,262 @@
+"""The training loop: single process or torchrun DDP, CPU (bf16 autocast) or CUDA (AMP).
+
+Outputs in ``out_dir``: ``last/`` and ``best/`` checkpoints (``model.safetensors`` +
+``config.json``; ``last/`` also ``train_state.pt`` for exact resume: optimizer, scheduler,
+step, RNG states, wall time), and ``log.jsonl`` (one line per log / validation event).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vqdiff.api import groups_to_model, model_to_groups
+from vqdiff.checkpoint import load_checkpoint, save_checkpoint
+from vqdiff.models import ModelConfig, StreamlineAutoencoder
+from vqdiff.normalise import Normalisation
+
+from .data import GroupSampler, load_dataset
+
+log = logging.getLogger(__name__)
+STATE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    kind: str = "vq_diff"
+    bottleneck: dict = field(default_factory=dict)  # per-kind overrides, e.g. {"tau": 10}
+    model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"hidden": 128}
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 2e-3
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 (CPU autocast / CUDA AMP)
+    channels_last: bool = True
+    compile: bool = False
+    balance: bool = False
+    max_extra: int = 32
+    rotate_deg: float = 0.0
+    translate_mm: float = 0.0
+    eval_every: int = 250
+    seed: int = 0
+    time_limit_s: float | None = None  # stop (and checkpoint) after this much wall time in this run
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.for_kind(self.kind, bottleneck=self.bottleneck, **self.model)
+
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then the schedule's decay."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; select one of {SCHEDULES}")
+    warm = max(1, int(cfg.warmup_fraction * cfg.steps))
+    if cfg.schedule == "constant":
+        return min(1.0, (step + 1) / warm)
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+    floor = 0.01 if cfg.schedule == "onecycle" else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; select one of ['auto', 'fp32', 'bf16']")
+
+
+@torch.no_grad()
+def validate(model, norm: Normalisation, groups_mm: np.ndarray, device, *, threshold: float = 5.0) -> dict:
+    """Held-out metrics: MSE (model space), mean MDF and point distance (mm), BUAN at ``threshold``."""
+    from vqdiff.metrics import buan_score, mean_mdf, mean_pointwise_distance
+
+    if len(groups_mm) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    x = torch.from_numpy(groups_to_model(norm.apply(groups_mm))).to(device)
+    recon = torch.cat([model(x[i : i + 64]).reconstruction.float() for i in range(0, len(x), 64)])
+    model.train(was_training)
+    mse = F.mse_loss(recon, x).item()
+    rec_mm = norm.invert(model_to_groups(recon.cpu().numpy()))
+    return {
+        "val_mse": mse,
+        "val_mdf": float(mean_mdf(groups_mm, rec_mm).mean()),
+        "val_pointwise": float(mean_pointwise_distance(groups_mm, rec_mm).mean()),
+        "val_buan": float(np.mean(buan_score(groups_mm, rec_mm, threshold=threshold))),
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, device: str | None = None,
+                 resume: bool = True, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.rank, self.world = _distributed()
+        if device is None:
+            device = f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.progress = progress and self.rank == 0
+        self.manifest, bundles = load_dataset(data_dir)
+        self.val_groups = np.concatenate([b.val_groups for b in bundles]) if bundles else np.zeros((0,))
+        self.val_labels = np.concatenate([[b.label] * len(b.val_groups) for b in bundles]).astype(int)
+        train_points = np.concatenate([b.train for b in bundles if len(b.train)])
+        torch.manual_seed(cfg.seed)
+        self.sampler = GroupSampler(bundles, balance=cfg.balance or self.manifest.get("balance", False),
+                                    max_extra=cfg.max_extra, rotate_deg=cfg.rotate_deg,
+                                    translate_mm=cfg.translate_mm, seed=cfg.seed + 1000 * self.rank)
+        self.model = StreamlineAutoencoder.from_config(cfg.model_config()).to(self.device)
+        self.norm = Normalisation.fit(train_points)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.step, self.wall, self.best = 0, 0.0, math.inf
+        if resume and (self.out / "last" / STATE).is_file():
+            self._load_state()
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    # ------------------------------------------------------------------ state
+    def _extra(self, metrics: dict | None = None) -> dict:
+        return {
+            "training": {**asdict(self.cfg), "steps_done": self.step, "wall_time_s": round(self.wall, 1),
+                         "world_size": self.world, "device": str(self.device), "torch": torch.__version__},
+            "data_manifest_sha256": self.manifest.get("sha256"),
+            "bundles": self.manifest.get("bundles"),
+            "metrics": metrics or {},
+        }
+
+    def save(self, metrics: dict | None = None, *, best: bool = False) -> None:
+        if self.rank != 0:
+            return
+        name = "best" if best else "last"
+        save_checkpoint(self.out / name, self.model, self.norm, model_id=f"{self.cfg.kind}-{self.out.name}",
+                        extra=self._extra(metrics), overwrite=True)
+        if not best:
+            state = {
+                "step": self.step, "wall": self.wall, "best": self.best,
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "torch_rng": torch.get_rng_state(), "sampler_rng": json.dumps(self.sampler.state()),
+            }
+            tmp = self.out / "last" / f".{STATE}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / "last" / STATE)
+
+    def _load_state(self) -> None:
+        ck = load_checkpoint(self.out / "last", device=self.device)
+        self.model.load_state_dict(ck.model.state_dict())
+        self.norm = ck.normalisation
+        state = torch.load(self.out / "last" / STATE, map_location="cpu", weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.sampler.set_state(json.loads(state["sampler_rng"]))
+        self.step, self.wall, self.best = int(state["step"]), float(state["wall"]), float(state["best"])
+        log.info("resumed from %s at step %d (%.0f s trained)", self.out / "last", self.step, self.wall)
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, batch_mm: np.ndarray) -> dict:
+        x = torch.from_numpy(groups_to_model(self.norm.apply(batch_mm))).to(self.device)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, self.cfg.precision):
+            out = self.net(x)
+            recon = F.mse_loss(out.reconstruction.float(), x)
+            loss = recon + out.bottleneck.loss.float()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        rec = {"loss": loss.item(), "mse": recon.item()}
+        if out.bottleneck.perplexity is not None:
+            rec["perplexity"] = out.bottleneck.perplexity.item()
+        return rec
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc=f"train {cfg.kind}",
+                   dynamic_ncols=True)
+        started = time.perf_counter()
+        wall0 = self.wall
+        metrics: dict = {}
+        stopped_early = False
+        while self.step < cfg.steps:
+            rec = self.train_step(self.sampler.sample(cfg.batch_size))
+            self.step += 1
+            self.wall = wall0 + time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items()})
+            if self.step % 50 == 0:
+                self._log({"step": self.step, "wall_s": round(self.wall, 1), "lr": self.sched.get_last_lr()[0], **rec})
+            last = self.step == cfg.steps
+            out_of_time = cfg.time_limit_s is not None and time.perf_counter() - started > cfg.time_limit_s
+            if self.step % cfg.eval_every == 0 or last or out_of_time:
+                metrics = self.evaluate_and_save()
+            if out_of_time and not last:
+                stopped_early = True
+                break
+        bar.close()
+        if self.world > 1:
+            torch.distributed.barrier()
+        return {"step": self.step, "wall_time_s": self.wall, "stopped_early": stopped_early, **metrics}
+
+    def evaluate_and_save(self) -> dict:
+        metrics = {}
+        if self.rank == 0:
+            metrics = validate(self.model, self.norm, self.val_groups, self.device)
+            metrics["train_wall_s"] = round(self.wall, 1)
+            metrics["step"] = self.step
+            self._log({"step": self.step, "wall_s": round(self.wall, 1), **metrics})
+            log.info("step %d: %s", self.step, {k: round(v, 5) for k, v in metrics.items()})
+            score = metrics.get("val_mdf", math.inf)
+            if score < self.best:
+                self.best = score
+                self.save(metrics, best=True)
+            self.save(metrics)
+        if self.world > 1:
+            torch.distributed.barrier()
+        return metrics
