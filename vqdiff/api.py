@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .bundle import Bundle, SpatialHeader
 from .canonical import canonicalise, uncanonicalise
 from .checkpoint import Checkpoint, load_checkpoint
+from .engine import Engine, TorchEngine
 from .errors import CheckpointError, ModelMismatchError
 from .latents import Latents
-from .models import StreamlineAutoencoder
 from .normalise import Normalisation
 
 MODEL_ENV = "VQDIFF_MODEL"
@@ -48,71 +47,53 @@ def model_to_groups(x: np.ndarray) -> np.ndarray:
 
 
 class Codec:
-    """A model plus its normalisation: bundles in, latents out, and back.
+    """Bundles in, latents out, and back: canonicalisation + normalisation around an engine.
 
     Parameters
     ----------
-    model : StreamlineAutoencoder
+    engine : Engine
+        Group-level backend (`vqdiff.engine.TorchEngine`, or an ONNX Runtime / TensorRT engine
+        from `vqdiff.export.runtime`).
     normalisation : Normalisation
-    model_id, model_hash : str
-        Recorded in every `Latents`; `decode` refuses latents from another model.
-    device : str
-        Torch device (``"cpu"``, ``"cuda"``).
-    batch_size : int
-        Groups per forward pass.
+    model_info : dict
+        ``{"id", "kind", "sha256"}`` recorded in every `Latents`; `decode` refuses latents from
+        another model.
     """
 
-    def __init__(
-        self,
-        model: StreamlineAutoencoder,
-        normalisation: Normalisation,
-        *,
-        model_id: str = "unnamed",
-        model_hash: str = "",
-        device: str | torch.device = "cpu",
-        batch_size: int = 256,
-    ):
-        self.model = model.to(device).eval()
+    def __init__(self, engine: Engine, normalisation: Normalisation, model_info: dict):
+        self.engine = engine
         self.normalisation = normalisation
-        self.model_id = model_id
-        self.model_hash = model_hash
-        self.device = torch.device(device)
-        self.batch_size = int(batch_size)
+        self.model_info = dict(model_info)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike | Checkpoint, **kwargs) -> Codec:
+    def from_checkpoint(cls, path: str | os.PathLike | Checkpoint, *, device: str = "cpu",
+                        batch_size: int = 256) -> Codec:
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
-        return cls(ckpt.model, ckpt.normalisation, model_id=ckpt.model_id, model_hash=ckpt.model_hash, **kwargs)
+        info = {"id": ckpt.model_id, "kind": ckpt.model.kind, "sha256": ckpt.model_hash}
+        return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, info)
 
     @classmethod
     def default(cls, **kwargs) -> Codec:
         return cls.from_checkpoint(default_model_dir(), **kwargs)
 
     @property
-    def model_info(self) -> dict:
-        return {"id": self.model_id, "kind": self.model.kind, "sha256": self.model_hash}
+    def model_id(self) -> str:
+        return self.model_info.get("id", "")
+
+    @property
+    def model_hash(self) -> str:
+        return self.model_info.get("sha256", "")
 
     # ------------------------------------------------------------------ group level
-    @torch.inference_mode()
     def encode_groups(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Normalised groups (G, 3, 64, 64) -> (latents (G, D, 16, 16), code indices (G, 16, 16) | None)."""
-        lat, idx = [], []
-        for start in range(0, len(x), self.batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + self.batch_size])).to(self.device)
-            out = self.model.encode(xb.float())
-            lat.append(out.latents.float().cpu().numpy())
-            if out.indices is not None:
-                idx.append(out.indices.cpu().numpy())
-        return np.concatenate(lat), (np.concatenate(idx) if idx else None)
+        if hasattr(self.engine, "encode_with_indices"):
+            return self.engine.encode_with_indices(x)
+        return self.engine.encode_groups(x), self.engine.code_indices(x)
 
-    @torch.inference_mode()
     def decode_groups(self, latents: np.ndarray) -> np.ndarray:
         """Latents (G, D, 16, 16) -> normalised groups (G, 3, 64, 64)."""
-        out = []
-        for start in range(0, len(latents), self.batch_size):
-            lb = torch.from_numpy(np.ascontiguousarray(latents[start : start + self.batch_size])).to(self.device)
-            out.append(self.model.decode(lb.float()).float().cpu().numpy())
-        return np.concatenate(out)
+        return self.engine.decode_groups(latents)
 
     # ------------------------------------------------------------------ bundle level
     def encode(self, bundle: Bundle) -> Latents:
