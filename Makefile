@@ -30,9 +30,15 @@ lint: install
 	$(BIN)/ruff check .
 
 # Rebuild the bundled default model from ../shared/data/subject01 (see models/default/MODEL_CARD.md).
+# Re-running resumes the training run in runs/default where it stopped.
+DEFAULT_TRAIN_ARGS ?= --kind vq_diff --steps 14000 --batch-size 32 --lr 2e-3 --eval-every 1000 --seed 0
 default-model: install
-	$(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --seed 0 -f
-	$(BIN)/vqdiff-train runs/default-data runs/default --kind vq_diff $(TRAIN_ARGS)
+	test -f runs/default-data/manifest.json || \
+	  $(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --seed 0
+	$(BIN)/vqdiff-train runs/default-data runs/default $(DEFAULT_TRAIN_ARGS)
+	$(BIN)/vqdiff-evaluate runs/default/best runs/default-data runs/default-eval -f \
+	  --paper-table $(SHARED)/paper_buan_table.csv
+	$(BIN)/python -m vqdiff.training.model_card runs/default runs/default-eval models/default -f
 
 clean:
 	rm -rf $(OUT) runs .pytest_cache .ruff_cache

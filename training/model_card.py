@@ -1,0 +1,124 @@
+"""Publish a trained run as a model directory with a model card.
+
+``python -m vqdiff.training.model_card RUN_DIR EVAL_DIR OUT_MODEL_DIR`` copies ``RUN_DIR/best``
+(weights + config) into ``OUT_MODEL_DIR`` and writes ``MODEL_CARD.md``, ``metrics.json`` and
+``learning_curve.png`` (held-out BUAN and mean MDF against training wall time, from
+``RUN_DIR/log.jsonl``), so the published model documents how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from vqdiff.checkpoint import load_checkpoint, read_config
+from vqdiff.cli.common import add_overwrite_arg, check_outputs, run_main
+
+
+def learning_curve(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "val_buan" in r]
+
+
+def plot_curve(curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["wall_s"] / 60 for r in curve]
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot(t, [r["val_buan"] for r in curve], "o-", color="tab:blue", ms=3)
+    ax1.set_xlabel("training wall time (min)")
+    ax1.set_ylabel("held-out BUAN (T = 5)", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(t, [r["val_mdf"] for r in curve], "s-", color="tab:red", ms=3)
+    ax2.set_ylabel("held-out mean MDF (units)", color="tab:red")
+    ax2.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_card(run_dir: Path, eval_dir: Path, out: Path, *, command: str) -> Path:
+    cfg = read_config(run_dir / "best")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    ck = load_checkpoint(run_dir / "best")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy2(run_dir / "best" / name, out / name)
+    shutil.copy2(eval_dir / "metrics.json", out / "metrics.json")
+    for png in ("reconstructions.png", "latent_tsne.png", "perturbation.png"):
+        if (eval_dir / png).is_file():
+            shutil.copy2(eval_dir / png, out / png)
+    curve = learning_curve(run_dir)
+    if curve:
+        plot_curve(curve, out / "learning_curve.png")
+    tr = cfg.get("training", {})
+    table = (eval_dir / "table.md").read_text() if (eval_dir / "table.md").is_file() else ""
+    curve_md = "\n".join(
+        f"| {r['step']} | {r['wall_s'] / 60:.1f} | {r['val_buan']:.4f} | {r['val_mdf']:.3f} | {r['val_mse']:.2e} |"
+        for r in curve
+    )
+    text = f"""# Model card: {cfg.get('model_id')}
+
+VQ-Diff ({ck.model.kind}) trained on the 12 bundles of `../shared/data/subject01` (one TractoInferno
+subject as released by the VQ-Diff authors, coordinates = the authors' [-1, 1] space x 100).
+
+| | |
+|---|---|
+| weights sha256 | `{ck.model_hash}` |
+| data manifest sha256 | `{cfg.get('data_manifest_sha256')}` |
+| split | by canonical group of 64, fixed seed, 10% of each bundle's groups held out (>= 1 per bundle) |
+| steps | {tr.get('steps_done')} of {tr.get('steps')} (batch {tr.get('batch_size')}, lr {tr.get('lr')}, {tr.get('schedule')}) |
+| training wall time | {tr.get('wall_time_s', 0) / 60:.1f} min on `{tr.get('device')}` (torch {tr.get('torch')}, precision {tr.get('precision')}) |
+| normalisation | center {[round(c, 3) for c in ck.normalisation.center]}, scale {ck.normalisation.scale:.4f} |
+| held-out BUAN (T = 5) | **{metrics['buan_mean']:.4f} ± {metrics['buan_std']:.4f}** over {metrics['groups']} groups |
+| held-out mean MDF | **{metrics['mdf_mm']:.3f}** units; point-wise {metrics['pointwise_mm']:.3f}; MSE {metrics['mse']:.2e} |
+| robustness AUC | {metrics['robustness']['auc']:.4f} |
+
+Rebuild: `{command}`
+
+## Per bundle (held-out groups)
+
+{table}
+
+## Learning curve (held-out)
+
+| step | wall (min) | BUAN | mean MDF | MSE |
+|---|---|---|---|---|
+{curve_md}
+
+![learning curve](learning_curve.png) ![reconstructions](reconstructions.png)
+![latent t-SNE](latent_tsne.png) ![perturbation](perturbation.png)
+
+## Training configuration
+
+```json
+{json.dumps(tr, indent=2)}
+```
+"""
+    (out / "MODEL_CARD.md").write_text(text)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("in_run", help="Training run folder (best/, log.jsonl).")
+    p.add_argument("in_eval", help="Folder written by vqdiff-evaluate for RUN/best.")
+    p.add_argument("out_model", help="Model folder to publish (e.g. models/default).")
+    p.add_argument("--command", default="make default-model", help="The command that rebuilds this model.")
+    add_overwrite_arg(p)
+    args = p.parse_args(argv)
+
+    def work():
+        check_outputs(p, [args.out_model], args.overwrite, remove=True)
+        print(write_card(Path(args.in_run), Path(args.in_eval), Path(args.out_model), command=args.command))
+
+    run_main(work)
+
+
+if __name__ == "__main__":
+    main()
