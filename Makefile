@@ -7,7 +7,7 @@ OUT    ?= out
 # The CPU build of torch (a local wheel on our machines); GPU users install their own torch first.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install run test lint default-model clean
+.PHONY: install run test lint default-model table1 clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ default-model: install
 	$(BIN)/vqdiff-evaluate runs/default/best runs/default-data runs/default-eval -f \
 	  --paper-table $(SHARED)/paper_buan_table.csv
 	$(BIN)/python -m vqdiff.training.model_card runs/default runs/default-eval models/default -f
+
+# The paper's Table 1 on our data: every kind, same split and step budget (docs/table1.md).
+TABLE1_ARGS ?= --steps 1500 --batch-size 32 --lr 2e-3 --eval-every 1500 --seed 0
+table1: install
+	test -f runs/default-data/manifest.json || \
+	  $(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --seed 0
+	for k in ae vae vq vq_ema vq_diff; do \
+	  $(BIN)/vqdiff-train runs/default-data runs/table1/$$k --kind $$k $(TABLE1_ARGS) --no-progress && \
+	  $(BIN)/vqdiff-evaluate runs/table1/$$k/last runs/default-data runs/table1/$$k-eval -f --no-figures \
+	    --paper-table $(SHARED)/paper_buan_table.csv || exit 1; \
+	done
+	$(BIN)/python -m vqdiff.training.table1 runs/table1 docs/table1.md --paper-table $(SHARED)/paper_buan_table.csv
 
 clean:
 	rm -rf $(OUT) runs .pytest_cache .ruff_cache

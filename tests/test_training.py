@@ -138,3 +138,10 @@ def test_evaluate_outputs_present_and_sane(dataset, tmp_path, subject_dir):
     for png in ("reconstructions.png", "latent_tsne.png", "perturbation.png"):
         data = (tmp_path / "eval" / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
+    # the five-kind table picks up <kind>-eval folders
+    from vqdiff.training.table1 import build_table
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "eval").rename(tmp_path / "runs" / "vq_diff-eval")
+    md = build_table(tmp_path / "runs", paper)
+    assert "| PYT_R | " in md and "0.998822 ± 0.003826" in md and "| vq_diff | " in md
