@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,39 +24,13 @@ import numpy as np
 
 from vqdiff.canonical import GROUP_SIZE, NUM_POINTS, _pc1_projection, group_order, orientation_flips, resample
 from vqdiff.checkpoint import file_sha256
+from vqdiff.discovery import BundleFile, find_bundle_files  # noqa: F401 (re-exported)
 from vqdiff.errors import BundleFormatError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "vqdiff-dataset"
 FORMAT_VERSION = 1
-BUNDLE_SUFFIXES = (".trk", ".tck", ".trx")
-_TRACTOINFERNO = re.compile(r"^(?P<subject>sub-[^_/]+)__(?P<bundle>.+)$")
-
-
-@dataclass(frozen=True)
-class BundleFile:
-    path: Path
-    subject: str
-    bundle: str
-
-
-def find_bundle_files(root: str | Path) -> list[BundleFile]:
-    """Bundle files under ``root``: TractoInferno layout (``sub-X/tractography/sub-X__B.trk``) or flat.
-
-    In a flat folder the subject is the parent folder's name.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory of bundle files (.trk, .tck, .trx)")
-    found = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in BUNDLE_SUFFIXES and p.is_file()):
-        m = _TRACTOINFERNO.match(path.stem)
-        if m:
-            found.append(BundleFile(path, m["subject"], m["bundle"]))
-        else:
-            found.append(BundleFile(path, path.parent.name, path.stem))
-    return found
 
 
 def split_groups(n_groups: int, rng: np.random.Generator, fraction: float) -> np.ndarray:

@@ -95,7 +95,7 @@ class Latents:
         from safetensors.numpy import save
 
         self._check()
-        return save(self._tensors(), metadata=self._metadata())
+        return _sorted_metadata(save(self._tensors(), metadata=self._metadata()))
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically (temp file + rename); refuse to overwrite unless asked."""
@@ -157,6 +157,18 @@ class Latents:
             raise LatentsFormatError(f"latents metadata is incomplete or invalid: {e}") from e
         obj._check()
         return obj
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors bytes with the metadata map sorted by key: safetensors writes it in a
+    per-process random order (a Rust HashMap), so identical latents would differ in bytes between
+    runs, processes and Ray workers."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the tensor data 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
