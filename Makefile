@@ -7,18 +7,32 @@ OUT    ?= out
 # The CPU build of torch (a local wheel on our machines); GPU users install their own torch first.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install run test lint default-model table1 clean
+.PHONY: install serve run test lint default-model table1 bento bento-gpu bench-service clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,export,eval]"
+	$(BIN)/python -m pip install -q -e ".[test,export,eval,serve,ray]"
 	touch $@
 
 install: $(VENV)/.installed
 
-# Main job: encode -> decode round trip of a real bundle with the bundled default model.
+PORT ?= 3000
+# Main job: the HTTP service with the bundled default model (VQDIFF_MODEL=<dir> or VQDIFF_MODEL_TAG=<tag>).
+serve: install
+	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml serve --port $(PORT)
+
+bento: install
+	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build
+
+bento-gpu: install
+	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build -f service/bentofile-gpu.yaml .
+
+bench-service: install
+	$(BIN)/python benchmarks/bench_service.py --threads 1
+
+# Encode -> decode round trip of a real bundle with the bundled default model.
 run: install
 	mkdir -p $(OUT)
 	$(BIN)/vqdiff-roundtrip $(SHARED)/subject01/IFOF_R.trk $(OUT)/IFOF_R.vqlat $(OUT)/IFOF_R_recon.trk -f

@@ -1,7 +1,7 @@
 import nibabel as nib
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from vqdiff.canonical import canonicalise, orientation_flips, resample, uncanonicalise
@@ -79,6 +79,14 @@ def test_bad_streamlines_are_refused():
     assert e.value.reason == "empty"
 
 
+def test_zero_length_streamline_is_a_named_error():
+    rng = np.random.default_rng(3)
+    streamlines = [rng.normal(size=(10, 3)).astype(np.float32), np.ones((5, 3), np.float32)]
+    with pytest.raises(BundleFormatError, match="zero length") as e:
+        canonicalise(streamlines)
+    assert e.value.reason == "zero_length"
+
+
 def test_inverse_rejects_inconsistent_metadata():
     streamlines = [np.random.default_rng(i).normal(size=(64, 3)).astype(np.float32) for i in range(10)]
     c = canonicalise(streamlines)
@@ -99,6 +107,7 @@ streamline = st.integers(min_value=2, max_value=80).flatmap(
 @given(st.lists(streamline, min_size=1, max_size=150))
 def test_round_trip_property(raw):
     streamlines = [np.asarray(s, dtype=np.float32) for s in raw]
+    assume(all(np.any(s[1:] != s[:-1]) for s in streamlines))  # zero-length ones are refused (tested above)
     c = canonicalise(streamlines)
     n = len(streamlines)
     assert c.groups.shape[0] == -(-n // 64)

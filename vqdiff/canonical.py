@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import validate_streamlines
+from .errors import BundleFormatError
 
 GROUP_SIZE = 64
 NUM_POINTS = 64
@@ -80,6 +81,13 @@ def resample(streamlines, num_points: int = NUM_POINTS) -> np.ndarray:
     if all(len(s) == num_points for s in streamlines):  # nothing to do (already resampled data)
         return np.stack([np.asarray(s, dtype=np.float32) for s in streamlines])
     arrays = [np.ascontiguousarray(s, dtype=np.float32) for s in streamlines]
+    bad = [i for i, a in enumerate(arrays) if not np.any(a[1:] != a[:-1])]
+    if bad:  # dipy divides by the arc length and returns uninitialised memory when it is 0
+        raise BundleFormatError(
+            f"{len(bad)} streamline(s) have zero length (all points identical), e.g. streamline {bad[0]}; "
+            "streamlines need at least 2 distinct points to be resampled",
+            reason="zero_length",
+        )
     return np.stack(set_number_of_points(arrays, nb_points=num_points)).astype(np.float32, copy=False)
 
 

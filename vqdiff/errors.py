@@ -16,7 +16,7 @@ class BundleFormatError(VQDiffError, ValueError):
 
     ``reason`` is a short machine-readable tag (``"wrong_magic"``, ``"truncated"``, ``"empty"``,
     ``"non_finite"``, ``"too_few_points"``, ``"missing_reference"``, ``"count_mismatch"``,
-    ``"unsupported_format"``, ``"unreadable"``, ``"bad_reference"``, ``"bad_shape"``) that the
+    ``"unsupported_format"``, ``"unreadable"``, ``"bad_reference"``, ``"bad_shape"``, ``"zero_length"``) that the
     service maps to an HTTP status and that tests assert on.
     """
 

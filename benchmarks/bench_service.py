@@ -1,0 +1,221 @@
+"""Service throughput and latency beside the offline pipeline, in one run.
+
+Starts ``bentoml serve`` (the repository's service) on a free port, sends ``POST /encode`` (or
+``/decode``) requests of real bundles from 1, 4 and 16 concurrent clients (closed loop, fixed
+duration per level) and reports requests/s, streamlines/s, p50/p99 latency and the adaptive
+batching seen by the model service; the offline figures come from the same engine in this process
+(parse + canonicalise + encode + serialise, one bundle at a time; and the engine alone), measured
+before and after the service runs (mean of the two) so that drifting background load is shared.
+
+    python benchmarks/bench_service.py                       # models/default (or $VQDIFF_MODEL)
+    python benchmarks/bench_service.py --dev-model --seconds 20 --out runs/bench_service.json
+
+The machine (and anything else running on it) serves, canonicalises and sends the requests: on a
+small CPU box the client's own work is part of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from service.testing import ServeProcess, make_dev_model  # noqa: E402
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint or export directory (default: $VQDIFF_MODEL or models/default)")
+    p.add_argument("--dev-model", action="store_true", help="serve a random-weight model (no trained model needed)")
+    p.add_argument("--data", default=os.environ.get("VQDIFF_SHARED_DATA", str(REPO.parent / "shared" / "data")) +
+                   "/subject01", help="folder of .trk bundles")
+    p.add_argument("--endpoint", choices=["encode", "decode"], default="encode")
+    p.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    p.add_argument("--seconds", type=float, default=20.0, help="duration of each level")
+    p.add_argument("--backend", default=os.environ.get("VQDIFF_BACKEND", "auto"))
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine threads (server and offline)")
+    p.add_argument("--workers", type=int, default=2, help="gateway workers")
+    p.add_argument("--out", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def _percentile(values, q):
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def offline(model_dir: Path, payloads, endpoint: str, backend: str, threads: int, seconds: float) -> dict:
+    """The same work in this process, one bundle after the other, for ``seconds``."""
+    from threadpoolctl import threadpool_limits
+
+    from vqdiff.api import Codec
+    from vqdiff.export.runtime import load_engine
+    from vqdiff.io import load_bundle_bytes
+    from vqdiff.latents import Latents
+
+    threadpool_limits(limits=1, user_api="blas")  # as in the gateway: numpy's BLAS single-threaded
+    engine = load_engine(model_dir, backend=backend, threads=threads)
+    codec = Codec(engine, engine.normalisation, engine.model_info)
+    n_req = n_sl = n_groups = 0
+    engine_s = 0.0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        name, data, count = payloads[n_req % len(payloads)]
+        if endpoint == "encode":
+            lat = codec.encode(load_bundle_bytes(data, format="trk", name=name))
+            lat.to_bytes()
+            n_groups += lat.n_groups
+            te = time.perf_counter()
+            codec.encode_groups(np.zeros((lat.n_groups, 3, 64, 64), np.float32))
+            engine_s += time.perf_counter() - te
+        else:
+            lat = Latents.from_bytes(data)
+            codec.decode(lat)
+            n_groups += lat.n_groups
+        n_req += 1
+        n_sl += count
+    wall = time.perf_counter() - t0 - engine_s
+    return {"requests": n_req, "seconds": wall, "req_per_s": n_req / wall, "streamlines_per_s": n_sl / wall,
+            "engine_groups_per_s": (n_groups / engine_s) if engine_s else None, "backend": engine.backend,
+            "provider": engine.provider}
+
+
+def _batch_hist(client, method):
+    count = total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if f'method_name="{method}"' in line:
+            if line.startswith("bentoml_service_adaptive_batch_size_count"):
+                count += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("bentoml_service_adaptive_batch_size_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+def load_level(url: str, payloads, endpoint: str, clients: int, seconds: float) -> dict:
+    """Closed loop: ``clients`` threads send requests back to back for ``seconds``."""
+    lat, errors, done = [], [], [0, 0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+    suffix = ".trk" if endpoint == "encode" else ".vqlat"
+
+    def worker(k):
+        i = k
+        with httpx.Client(base_url=url, timeout=300.0) as c:
+            while time.perf_counter() < stop:
+                name, data, count = payloads[i % len(payloads)]
+                i += clients
+                t = time.perf_counter()
+                r = c.post(f"/{endpoint}", files={"file": (name + suffix, data, "application/octet-stream")})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        lat.append(dt)
+                        done[0] += 1
+                        done[1] += count
+                    else:
+                        errors.append(r.status_code)
+
+    method = f"{endpoint}_groups"
+    with httpx.Client(base_url=url) as c:
+        b0 = _batch_hist(c, method)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(worker, range(clients)))
+        wall = time.perf_counter() - t0
+        b1 = _batch_hist(c, method)
+    batches = b1[0] - b0[0]
+    return {"clients": clients, "requests": done[0], "errors": len(errors), "seconds": wall,
+            "req_per_s": done[0] / wall, "streamlines_per_s": done[1] / wall,
+            "p50_ms": 1e3 * _percentile(lat, 50), "p99_ms": 1e3 * _percentile(lat, 99),
+            "batches": batches, "requests_per_batch": ((b1[1] - b0[1]) / batches) if batches else None}
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    from vqdiff.io import load_bundle
+
+    data_dir = Path(args.data)
+    files = sorted(data_dir.glob("*.trk"))
+    if not files:
+        print(f"no .trk bundles in {data_dir}", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="vqdiff-bench-"))
+    if args.dev_model:
+        model_dir = make_dev_model(tmp / "model", data_dir)
+    else:
+        from vqdiff.api import default_model_dir
+
+        model_dir = Path(args.model) if args.model else default_model_dir()
+    payloads = [(f.stem, f.read_bytes(), len(load_bundle(f))) for f in files]
+    if args.endpoint == "decode":  # latents of every bundle, made offline with the same model
+        from vqdiff.export.runtime import make_codec
+
+        codec = make_codec(model_dir, backend=args.backend, threads=args.threads)
+        payloads = [(n, codec.encode(load_bundle(f)).to_bytes(), c) for (n, _, c), f in zip(payloads, files, strict=True)]
+    levels = [int(c) for c in args.clients.split(",")]
+    results = {"model": str(model_dir), "endpoint": args.endpoint, "bundles": len(payloads),
+               "streamlines_per_round": sum(p[2] for p in payloads), "cpus": os.cpu_count(), "levels": []}
+
+    off = [offline(model_dir, payloads, args.endpoint, args.backend, args.threads, args.seconds)]
+    env = {"VQDIFF_MODEL": str(model_dir), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
+           "VQDIFF_BACKEND": args.backend, "VQDIFF_THREADS": str(args.threads),
+           "VQDIFF_GATEWAY_WORKERS": str(args.workers), "BENTOML_HOME": str(tmp / "bentoml")}
+    with ServeProcess(env, log_path=tmp / "serve.log") as server:
+        with httpx.Client(base_url=server.url) as c:
+            card = c.get("/model").json()
+        load_level(server.url, payloads, args.endpoint, max(levels), min(5.0, args.seconds))  # warm-up
+        for n in levels:
+            results["levels"].append(load_level(server.url, payloads, args.endpoint, n, args.seconds))
+            print(json.dumps(results["levels"][-1]), file=sys.stderr)
+    off.append(offline(model_dir, payloads, args.endpoint, args.backend, args.threads, args.seconds))
+    results["offline_runs"] = off
+    sl = statistics.mean(o["streamlines_per_s"] for o in off)
+    rq = statistics.mean(o["req_per_s"] for o in off)
+    eng = [o["engine_groups_per_s"] for o in off if o["engine_groups_per_s"]]
+    results["offline"] = {"req_per_s": rq, "streamlines_per_s": sl, "engine_groups_per_s": statistics.mean(eng) if eng
+                          else None, "backend": off[0]["backend"], "provider": off[0]["provider"]}
+    results["server_backend"] = f"{card.get('backend')}/{card.get('provider')}"
+    print(_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)  # kept (server log included) when the run fails
+    return 0
+
+
+def _table(r: dict) -> str:
+    off = r["offline"]
+    rows = [f"/{r['endpoint']} of {r['bundles']} real bundles ({r['streamlines_per_round']} streamlines per round), "
+            f"{r['cpus']} CPUs; server {r['server_backend']}, offline {off['backend']}/{off['provider']}",
+            "",
+            "| mode | clients | requests | req/s | streamlines/s | p50 ms | p99 ms | requests/batch | % of offline |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| offline pipeline (in-process) | 1 | {sum(o['requests'] for o in r['offline_runs'])} | "
+            f"{off['req_per_s']:.2f} | {off['streamlines_per_s']:.0f} | | | | 100% |"]
+    for lv in r["levels"]:
+        rpb = f"{lv['requests_per_batch']:.2f}" if lv["requests_per_batch"] else "-"
+        rows.append(f"| service | {lv['clients']} | {lv['requests']} ({lv['errors']} errors) | {lv['req_per_s']:.2f} | "
+                    f"{lv['streamlines_per_s']:.0f} | {lv['p50_ms']:.0f} | {lv['p99_ms']:.0f} | {rpb} | "
+                    f"{100 * lv['streamlines_per_s'] / off['streamlines_per_s']:.0f}% |")
+    if off.get("engine_groups_per_s"):
+        rows.append("")
+        rows.append(f"offline engine alone: {off['engine_groups_per_s']:.0f} groups/s "
+                    f"({64 * off['engine_groups_per_s']:.0f} streamlines/s)")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Open the served model: one engine (``vqdiff.export.runtime`` when present, else torch) + its card.
+
+`open_engine` is the only place that chooses how the model runs; `model_card` is what
+``GET /model`` shows about it. Nothing here is imported at module level by the services, so the
+gateway never loads torch and ``bentoml build`` never needs the runtime packages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("vqdiff.service")
+
+CARD_NAMES = ("MODEL_CARD.md", "README.md")
+_CARD_LIMIT = 20_000
+
+
+def resolve_model_dir(model_path: str | None, bento_model: Any = None) -> Path:
+    """The directory to serve: a BentoML store model (by tag) first, then ``VQDIFF_MODEL``, then
+    the repository's bundled ``models/default``."""
+    if bento_model is not None:
+        return Path(bento_model.path)
+    if model_path:
+        path = Path(model_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"VQDIFF_MODEL={model_path} is not a directory; expected a checkpoint "
+                                    "directory (model.safetensors + config.json) or an export directory")
+        return path
+    from vqdiff.api import default_model_dir
+
+    return default_model_dir()
+
+
+def _runtime_loader():
+    """``load_engine`` of the export runtime: installed as ``vqdiff.export`` (editable install) or
+    as the top-level ``export`` package of a bento (sources copied beside ``vqdiff/``)."""
+    try:
+        from vqdiff.export.runtime import load_engine
+    except ImportError:
+        try:
+            from export.runtime import load_engine
+        except ImportError:
+            return None
+    return load_engine
+
+
+def _torch_engine(path: Path, device: str | None, threads: int | None):
+    """Fallback while/where the export runtime is missing: a checkpoint on `TorchEngine`."""
+    import torch
+
+    from vqdiff.checkpoint import load_checkpoint
+    from vqdiff.engine import TorchEngine
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(path, device=device)
+    engine = TorchEngine(ckpt.model, device=device)
+    engine.normalisation = ckpt.normalisation
+    engine.model_info = {"id": ckpt.model_id, "kind": ckpt.model.kind, "sha256": ckpt.model_hash}
+    engine.name = "torch"
+    return engine
+
+
+def open_engine(path: Path, *, backend: str = "auto", device: str | None = None, threads: int | None = None):
+    """An engine with ``.normalisation``, ``.model_info``, ``.backend`` and ``.provider``, warmed up."""
+    load_engine = _runtime_loader()
+    if load_engine is not None:
+        return load_engine(path, backend=backend, device=device, threads=threads, warmup=True)
+    if backend not in ("auto", "torch"):
+        raise RuntimeError(f"backend {backend!r} needs vqdiff.export.runtime, which is not installed here")
+    log.warning("vqdiff.export.runtime is not importable: serving %s with the torch fallback", path)
+    return _torch_engine(path, device, threads)
+
+
+def warm_up(engine, sizes=(1, 8)) -> float:
+    """Run dummy batches through encoder and decoder (allocations, kernels, caches); seconds taken."""
+    import time
+
+    import numpy as np
+
+    t0 = time.perf_counter()
+    for n in sizes:
+        x = np.zeros((n, 3, 64, 64), np.float32)
+        engine.decode_groups(engine.encode_groups(x))
+    return time.perf_counter() - t0
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("vqdiff", "bentoml", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def model_card(path: Path, engine) -> dict[str, Any]:
+    """Model id/kind/hash, config, normalisation, training summary, card text, backend, versions."""
+    config: dict[str, Any] = {}
+    for name in ("config.json", "manifest.json"):
+        if (path / name).is_file():
+            try:
+                config[name.split(".")[0]] = json.loads((path / name).read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                log.warning("cannot read %s: %s", path / name, exc)
+    card = next((path / n for n in CARD_NAMES if (path / n).is_file()), None)
+    latent_shape = None
+    if engine is not None:
+        import numpy as np
+
+        latent_shape = list(engine.encode_groups(np.zeros((1, 3, 64, 64), np.float32)).shape[1:])
+    return {
+        "model": dict(getattr(engine, "model_info", {}) or {}),
+        "model_dir": path.name,
+        "normalisation": engine.normalisation.to_dict() if engine is not None else None,
+        "latent_shape": latent_shape,
+        "group_shape": [3, 64, 64],
+        "backend": getattr(engine, "backend", None),
+        "backend_name": getattr(engine, "name", None),
+        "provider": getattr(engine, "provider", None),
+        "fallback_reasons": list(getattr(engine, "fallback_reasons", []) or []),
+        "config": config,
+        "card": card.read_text(errors="replace")[:_CARD_LIMIT] if card else None,
+        "versions": _versions(),
+        "pid": os.getpid(),
+    }

@@ -1,0 +1,61 @@
+"""HTTP errors of the service: one JSON shape for every 4xx, mapped from the library's exceptions.
+
+Body: ``{"error": <machine tag>, "message": <what was wrong>, "accepted": <what is accepted>,
+"status": <code>}``. 5xx are only for our own bugs (and BentoML's own timeouts / overload).
+"""
+
+from __future__ import annotations
+
+import json
+
+ACCEPTED_BUNDLE = ("multipart/form-data with a field 'file' holding a TrackVis .trk, an MRtrix .tck "
+                   "(plus a field 'reference': NIfTI .nii/.nii.gz or .trk giving its space) or a TRX .trx file")
+ACCEPTED_LATENTS = ("multipart/form-data with a field 'file' holding a .vqlat latents file written by "
+                    "POST /encode (vqdiff-latents, safetensors)")
+
+# BundleFormatError.reason -> HTTP status
+_BUNDLE_STATUS = {
+    "wrong_magic": 415,
+    "unsupported_format": 415,
+    "non_finite": 422,
+    "too_few_points": 422,
+    "bad_reference": 422,
+    "bad_shape": 422,
+}
+
+
+class ApiError(Exception):
+    """A request the service refuses: ``status`` (4xx), ``reason`` tag, message, what is accepted."""
+
+    def __init__(self, status: int, reason: str, message: str, accepted: str | None = None, **extra):
+        super().__init__(message)
+        self.status, self.reason, self.message, self.accepted, self.extra = status, reason, message, accepted, extra
+
+    def body(self) -> dict:
+        out = {"error": self.reason, "message": self.message, "status": self.status}
+        if self.accepted:
+            out["accepted"] = self.accepted
+        out.update(self.extra)
+        return out
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    def to_response(self):
+        from starlette.responses import JSONResponse
+
+        headers = {"WWW-Authenticate": 'Bearer realm="vqdiff"'} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def from_bundle_error(exc) -> ApiError:
+    """`vqdiff.errors.BundleFormatError` -> 400 (malformed), 415 (not a tractogram) or 422 (invalid)."""
+    return ApiError(_BUNDLE_STATUS.get(exc.reason, 400), exc.reason, str(exc), ACCEPTED_BUNDLE)
+
+
+def from_latents_error(exc) -> ApiError:
+    return ApiError(400, "bad_latents", str(exc), ACCEPTED_LATENTS)
+
+
+def from_model_mismatch(exc) -> ApiError:
+    return ApiError(409, "model_mismatch", str(exc), "latents made by the model this server runs (GET /model)")

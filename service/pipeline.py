@@ -1,0 +1,321 @@
+"""The gateway's CPU-side work, run in worker threads: uploads -> `Bundle`, encode / decode around
+a remote engine (the model service), limits, OOD warnings and quality figures.
+
+`RemoteEngine` posts ``.npy`` bodies to the model service (async, so that a worker's threads
+never wait on it). `prepare_encode` / `finish_encode` / `finish_decode` are `vqdiff.api.Codec`'s
+``encode`` / ``decode`` step for step around the engine calls (same canonicalisation,
+normalisation and latents file), restated because `vqdiff.api` imports torch, which the gateway
+never loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqdiff.bundle import Bundle, SpatialHeader
+from vqdiff.canonical import CanonicalGroups, canonicalise, uncanonicalise
+from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
+from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
+from vqdiff.latents import Latents
+from vqdiff.normalise import Normalisation
+
+from . import npy
+from .errors import (
+    ACCEPTED_BUNDLE,
+    ACCEPTED_LATENTS,
+    ApiError,
+    from_bundle_error,
+    from_latents_error,
+    from_model_mismatch,
+)
+
+log = logging.getLogger("bentoml.vqdiff")
+
+OUTPUT_FORMATS = ("trk", "tck", "trx")
+OOD_MARGIN = 0.25  # fraction of the training extent added on each side before warning
+_TMP_NAME = re.compile(r"^tmp[a-z0-9_]{8}")  # tempfile's prefix on BentoML's upload copies
+
+
+class Timer:
+    """Stage durations of one request, for the ``Server-Timing`` header and the summary."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+    def header(self) -> str:
+        return ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in self.stages.items())
+
+
+class RemoteEngine:
+    """Async client of the model service's group APIs: ``.npy`` bodies, requests of at most ``chunk``
+    groups sent concurrently, one retry when the connection drops (the calls are idempotent)."""
+
+    def __init__(self, client, *, chunk: int):
+        self.client, self.chunk = client, max(1, int(chunk))
+
+    async def _call(self, name: str, x: np.ndarray) -> np.ndarray:
+        import aiohttp
+
+        fn = getattr(self.client, name)
+        for attempt in range(2):
+            try:
+                out = fn(x)
+                out = await out if inspect.isawaitable(out) else out
+                break
+            except (aiohttp.ClientConnectionError, RuntimeError) as exc:  # RuntimeError: "Session is closed"
+                if attempt or (isinstance(exc, RuntimeError) and "closed" not in str(exc)):
+                    raise
+                log.warning("model service connection dropped (%s); retrying once", exc)
+        return npy.loads(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
+
+    async def _run(self, name: str, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        parts = await asyncio.gather(*(self._call(name, x[s : s + self.chunk]) for s in range(0, len(x), self.chunk)))
+        return np.concatenate(parts)
+
+    async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalised groups (G, 3, 64, 64) -> latents (G, D, 16, 16), code indices (G, 16, 16) or None."""
+        out = await self._run("encode_groups", x)
+        return np.ascontiguousarray(out["latents"]), (out["indices"] if "indices" in out.dtype.names else None)
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents (G, D, 16, 16) -> normalised groups (G, 3, 64, 64)."""
+        return await self._run("decode_groups", latents)
+
+
+@dataclass
+class ModelView:
+    """What the gateway knows of the served model (from the model service's card)."""
+
+    card: dict[str, Any]
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return Normalisation.from_dict(self.card["normalisation"])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.card["latent_shape"])
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return dict(self.card["model"])
+
+
+def prepare_encode(bundle: Bundle, view: ModelView) -> tuple[CanonicalGroups, np.ndarray]:
+    """`Codec.encode`, first half: canonicalise and normalise -> model input (G, 3, 64, 64)."""
+    try:
+        canon = canonicalise(bundle.streamlines)
+    except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # safety net: checked before
+        raise ApiError(422, "degenerate_bundle", f"the bundle cannot be canonicalised ({exc})", ACCEPTED_BUNDLE) from exc
+    x = np.ascontiguousarray(view.normalisation.apply(canon.groups).transpose(0, 3, 1, 2))
+    if not np.isfinite(x).all():
+        raise ApiError(422, "coordinates_too_large", "coordinates overflow float32 once resampled and normalised",
+                       "coordinates in mm of a brain-sized space (see GET /model: normalisation)")
+    return canon, x
+
+
+def zero_length_streamlines(bundle: Bundle) -> np.ndarray:
+    """Indices of streamlines whose points all coincide (no direction, no resampling)."""
+    lens = np.fromiter((len(s) for s in bundle.streamlines), np.int64, len(bundle))
+    points = np.concatenate([np.asarray(s) for s in bundle.streamlines])
+    moved = np.concatenate(([0], np.cumsum(np.any(points[1:] != points[:-1], axis=1))))
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    return np.flatnonzero(moved[starts + lens - 1] == moved[starts])
+
+
+def finish_encode(bundle: Bundle, canon: CanonicalGroups, latents: np.ndarray, indices: np.ndarray | None,
+                  view: ModelView) -> Latents:
+    """`Codec.encode`, second half: the self-describing `Latents`."""
+    return Latents(latents=latents, order=canon.order, pad_mask=canon.pad_mask, flipped=canon.flipped,
+                   n_points=canon.n_points, header=bundle.header, model=view.model_info,
+                   normalisation=view.normalisation.to_dict(),
+                   source={"format": bundle.source_format, "name": bundle.name}, indices=indices)
+
+
+def finish_decode(lat: Latents, groups: np.ndarray, *, restore_points: bool) -> Bundle:
+    """`Codec.decode` after the decoder: denormalise, un-pad, un-permute, un-flip; same header/space."""
+    try:
+        norm = Normalisation.from_dict(lat.normalisation)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ApiError(400, "bad_latents", f"the latents' normalisation is invalid ({exc})", ACCEPTED_LATENTS) from exc
+    groups = np.asarray(groups).transpose(0, 2, 3, 1)  # (G, S, P, 3)
+    streamlines = uncanonicalise(norm.invert(groups), lat.order, lat.pad_mask, lat.flipped,
+                                 n_points=lat.n_points if restore_points else None)
+    header = lat.header if isinstance(lat.header, SpatialHeader) else SpatialHeader.identity()
+    return Bundle(streamlines=streamlines, header=header, source_format="memory", name=lat.source.get("name", ""))
+
+
+def original_name(path: Path) -> str:
+    """The uploaded file's stem (BentoML stores uploads as ``tmpXXXXXXXX<filename>``)."""
+    name = _TMP_NAME.sub("", path.name) or "bundle"
+    for suffix in (".trk", ".tck", ".trx", ".vqlat"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or "bundle"
+    return name
+
+
+def _reference_suffix(data: bytes, name: str) -> str:
+    """File suffix telling `vqdiff.io` how to read a reference: from its bytes, else its name."""
+    if data[:5] == b"TRACK":
+        return ".trk"
+    if data[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return ".nii"
+    lower = name.lower()
+    return next((s for s in (".nii.gz", ".nii", ".trk") if lower.endswith(s)), ".nii")
+
+
+def read_bundle(file: Path, reference: Path | None, *, max_streamlines: int) -> Bundle:
+    """An uploaded tractogram (format from its magic bytes) -> validated `Bundle`, or `ApiError`."""
+    data = file.read_bytes()
+    name = original_name(file)
+    if not data:
+        raise ApiError(400, "empty", "the uploaded file is empty (0 bytes)", ACCEPTED_BUNDLE)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ApiError(415, "wrong_magic", f"the file starts with {data[:8]!r}: not a TrackVis ('TRACK'), "
+                       "MRtrix ('mrtrix tracks') or TRX (zip) file", ACCEPTED_BUNDLE)
+    try:
+        if fmt != "tck":
+            bundle = load_bundle_bytes(data, format=fmt, name=name)
+        else:
+            if reference is None:
+                raise ApiError(400, "missing_reference", "a .tck file stores no space: add a 'reference' "
+                               "file (NIfTI .nii/.nii.gz or .trk)", ACCEPTED_BUNDLE)
+            ref = reference.read_bytes()
+            with tempfile.TemporaryDirectory(prefix="vqdiff-ref-") as tmp:
+                ref_path = Path(tmp) / ("reference" + _reference_suffix(ref, reference.name))
+                ref_path.write_bytes(ref)
+                bundle = load_bundle_bytes(data, format=fmt, reference=ref_path, name=name)
+    except BundleFormatError as exc:
+        raise from_bundle_error(exc) from exc
+    if len(bundle) > max_streamlines:
+        raise ApiError(413, "too_many_streamlines", f"the bundle has {len(bundle)} streamlines; this server "
+                       f"accepts at most {max_streamlines} per request", "split the bundle into smaller files",
+                       limit_streamlines=max_streamlines)
+    zero = zero_length_streamlines(bundle)
+    if len(zero):
+        raise ApiError(422, "zero_length", f"{len(zero)} streamline(s) have all their points at one place "
+                       f"(indices {zero[:5].tolist()}{'...' if len(zero) > 5 else ''})",
+                       "streamlines of at least 2 distinct points; " + ACCEPTED_BUNDLE)
+    return bundle
+
+
+def ood_warnings(bundle: Bundle, normalisation: Normalisation) -> list[dict[str, Any]]:
+    """A warning with the numbers when coordinates leave the model's training range."""
+    points = np.concatenate([np.asarray(s) for s in bundle.streamlines])
+    lo, hi = np.asarray(normalisation.data_min), np.asarray(normalisation.data_max)
+    pad = OOD_MARGIN * (hi - lo)
+    axes = np.ascontiguousarray(points.T)  # (3, N): a reduction along axis 0 of (N, 3) is 40x slower
+    if (axes.min(axis=1) >= lo - pad).all() and (axes.max(axis=1) <= hi + pad).all():
+        return []  # the bounding box is inside: skip the per-point statistics
+    info = normalisation.out_of_range(points, margin=OOD_MARGIN)
+    if info is None:
+        return []
+    return [{"code": "out_of_training_range",
+             "message": f"{100 * info['fraction_points_outside']:.1f}% of the points lie outside the model's "
+                        "training range (widened by {100 * OOD_MARGIN:.0f}% of its extent); the reconstruction may be poor. "
+                        "Is the bundle in RAS mm of a comparable space?", **info}]
+
+
+def read_latents(file: Path, view: ModelView, *, max_groups: int, max_points: int) -> Latents:
+    """An uploaded latents file -> `Latents` checked against the served model and the limits."""
+    data = file.read_bytes()
+    if not data:
+        raise ApiError(400, "empty", "the uploaded latents file is empty (0 bytes)", ACCEPTED_LATENTS)
+    try:
+        lat = Latents.from_bytes(data)
+    except LatentsFormatError as exc:
+        raise from_latents_error(exc) from exc
+    if lat.n_groups > max_groups:
+        raise ApiError(413, "too_many_groups", f"the latents hold {lat.n_groups} groups; this server decodes at "
+                       f"most {max_groups} per request", ACCEPTED_LATENTS, limit_groups=max_groups)
+    if tuple(lat.latents.shape[1:]) != view.latent_shape:
+        raise ApiError(422, "latent_shape_mismatch", f"latents of shape {list(lat.latents.shape[1:])} per group; "
+                       f"the served model uses {list(view.latent_shape)}", ACCEPTED_LATENTS)
+    if lat.n_streamlines and int(lat.n_points.min()) < 2:
+        raise ApiError(400, "bad_latents", "the latents record streamlines of fewer than 2 points", ACCEPTED_LATENTS)
+    if int(lat.n_points.sum()) > max_points:
+        raise ApiError(413, "too_many_points", f"the latents record {int(lat.n_points.sum())} points in all; this "
+                       f"server restores at most {max_points}", ACCEPTED_LATENTS, limit_points=max_points)
+    if not np.isfinite(lat.latents).all():
+        raise ApiError(422, "non_finite", "the latents hold NaN or infinite values", ACCEPTED_LATENTS)
+    theirs, ours = lat.model.get("sha256"), view.card["model"].get("sha256")
+    if theirs and ours and theirs != ours:
+        raise from_model_mismatch(ModelMismatchError(
+            f"these latents were made by model {lat.model.get('id')!r} ({theirs[:12]}), not by the served "
+            f"{view.card['model'].get('id')!r} ({ours[:12]})"))
+    return lat
+
+
+def output_format(requested: str | None, default: str) -> str:
+    fmt = (requested or default).lower().lstrip(".")
+    if fmt not in OUTPUT_FORMATS:
+        raise ApiError(400, "unsupported_output_format", f"output format {requested!r} is not supported",
+                       "format = trk, tck or trx")
+    return fmt
+
+
+def write_bundle(bundle: Bundle, fmt: str) -> bytes:
+    try:
+        return bundle_to_bytes(bundle, format=fmt)
+    except BundleFormatError as exc:
+        raise ApiError(422, exc.reason, str(exc), "latents whose spatial header can be written as TRK/TRX, "
+                       "or format=tck") from exc
+
+
+def quality(original: Bundle, recon: Bundle) -> dict[str, Any]:
+    """Reconstruction figures as `vqdiff-roundtrip` reports them: MDF in mm and BUAN (T = 5 mm)."""
+    from vqdiff.canonical import resample
+    from vqdiff.metrics import buan_score, mdf
+
+    x, y = resample(original.streamlines), resample(recon.streamlines)
+    d = mdf(x[None], y[None])[0]
+    n = len(x) // 64 * 64
+    if n:
+        buan, groups = float(np.mean(buan_score(x[:n].reshape(-1, 64, 64, 3), y[:n].reshape(-1, 64, 64, 3)))), n // 64
+    else:  # fewer than 64 streamlines: the bundle is one group
+        buan, groups = float(buan_score(x, y)), 1
+    return {"mean_mdf_mm": round(float(d.mean()), 4), "median_mdf_mm": round(float(np.median(d)), 4),
+            "p95_mdf_mm": round(float(np.percentile(d, 95)), 4), "max_mdf_mm": round(float(d.max()), 4),
+            "buan_t5": round(buan, 4), "buan_groups": groups}
+
+
+def warm_up() -> float:
+    """Exercise parsing, canonicalisation, writing and the metrics once (imports, caches); seconds."""
+    import time
+
+    from vqdiff.bundle import SpatialHeader
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    steps = rng.normal(0.0, 1.0, (70, 30, 3)).astype(np.float32)
+    streamlines = list(np.cumsum(steps, axis=1) + np.array([0.0, 0.0, 10.0], np.float32))
+    bundle = Bundle(streamlines=streamlines, header=SpatialHeader.identity(), source_format="memory", name="warmup")
+    bundle = load_bundle_bytes(bundle_to_bytes(bundle, format="trk"), format="trk", name="warmup")
+    canon = canonicalise(bundle.streamlines)
+    recon = uncanonicalise(canon.groups, canon.order, canon.pad_mask, canon.flipped, n_points=canon.n_points)
+    quality(bundle, Bundle(streamlines=recon, header=bundle.header, source_format="memory", name="warmup"))
+    return time.perf_counter() - t0

@@ -1,0 +1,302 @@
+"""The BentoML service end to end: a real ``bentoml serve`` subprocess on a free port (started once
+for this module with a random-weight model, always terminated), driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bentoml")
+httpx = pytest.importorskip("httpx")
+
+from conftest import SUBJECT  # noqa: E402
+
+from service.testing import ServeProcess, make_dev_model  # noqa: E402
+from vqdiff.bundle import Bundle, SpatialHeader  # noqa: E402
+from vqdiff.io import bundle_to_bytes, load_bundle, load_bundle_bytes  # noqa: E402
+from vqdiff.latents import Latents  # noqa: E402
+
+LATENTS_TYPE = "application/vnd.vqdiff.latents"
+MAX_UPLOAD_MB = 4
+MAX_STREAMLINES = 20_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = make_dev_model(root / "model", SUBJECT if SUBJECT.is_dir() else None)
+    tmp = root / "tmp"
+    tmp.mkdir()
+    env = {
+        "VQDIFF_MODEL": str(model), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
+        "VQDIFF_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB), "VQDIFF_MAX_STREAMLINES": str(MAX_STREAMLINES),
+        "VQDIFF_GATEWAY_WORKERS": "2", "VQDIFF_THREADS": "2", "VQDIFF_BACKEND": "auto",
+        "BENTOML_HOME": str(root / "bentoml"), "TMPDIR": str(tmp),
+    }
+    with ServeProcess(env, log_path=root / "serve.log") as proc:
+        proc.tmp, proc.model_dir = tmp, model
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def offline(server):
+    from vqdiff.api import Codec
+
+    return Codec.from_checkpoint(server.model_dir)
+
+
+def _post(client, route, content: bytes, name="bundle.trk", **fields):
+    files = {"file": (name, content, "application/octet-stream")}
+    files.update({k: (None, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fields.items()})
+    return client.post(route, files=files)
+
+
+def _synthetic(n=70, points=30, shift=0.0, seed=0) -> Bundle:
+    rng = np.random.default_rng(seed)
+    lines = np.cumsum(rng.normal(0, 1, (n, points, 3)), axis=1).astype(np.float32) + np.float32(shift)
+    return Bundle(streamlines=list(lines), header=SpatialHeader.identity(), source_format="memory", name="synth")
+
+
+def _raw_trk(records: list[np.ndarray], n_count: int | None = None) -> bytes:
+    """A TRK file written record by record (so that it can lie or hold 0/1-point streamlines)."""
+    header = bytearray(bundle_to_bytes(_synthetic(1), format="trk")[:1000])
+    struct.pack_into("<i", header, 988, len(records) if n_count is None else n_count)
+    body = b"".join(struct.pack("<i", len(r)) + np.asarray(r, "<f4").tobytes() for r in records)
+    return bytes(header) + body
+
+
+def _batch_hist(client, method: str) -> tuple[float, float]:
+    """(batches, batches of one request) of ``method`` from BentoML's adaptive-batch histogram."""
+    text = client.get("/metrics").text
+    count = ones = 0.0
+    for line in text.splitlines():
+        if f'method_name="{method}"' not in line:
+            continue
+        if line.startswith("bentoml_service_adaptive_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bentoml_service_adaptive_batch_size_bucket") and 'le="1.0"' in line:
+            ones += float(line.rsplit(" ", 1)[1])
+    return count, ones
+
+
+# ---------------------------------------------------------------------------------------------- probes
+def test_probes_and_model_card(client, server, offline):
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert "bentoml_service_request_total" in client.get("/metrics").text
+    card = client.get("/model").json()
+    assert card["model"]["sha256"] == offline.model_hash and card["model"]["kind"] == "vq_diff"
+    assert card["backend"] and card["provider"] and card["latent_shape"] == [64, 16, 16]
+    assert card["versions"]["bentoml"].startswith("1.4")
+    assert card["service"]["max_upload_bytes"] == MAX_UPLOAD_MB << 20
+    assert card["service"]["auth"] == "none" and card["normalisation"]["kind"] == "minmax_isotropic"
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+def test_encode_decode_round_trip(client, offline, subject_dir):
+    src = subject_dir / "CC_Fr_1.trk"
+    bundle = load_bundle(src)
+    r = _post(client, "/encode", src.read_bytes(), src.name)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == LATENTS_TYPE and "CC_Fr_1.vqlat" in r.headers["content-disposition"]
+    summary = json.loads(r.headers["x-vqdiff-summary"])
+    assert summary["streamlines"] == len(bundle) == 960 and summary["groups"] == 15 and summary["warnings"] == []
+    lat, ref = Latents.from_bytes(r.content), offline.encode(bundle)
+    np.testing.assert_array_equal(lat.order, ref.order)
+    np.testing.assert_array_equal(lat.flipped, ref.flipped)
+    np.testing.assert_allclose(lat.latents, ref.latents, atol=1e-4)
+    assert lat.model == offline.model_info and lat.source == {"format": "trk", "name": "CC_Fr_1"}
+
+    r = _post(client, "/decode", r.content, "CC_Fr_1.vqlat")
+    assert r.status_code == 200, r.text
+    out = load_bundle_bytes(r.content, format="trk")
+    expected = offline.decode(ref)
+    assert len(out) == len(bundle)  # every streamline back, in the input's order and space
+    np.testing.assert_allclose(out.header.affine, bundle.header.affine, atol=1e-5)
+    assert out.header.dimensions == bundle.header.dimensions
+    np.testing.assert_allclose(np.stack(out.streamlines), np.stack(expected.streamlines), atol=2e-3)
+    # the reconstruction error is the model's: the same per-streamline distance as offline
+    from vqdiff.metrics import mdf
+
+    orig = np.stack(bundle.streamlines)[None]
+    np.testing.assert_allclose(mdf(orig, np.stack(out.streamlines)[None]), mdf(orig, np.stack(expected.streamlines)[None]),
+                               atol=2e-3)
+
+
+def test_decode_formats_and_restore_points(client, subject_dir):
+    src = subject_dir / "POPT_R.trk"
+    bundle = load_bundle(src)
+    lat = _post(client, "/encode", src.read_bytes(), src.name).content
+    r = _post(client, "/decode", lat, "x.vqlat", format="tck", restore_points=True)
+    assert r.status_code == 200 and r.headers["content-disposition"].endswith('.tck"')
+    tck = load_bundle_bytes(r.content, format="tck", reference=src)
+    assert len(tck) == len(bundle) and [len(s) for s in tck.streamlines] == [len(s) for s in bundle.streamlines]
+    r = _post(client, "/decode", lat, "x.vqlat", format="trx", summary=True)
+    assert r.json()["streamlines"] == len(bundle) and r.json()["format"] == "trx"
+    assert _post(client, "/decode", lat, "x.vqlat", format="obj").status_code == 400
+
+
+def test_tck_with_reference_and_trx_match_trk(client, subject_dir):
+    src = subject_dir / "PYT_R.trk"
+    bundle = load_bundle(src)
+    from_trk = Latents.from_bytes(_post(client, "/encode", src.read_bytes(), src.name).content)
+    files = {"file": ("b.tck", bundle_to_bytes(bundle, format="tck")), "reference": ("ref.trk", src.read_bytes())}
+    r = client.post("/encode", files=files)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(Latents.from_bytes(r.content).latents, from_trk.latents, atol=1e-3)
+    r = _post(client, "/reconstruct", bundle_to_bytes(bundle, format="trx"), "b.trx")
+    assert r.status_code == 200, r.text
+    assert len(load_bundle_bytes(r.content, format="trx")) == len(bundle)
+
+
+def test_reconstruct_reports_quality(client, offline, subject_dir):
+    src = subject_dir / "ILF_R.trk"
+    r = _post(client, "/reconstruct", src.read_bytes(), src.name)
+    assert r.status_code == 200, r.text
+    buan, mdf_mm = float(r.headers["x-vqdiff-buan"]), float(r.headers["x-vqdiff-mean-mdf-mm"])
+    from vqdiff.canonical import resample
+    from vqdiff.metrics import mdf
+
+    bundle = load_bundle(src)
+    recon = offline.decode(offline.encode(bundle), restore_points=True)
+    assert mdf_mm == pytest.approx(mdf(resample(bundle.streamlines)[None], resample(recon.streamlines)[None]).mean(),
+                                   abs=1e-3)
+    assert 0.0 <= buan <= 1.0
+    figures = _post(client, "/reconstruct", src.read_bytes(), src.name, summary=True).json()
+    assert figures["quality"]["buan_t5"] == buan and figures["quality"]["mean_mdf_mm"] == mdf_mm
+
+
+def test_out_of_range_coordinates_are_flagged(client):
+    near = _post(client, "/encode", bundle_to_bytes(_synthetic(), format="trk"), summary=True).json()
+    assert near["warnings"] == []
+    r = _post(client, "/encode", bundle_to_bytes(_synthetic(shift=900.0), format="trk"))
+    assert r.status_code == 200 and r.headers["x-vqdiff-warning"] == "out_of_training_range"
+    (warning,) = json.loads(r.headers["x-vqdiff-summary"])["warnings"]
+    assert warning["fraction_points_outside"] == 1.0 and warning["input_min"][0] > 800
+    assert warning["training_max"][0] < 800 and "training range" in warning["message"]
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def test_concurrent_clients_share_batches(client, server, subject_dir):
+    names = ["CC_Fr_1.trk", "FPT_R.trk", "FPT_L.trk", "ILF_L.trk"]  # model-bound sizes (9-17 groups)
+    payloads = [(n, (subject_dir / n).read_bytes()) for n in names]
+    before = _batch_hist(client, "encode_groups")
+
+    def one(i):
+        name, data = payloads[i % len(payloads)]
+        with httpx.Client(base_url=server.url, timeout=120.0) as c:
+            return _post(c, "/encode", data, name).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, range(32)))
+    assert codes == [200] * 32
+    after = _batch_hist(client, "encode_groups")
+    batches, single = after[0] - before[0], after[1] - before[1]
+    assert batches > 0 and batches - single > 0, f"no batch held more than one request ({batches} batches)"
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+def _hostile_cases():
+    good = bundle_to_bytes(_synthetic(), format="trk")
+    nan = bytearray(good)
+    struct.pack_into("<f", nan, 1004, float("nan"))
+    line = np.zeros((5, 3), np.float32) + np.arange(5, dtype=np.float32)[:, None]
+    return {
+        "truncated": ("/encode", {"file": ("t.trk", good[: len(good) - 100])}, 400, "truncated"),
+        "wrong_magic": ("/encode", {"file": ("w.trk", b"TRACX" + good[5:])}, 415, "wrong_magic"),
+        "nan_coordinates": ("/encode", {"file": ("n.trk", bytes(nan))}, 422, "non_finite"),
+        "empty_file": ("/encode", {"file": ("e.trk", b"")}, 400, "empty"),
+        "zero_point_streamline": ("/encode", {"file": ("z.trk", _raw_trk([line, line[:0]]))}, 422, "too_few_points"),
+        "one_point_streamline": ("/encode", {"file": ("o.trk", _raw_trk([line, line[:1]]))}, 422, "too_few_points"),
+        "zero_length_streamline": ("/encode", {"file": ("z.trk", _raw_trk([line, np.full((4, 3), 7.0)]))}, 422,
+                                   "zero_length"),
+        "bad_reference": ("/encode", {"file": ("a.tck", bundle_to_bytes(_synthetic(), format="tck")),
+                                      "reference": ("ref.nii", b"\x00" * 400)}, 422, "bad_reference"),
+        "header_count_lies": ("/encode", {"file": ("c.trk", _raw_trk([line, line], n_count=5))}, 400,
+                              "count_mismatch"),
+        "random_bytes": ("/encode", {"file": ("r.trk", np.random.default_rng(1).bytes(4096))}, 415, "wrong_magic"),
+        "oversized_upload": ("/encode", {"file": ("big.trk", b"TRACK" + bytes((MAX_UPLOAD_MB << 20) + 10))}, 413,
+                             "upload_too_large"),
+        "too_many_streamlines": ("/encode", {"file": ("m.trk", _raw_trk([line[:2]] * (MAX_STREAMLINES + 1)))}, 413,
+                                 "too_many_streamlines"),
+        "url_instead_of_file": ("/encode", {"file": (None, "http://169.254.169.254/latest/meta-data/")}, 400,
+                                "url_not_allowed"),
+        "url_as_json_body": ("/encode", {"json": {"file": "https://example.com/IFOF_R.trk"}}, 415,
+                             "unsupported_media_type"),
+        "pickle_body": ("/encode", {"content": b"\x80\x04\x95", "ctype": "application/vnd.bentoml+pickle"}, 415,
+                        "unsupported_media_type"),
+        "tck_without_reference": ("/encode", {"file": ("a.tck", bundle_to_bytes(_synthetic(), format="tck"))}, 400,
+                                  "missing_reference"),
+        "text_part_type": ("/reconstruct", {"file": ("a.trk", good, "text/plain")}, 415, "unsupported_part_type"),
+        "unknown_field": ("/encode", {"file": ("a.trk", good), "callback": (None, "http://x")}, 400, "unknown_field"),
+        "garbage_latents": ("/decode", {"file": ("x.vqlat", good)}, 400, "bad_latents"),
+        "truncated_latents": ("/decode", {"latents": lambda b: b[: len(b) // 2]}, 400, "bad_latents"),
+        "latents_of_another_model": ("/decode", {"latents": _foreign}, 409, "model_mismatch"),
+        "latents_point_bomb": ("/decode", {"latents": _point_bomb}, 413, "too_many_points"),
+        "latents_of_one_point_lines": ("/decode", {"latents": _one_point}, 400, "bad_latents"),
+    }
+
+
+def _edit_latents(data: bytes, **changes) -> bytes:
+    lat = Latents.from_bytes(data)
+    for key, value in changes.items():
+        setattr(lat, key, value(lat) if callable(value) else value)
+    return lat.to_bytes()
+
+
+def _foreign(data):
+    return _edit_latents(data, model=lambda lat: {**lat.model, "id": "other", "sha256": "0" * 64})
+
+
+def _point_bomb(data):
+    return _edit_latents(data, n_points=lambda lat: np.full_like(lat.n_points, 10**9))
+
+
+def _one_point(data):
+    return _edit_latents(data, n_points=lambda lat: np.ones_like(lat.n_points))
+
+
+HOSTILE = _hostile_cases()
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_input_is_a_4xx_json(client, case):
+    route, spec, status, reason = HOSTILE[case]
+    if "json" in spec:
+        r = client.post(route, json=spec["json"])
+    elif "content" in spec:
+        r = client.post(route, content=spec["content"], headers={"content-type": spec["ctype"]})
+    elif "latents" in spec:
+        lat = _post(client, "/encode", bundle_to_bytes(_synthetic(), format="trk")).content
+        r = _post(client, route, spec["latents"](lat), "x.vqlat", restore_points=True)
+    else:
+        r = client.post(route, files=spec)
+    assert r.status_code == status, r.text[:500]
+    body = r.json()
+    assert body["error"] == reason and body["status"] == status and body["message"]
+    if status in (400, 413, 415, 422) and reason != "upload_too_large":
+        assert body.get("accepted"), body
+
+
+def test_healthy_after_hostile_input_and_no_temp_files_left(client, server):
+    assert client.get("/readyz").status_code == 200
+    r = _post(client, "/encode", bundle_to_bytes(_synthetic(), format="trk"), summary=True)
+    assert r.status_code == 200 and r.json()["streamlines"] == 70
+    metrics = client.get("/metrics").text
+    assert not re.search(r'bentoml_service_request_total\{endpoint="/(encode|decode|reconstruct)",'
+                         r'http_response_code="5\d\d"[^}]*\} [1-9]', metrics)
+    leftovers = [p for p in Path(server.tmp).rglob("*") if p.is_file()
+                 and ("bentoml-request-" in str(p) or p.name.startswith(("vqdiff-", "tmp")))]
+    assert leftovers == []
