@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vqdiff.errors import VQDiffError
+from vqdiff.fileio import read_versioned_json
 
 FORMAT = "vqdiff-export"
 FORMAT_VERSION = 1
@@ -82,17 +83,7 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict[str, 
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise ExportError(f"{path} is not an export directory (no {MANIFEST}); create one with vqdiff-export")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{mpath} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(
-            f"{mpath}: format_version {manifest.get('format_version')!r} is not supported; "
-            f"this vqdiff reads version {FORMAT_VERSION}"
-        )
+    manifest = read_versioned_json(mpath, FORMAT, FORMAT_VERSION, ExportError)
     if verify:
         verify_files(path, manifest)
     return manifest

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -38,13 +37,14 @@ from typing import Any
 import numpy as np
 
 from vqdiff.errors import VQDiffError
+from vqdiff.fileio import TMP_MARK, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 64  # groups per engine call (fixed: results do not depend on how files share calls)
 DECODE_FORMATS = ("trk", "trx", "tck")
 LATENTS_SUFFIX = ".vqlat"
-_TMP = ".tmp-"  # our temp files: .<name>.tmp-<pid>-<thread>; save_bundle's: .<name>.<random>.tmp
+_TMP = TMP_MARK  # our temp files: .<name>.tmp-<pid>-<thread>; save_bundle's: .<name>.<random>.tmp
 _FAILURES = (VQDiffError, OSError, ValueError)  # per-file problems; anything else is a bug and stops the run
 
 
@@ -236,23 +236,8 @@ def file_sha256(path) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # folder fsync: not supported everywhere
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    atomic_write_bytes(path, data)
 
 
 def remove_temps(path: Path) -> list[Path]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .fileio import read_versioned_json
 from .models import ModelConfig, StreamlineAutoencoder
 from .normalise import Normalisation
 
@@ -101,17 +102,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint directory (expected {WEIGHTS} and {CONFIG} inside)")
     if not cfg_path.is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path} must contain both {WEIGHTS} and {CONFIG}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: format {config.get('format')!r} is not {FORMAT!r}")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{cfg_path}: format_version {config.get('format_version')!r} is not supported; "
-            f"this vqdiff reads version {FORMAT_VERSION}"
-        )
+    config = read_versioned_json(cfg_path, FORMAT, FORMAT_VERSION, CheckpointError)
     return config
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .bundle import SpatialHeader
 from .errors import LatentsFormatError
+from .fileio import atomic_write_bytes
 
 FORMAT = "vqdiff-latents"
 FORMAT_VERSION = 1
@@ -102,16 +103,7 @@ class Latents:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: -f) to replace it")
-        data = self.to_bytes()
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(path, self.to_bytes())
         return path
 
     @classmethod

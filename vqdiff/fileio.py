@@ -1,0 +1,55 @@
+"""Small file helpers shared by every on-disk format of the project."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>-<thread>" beside their target
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # folder fsync: not supported everywhere
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_versioned_json(path: str | os.PathLike, fmt: str, version: int, error: type[Exception]) -> dict[str, Any]:
+    """Read a JSON file whose ``format`` must be ``fmt`` and ``format_version`` ``version``.
+
+    Raises ``error`` naming the file and what this vqdiff reads.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise error(f"{path}: format {found!r} is not {fmt!r}")
+    if data.get("format_version") != version:
+        raise error(
+            f"{path}: format_version {data.get('format_version')!r} is not supported; "
+            f"this vqdiff reads version {version}"
+        )
+    return data
