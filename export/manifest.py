@@ -29,14 +29,13 @@ data), optional variants (``*.int8.onnx``, ``*.fp16.onnx``) and TensorRT engines
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from vqdiff.errors import VQDiffError
-from vqdiff.fileio import read_versioned_json
+from vqdiff.fileio import file_sha256, read_versioned_json  # noqa: F401 (file_sha256 re-exported)
 
 FORMAT = "vqdiff-export"
 FORMAT_VERSION = 1
@@ -62,15 +61,6 @@ class ParityError(ExportError):
     def __init__(self, message: str, report: dict[str, Any] | None = None):
         super().__init__(message)
         self.report = report or {}
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file (the same as `vqdiff.checkpoint.file_sha256`, without importing torch)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:

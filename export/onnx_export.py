@@ -36,6 +36,7 @@ from torch import nn
 
 from vqdiff.bottlenecks import _flatten, squared_distances, uses_codebook
 from vqdiff.checkpoint import CONFIG, WEIGHTS, Checkpoint, file_sha256, load_checkpoint
+from vqdiff.fileio import replace_dir
 from vqdiff.models import GROUP_SIZE, NUM_POINTS
 
 from .manifest import (
@@ -506,7 +507,7 @@ def export_checkpoint(
 
             add_tensorrt_engines(tmp, manifest, model=model, x=x, ref=ref, **(tensorrt_options or {}))
         write_manifest(tmp, manifest)
-        _move_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -514,13 +515,3 @@ def export_checkpoint(
     return out_dir
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be read by services
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

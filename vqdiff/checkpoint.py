@@ -7,7 +7,6 @@ Weights are safetensors; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .fileio import read_versioned_json
+from .fileio import file_sha256, read_versioned_json, replace_dir  # noqa: F401 (file_sha256 re-exported)
 from .models import ModelConfig, StreamlineAutoencoder
 from .normalise import Normalisation
 
@@ -40,14 +39,6 @@ class Checkpoint:
     @property
     def short_hash(self) -> str:
         return self.model_hash[:12]
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -80,14 +71,7 @@ def save_checkpoint(
             **(extra or {}),
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
