@@ -45,7 +45,7 @@ lint: install
 
 # Rebuild the bundled default model from ../shared/data/subject01 (see models/default/MODEL_CARD.md).
 # Re-running resumes the training run in runs/default where it stopped.
-DEFAULT_TRAIN_ARGS ?= --kind vq_diff --steps 9500 --batch-size 32 --lr 2e-3 --eval-every 500 --seed 0
+DEFAULT_TRAIN_ARGS ?= --kind vq_diff --steps 12500 --batch-size 32 --lr 2e-3 --eval-every 500 --seed 0
 default-model: install
 	test -f runs/default-data/manifest.json || \
 	  $(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --seed 0
