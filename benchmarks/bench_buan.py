@@ -23,18 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_groups(data: Path, limit: int | None) -> np.ndarray:
-    import nibabel as nib
+    from vqdiff.io import file_order_groups
 
     files = sorted((data / "subject01").glob("*.trk"))
     if not files:
         sys.exit(f"no .trk files under {data / 'subject01'} (use --data or VQDIFF_SHARED_DATA)")
-    out = []
-    for f in files:
-        sl = nib.streamlines.load(str(f)).streamlines
-        arr = np.asarray(sl.get_data(), dtype=np.float32).reshape(len(sl), -1, 3)
-        n = len(sl) // 64 * 64
-        out.append(arr[:n].reshape(-1, 64, arr.shape[1], 3))
-    groups = np.concatenate(out)
+    groups = file_order_groups(files)
     return groups[:limit] if limit else groups
 
 

@@ -34,18 +34,12 @@ SUBJECT = _data_dir() / "subject01"
 @pytest.fixture(scope="module")
 def groups() -> np.ndarray:
     """All real groups: consecutive chunks of 64 streamlines of every bundle, (194, 64, 64, 3) float32."""
-    import nibabel as nib
+    from vqdiff.io import file_order_groups
 
     files = sorted(SUBJECT.glob("*.trk")) if SUBJECT.is_dir() else []
     if not files:
         pytest.skip(f"real data not found at {SUBJECT} (set VQDIFF_SHARED_DATA to ../shared/data)")
-    out = []
-    for f in files:
-        sl = nib.streamlines.load(str(f)).streamlines
-        arr = np.asarray(sl.get_data(), dtype=np.float32).reshape(len(sl), -1, 3)
-        n = len(sl) // 64 * 64
-        out.append(arr[:n].reshape(-1, 64, arr.shape[1], 3))
-    return np.concatenate(out)
+    return file_order_groups(files)
 
 
 def _assert_parity(x, y, **kw) -> np.ndarray:

@@ -510,3 +510,18 @@ def bundle_to_bytes(bundle: Bundle, *, format: str = "trk") -> bytes:
     fmt = _normalise_format(format)
     with tempfile.TemporaryDirectory(prefix="vqdiff-out-") as tmp:
         return save_bundle(bundle, Path(tmp) / f"bundle.{fmt}", format=fmt).read_bytes()
+
+
+def file_order_groups(paths) -> np.ndarray:
+    """Consecutive chunks of 64 streamlines of each file, in file order, as (G, 64, P, 3) float32.
+
+    The authors' grouping (no canonicalisation; a trailing partial group is dropped). Every
+    streamline of a file must have the same point count P (as in ``../shared/data``).
+    """
+    out = []
+    for path in paths:
+        streamlines = load_bundle(path).streamlines
+        arr = np.stack(streamlines).astype(np.float32, copy=False)
+        n = len(arr) // 64 * 64
+        out.append(arr[:n].reshape(-1, 64, arr.shape[1], 3))
+    return np.concatenate(out)
