@@ -112,12 +112,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from vqdiff.api import groups_to_model
     from vqdiff.checkpoint import load_checkpoint
     from vqdiff.export.data import load_groups
     from vqdiff.export.manifest import read_manifest
     from vqdiff.export.onnx_export import export_checkpoint
     from vqdiff.export.runtime import BACKENDS, load_engine
+    from vqdiff.geometry import groups_to_model
 
     torch.set_num_threads(args.threads)
     model_dir = args.model or default_model()
@@ -214,10 +214,10 @@ def _held_out(args, groups_mm):
 def variants(args, ckpt, export_dir: Path, x_all, groups_mm) -> dict:
     import torch
 
-    from vqdiff.api import groups_to_model
+    from vqdiff.export.onnx_tools import make_fp16_onnx
+    from vqdiff.export.ort_backend import ort_session
     from vqdiff.export.quantize import evaluate_int8, groups_per_second, quality, roundtrip
-    from vqdiff.export.runtime import ort_session
-    from vqdiff.export.tensorrt import make_fp16_onnx
+    from vqdiff.geometry import groups_to_model
 
     out: dict = {}
     calib, held, held_desc = _held_out(args, groups_mm)

@@ -3,12 +3,30 @@ interface over TensorRT -> ONNX Runtime CUDA -> ONNX Runtime CPU -> torch.
 
 ``vqdiff.export.onnx_export.export_checkpoint``  checkpoint -> export directory (``vqdiff-export``)
 ``vqdiff.export.runtime.load_engine``            export / checkpoint directory -> Engine
-``vqdiff.export.runtime.make_codec``             ... -> `vqdiff.api.Codec`
-``vqdiff.export.tensorrt``                       TensorRT build and runtime
+``vqdiff.export.runtime.make_codec``             ... -> `vqdiff.codec.Codec`
+``vqdiff.export.tensorrt_build``                 TensorRT engines of an export
 ``vqdiff.export.quantize``                       int8 CPU variant, kept only when it wins
 ``vqdiff.export.bento_store``                    BentoML model store registration
 
-Submodules are imported lazily (``import vqdiff.export`` loads neither torch nor onnxruntime).
+Modules, each importing only those listed before it (no cycles)::
+
+    manifest          the export directory contract (file names, manifest.json, checks)
+    data              real groups for parity, calibration and benchmarks
+    engine_base       BackendUnavailable and the batching base of every engine
+    ort_backend       ONNX Runtime sessions and OrtEngine (torch-free)
+    torch_backend     TorchBackendEngine (torch)
+    tensorrt_runtime  TensorRTEngine and the TensorRT version policy (tensorrt, torch CUDA)
+    runtime           backend selection: load_engine, make_codec (torch-free for ONNX Runtime)
+    onnx_tools        check / describe / fp16-convert ONNX files (onnx)
+    parity            a backend against torch on real groups
+    graphs            encoder / decoder graphs and their torch.onnx export (torch)
+    quantize          the int8 CPU variant
+    tensorrt_build    TensorRT engine builds, checked by parity
+    onnx_export       export_checkpoint: the whole export
+    cli_export, bento_store
+
+Submodules are imported lazily (``import vqdiff.export`` loads neither torch nor onnxruntime), and
+the ONNX Runtime path (``load_engine(path, backend="ort-cpu")``) never imports torch.
 """
 
 from __future__ import annotations

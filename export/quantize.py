@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .data import split_groups
 from .manifest import DEC_INPUT, DECODER, ENC_INPUT, ENCODER, file_entry
+from .onnx_tools import bottleneck_nodes
+from .ort_backend import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,6 @@ def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: list
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .tensorrt import bottleneck_nodes
-
     model = onnx.load(str(src))
     exclude = bottleneck_nodes(model, exclude_from) if exclude_from else []
     if fp32_edges:
@@ -81,8 +82,6 @@ def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: list
 
 
 def _sessions(enc_path, dec_path, threads):
-    from .runtime import ort_session
-
     return ort_session(enc_path, threads=threads), ort_session(dec_path, threads=threads)
 
 
@@ -97,7 +96,7 @@ def roundtrip(enc, dec, x: np.ndarray, batch: int = 64) -> np.ndarray:
 
 def quality(groups_mm: np.ndarray, recon_model: np.ndarray, normalisation) -> dict[str, float]:
     """BUAN (T = 5 mm) and mean MDF (mm) of a reconstruction in model layout against the original."""
-    from vqdiff.api import model_to_groups
+    from vqdiff.geometry import model_to_groups
     from vqdiff.metrics import buan_score, mean_mdf
 
     recon_mm = normalisation.invert(model_to_groups(recon_model))
@@ -133,9 +132,7 @@ def evaluate_int8(export_dir: str | os.PathLike, groups_mm: np.ndarray, normalis
     Writes ``encoder.int8.onnx`` / ``decoder.int8.onnx`` into ``out_dir`` (default ``export_dir``).
     Returns a report with every combination's quality and speed and the one to keep (or None).
     """
-    from vqdiff.api import groups_to_model
-
-    from .data import split_groups
+    from vqdiff.geometry import groups_to_model
 
     export_dir = Path(export_dir)
     out_dir = Path(out_dir) if out_dir else export_dir

@@ -1,4 +1,4 @@
-"""Batch encoding / decoding (vqdiff.service.batch_encode, batch_ray and their CLIs).
+"""Batch encoding / decoding (vqdiff.batch: tasks, stages, local and Ray runners, the job and its CLIs).
 
 Trees of several subjects are built in tmp_path from symlinks to ../shared/data/subject01 plus a
 synthetic bundle (a streamline count that is no multiple of 64, varied point counts); the model is
@@ -19,16 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from vqdiff.api import Codec
+from vqdiff.batch import job, model, stages
+from vqdiff.batch import tasks as bt
+from vqdiff.batch.cli_decode import main as decode_main
+from vqdiff.batch.cli_encode import main as encode_main
 from vqdiff.bundle import Bundle, SpatialHeader
 from vqdiff.checkpoint import save_checkpoint
+from vqdiff.codec import Codec
+from vqdiff.fileio import file_sha256
 from vqdiff.io import load_bundle, save_bundle
 from vqdiff.latents import Latents
 from vqdiff.models import ModelConfig, StreamlineAutoencoder
 from vqdiff.normalise import Normalisation
-from vqdiff.service import batch_encode as be
-from vqdiff.service.cli_decode_batch import main as decode_main
-from vqdiff.service.cli_encode_batch import main as encode_main
 
 SMALL = ("ILF_R", "POPT_R", "PYT_R")  # the smallest real bundles: 256, 192, 320 streamlines
 
@@ -85,14 +87,14 @@ def index(out: Path, name: str = "index.jsonl") -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ units
 def test_shard_parse_and_partition():
-    assert be.parse_shard("2/4") == (2, 4) and be.parse_shard("0/1") == (0, 1)
+    assert bt.parse_shard("2/4") == (2, 4) and bt.parse_shard("0/1") == (0, 1)
     for bad in ("4/4", "1/0", "-1/3", "a/b", "3"):
-        with pytest.raises(be.BatchError, match="0 <= K < N"):
-            be.parse_shard(bad)
-    tasks = [be.BatchTask(f"/i/{c}", c, "s", c, f"/o/{c}", c) for c in "qwertyuiop"]
-    shards = [be.shard_tasks(tasks, k, 3) for k in range(3)]
+        with pytest.raises(bt.BatchError, match="0 <= K < N"):
+            bt.parse_shard(bad)
+    tasks = [bt.BatchTask(f"/i/{c}", c, "s", c, f"/o/{c}", c) for c in "qwertyuiop"]
+    shards = [bt.shard_tasks(tasks, k, 3) for k in range(3)]
     assert sorted(t.rel for s in shards for t in s) == sorted("qwertyuiop")
-    assert shards == [be.shard_tasks(list(reversed(tasks)), k, 3) for k in range(3)]  # order-independent
+    assert shards == [bt.shard_tasks(list(reversed(tasks)), k, 3) for k in range(3)]  # order-independent
 
 
 def test_batcher_runs_full_batches_only():
@@ -102,7 +104,7 @@ def test_batcher_runs_full_batches_only():
         calls.append(len(x))
         return (x * 2.0,)
 
-    b = be.Batcher(run, 8)
+    b = stages.Batcher(run, 8)
     arrays = {k: np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 100 * k for k, n in enumerate([3, 11, 1, 6])}
     done = [kv for k, x in arrays.items() for kv in b.add(k, x)] + b.flush()
     assert set(calls) == {8} and len(calls) == 3  # 21 groups -> 3 calls of exactly 8 (last one padded)
@@ -112,11 +114,11 @@ def test_batcher_runs_full_batches_only():
 
 
 def test_ray_is_optional(monkeypatch):
-    from vqdiff.service import batch_ray
+    from vqdiff.batch import ray_runner
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
-    with pytest.raises(be.BatchError, match=r"pip install 'vqdiff\[ray\]'"):
-        batch_ray.import_ray()
+    with pytest.raises(bt.BatchError, match=r"pip install 'vqdiff\[ray\]'"):
+        ray_runner.import_ray()
 
 
 def test_latents_bytes_are_canonical(ckpt):
@@ -158,7 +160,7 @@ def test_encode_decode_round_trip_and_resume(subject_dir, ckpt, odd_bundle, tmp_
         ref = codec.encode(load_bundle(src))
         np.testing.assert_allclose(lat.latents, ref.latents, rtol=0, atol=1e-5)
         assert np.array_equal(lat.order, ref.order) and np.array_equal(lat.flipped, ref.flipped)
-        assert lat.source["input_sha256"] == be.file_sha256(src)
+        assert lat.source["input_sha256"] == file_sha256(src)
 
     assert run_cli(decode_main, lat_dir, rec_dir, "--model", ckpt) == 0
     assert json.loads(capsys.readouterr().out)["done"] == len(inputs)
@@ -192,10 +194,10 @@ def test_shards_flat_layout_and_batch_independence(subject_dir, ckpt, odd_bundle
         for b in SMALL:
             (flat / subj / f"{b}.trk").symlink_to(subject_dir / f"{b}.trk")
         (flat / subj / "ODD.trk").symlink_to(odd_bundle)
-    full = be.run_batch("encode", flat, tmp_path / "full", model=ckpt, progress=False)
+    full = job.run_batch("encode", flat, tmp_path / "full", model=ckpt, progress=False)
     assert full["done"] == 8
     sharded = tmp_path / "sharded"
-    parts = [be.run_batch("encode", flat, sharded, model=ckpt, shard=(k, 3), progress=False, workers=1)
+    parts = [job.run_batch("encode", flat, sharded, model=ckpt, shard=(k, 3), progress=False, workers=1)
              for k in range(3)]
     assert [p["files"] for p in parts] == [3, 3, 2]
     assert sorted(r["input"] for k in range(3) for r in index(sharded, f"index.shard-{k}-of-3.jsonl")) == \
@@ -203,7 +205,7 @@ def test_shards_flat_layout_and_batch_independence(subject_dir, ckpt, odd_bundle
     assert tree_bytes(sharded) == tree_bytes(tmp_path / "full")  # other batch mates, same bytes
     assert set(tree_bytes(sharded)) == {f"{s}/{b}.vqlat" for s in ("alice", "bob") for b in (*SMALL, "ODD")}
     # after the shards, one unsharded run finds everything done and writes the whole index
-    whole = be.run_batch("encode", flat, sharded, model=ckpt, progress=False)
+    whole = job.run_batch("encode", flat, sharded, model=ckpt, progress=False)
     assert whole["skipped"] == 8 and index(sharded) == index(tmp_path / "full")
 
 
@@ -238,8 +240,8 @@ def test_bad_files_are_reported_and_skipped(subject_dir, ckpt, tmp_path, capsys)
 @pytest.mark.parametrize("fmt", ["trx", "tck"])
 def test_decode_formats(subject_dir, ckpt, odd_bundle, tmp_path, fmt):
     tree = make_tree(tmp_path / "in", subject_dir, 1, bundles=("POPT_R",), odd=odd_bundle)
-    be.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
-    s = be.run_batch("decode", tmp_path / "lat", tmp_path / "rec", model=ckpt, format=fmt, progress=False,
+    job.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
+    s = job.run_batch("decode", tmp_path / "lat", tmp_path / "rec", model=ckpt, format=fmt, progress=False,
                      restore_points=False)
     assert s["done"] == 2
     odd = load_bundle(tmp_path / "rec" / "sub-01" / f"ODD.{fmt}", reference=odd_bundle)
@@ -249,9 +251,9 @@ def test_decode_formats(subject_dir, ckpt, odd_bundle, tmp_path, fmt):
 def test_crash_mid_run_then_resume_is_byte_identical(subject_dir, ckpt, odd_bundle, tmp_path):
     tree = make_tree(tmp_path / "in", subject_dir, 2, odd=odd_bundle)  # 8 files
     ref = tmp_path / "ref"
-    be.run_batch("encode", tree, ref, model=ckpt, progress=False)
+    job.run_batch("encode", tree, ref, model=ckpt, progress=False)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "vqdiff.service.cli_encode_batch", str(tree), str(out), "--model", str(ckpt),
+    cmd = [sys.executable, "-m", "vqdiff.batch.cli_encode", str(tree), str(out), "--model", str(ckpt),
            "--no-progress"]
     env = {**os.environ, "VQDIFF_BATCH_THROTTLE": "0.5"}  # each written file then waits: the kill lands mid-run
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -281,8 +283,8 @@ def test_crash_mid_run_then_resume_is_byte_identical(subject_dir, ckpt, odd_bund
 def test_ray_matches_local(subject_dir, ckpt, odd_bundle, tmp_path):
     pytest.importorskip("ray.data", reason="Ray is optional: pip install 'vqdiff[ray]' to run the Ray test")
     tree = make_tree(tmp_path / "in", subject_dir, 2, odd=odd_bundle)
-    local = be.run_batch("encode", tree, tmp_path / "local", model=ckpt, progress=False)
-    cmd = [sys.executable, "-m", "vqdiff.service.cli_encode_batch", str(tree), str(tmp_path / "ray"),
+    local = job.run_batch("encode", tree, tmp_path / "local", model=ckpt, progress=False)
+    cmd = [sys.executable, "-m", "vqdiff.batch.cli_encode", str(tree), str(tmp_path / "ray"),
            "--model", str(ckpt), "--ray", "local", "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -293,23 +295,22 @@ def test_ray_matches_local(subject_dir, ckpt, odd_bundle, tmp_path):
     assert not leftovers(tmp_path / "ray")
 
 
-def test_load_codec_falls_back_to_torch_checkpoint(ckpt, monkeypatch):
+def test_load_codec_opens_checkpoints_on_torch_and_names_what_is_missing(ckpt):
     x = np.random.default_rng(0).normal(size=(16, 3, 64, 64)).astype(np.float32)
-    runtime = be.load_codec(ckpt)
-    monkeypatch.setitem(sys.modules, "vqdiff.export.runtime", None)  # as if the export package were absent
-    fallback = be.load_codec(ckpt)
-    assert fallback.model_info == runtime.model_info and fallback.engine.backend == "torch"
-    np.testing.assert_array_equal(be.engine_call(fallback, "encode", x)[0], be.engine_call(runtime, "encode", x)[0])
-    with pytest.raises(be.BatchError, match="use --backend torch"):
-        be.load_codec(ckpt, backend="ort-cpu")
+    codec = model.load_codec(ckpt)
+    ref = Codec.from_checkpoint(ckpt)
+    assert codec.model_info == ref.model_info and codec.engine.backend == "torch"
+    np.testing.assert_array_equal(stages.engine_call(codec, "encode", x)[0], stages.engine_call(ref, "encode", x)[0])
+    with pytest.raises(bt.BatchError, match="needs an export directory"):
+        model.load_codec(ckpt, backend="ort-cpu")
 
 
 def test_decode_refuses_latents_of_another_model(subject_dir, ckpt, tmp_path):
     tree = make_tree(tmp_path / "in", subject_dir, 1, bundles=("POPT_R",))
-    be.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
+    job.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
     other = StreamlineAutoencoder.from_config(
         ModelConfig.for_kind("vq_diff", hidden=32, residual_hidden=8, embedding_dim=16, bottleneck={"num_codes": 32}))
     other_dir = save_checkpoint(tmp_path / "other", other.eval(), Normalisation.identity())
-    s = be.run_batch("decode", tmp_path / "lat", tmp_path / "rec", model=other_dir, progress=False)
+    s = job.run_batch("decode", tmp_path / "lat", tmp_path / "rec", model=other_dir, progress=False)
     assert s["failed"] == 1 and s["failures"][0]["reason"] == "ModelMismatchError"
-    assert "decode it with that model" in s["failures"][0]["error"] and not list((tmp_path / "rec").rglob("*.trk"))
+    assert "decode them with that model" in s["failures"][0]["error"] and not list((tmp_path / "rec").rglob("*.trk"))

@@ -17,18 +17,20 @@ import numpy as np
 import pytest
 import torch
 
-from vqdiff.api import Codec, groups_to_model
+from vqdiff.api import Codec
 from vqdiff.bottlenecks import KINDS
 from vqdiff.checkpoint import load_checkpoint, save_checkpoint
 from vqdiff.engine import Engine
+from vqdiff.geometry import groups_to_model
 from vqdiff.models import ModelConfig, StreamlineAutoencoder
 from vqdiff.normalise import Normalisation
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from vqdiff.export import onnx_export  # noqa: E402
+from vqdiff.export import graphs, onnx_export, parity  # noqa: E402
 from vqdiff.export.manifest import ExportError, ParityError, file_sha256, read_manifest  # noqa: E402
+from vqdiff.export.ort_backend import ort_session  # noqa: E402
 from vqdiff.export.runtime import BACKENDS, BackendUnavailable, load_engine, make_codec  # noqa: E402
 
 SMALL = {"hidden": 32, "residual_hidden": 8}
@@ -161,9 +163,9 @@ def test_dynamic_batch_sizes(small_exports, real_groups, normalisation):
     ck, ex = small_exports("vq_diff")
     groups = np.resize(real_groups, (257, *real_groups.shape[1:]))  # more than the real groups: wrap around
     x = _x(groups, normalisation)
-    ref = onnx_export.torch_reference(load_checkpoint(ck).model, x)  # per-group: slices are references
-    enc = onnx_export.ort_cpu_session(ex / "encoder.onnx")
-    dec = onnx_export.ort_cpu_session(ex / "decoder.onnx")
+    ref = parity.torch_reference(load_checkpoint(ck).model, x)  # per-group: slices are references
+    enc = ort_session(ex / "encoder.onnx")
+    dec = ort_session(ex / "decoder.onnx")
     for batch in (1, 3, 64, 257):
         sl = {k: (v[-batch:] if v is not None else None) for k, v in ref.items()}
         lat, _, idx = enc.run(None, {"groups": x[-batch:]})
@@ -172,29 +174,29 @@ def test_dynamic_batch_sizes(small_exports, real_groups, normalisation):
         assert rec.shape == (batch, 3, 64, 64)
         assert np.abs(lat - sl["latents"]).max() <= 1e-4
         assert np.abs(rec - sl["reconstruction"]).max() <= 1e-4
-        assert onnx_export.compare_indices(sl, idx)["unexplained"] == 0
+        assert parity.compare_indices(sl, idx)["unexplained"] == 0
 
 
 def test_tie_handling():
     ref = {"indices": np.array([[[3, 5]]]), "top2_values": np.array([[[[0.5, 0.5 - 5e-7], [0.9, 0.1]]]]),
            "top2_indices": np.array([[[[3, 7], [5, 2]]]])}
-    ok = onnx_export.compare_indices(ref, np.array([[[7, 5]]]))  # tie at position 0: either code accepted
+    ok = parity.compare_indices(ref, np.array([[[7, 5]]]))  # tie at position 0: either code accepted
     assert ok["mismatches"] == 1 and ok["ties_accepted"] == 1 and ok["unexplained"] == 0
-    bad = onnx_export.compare_indices(ref, np.array([[[3, 2]]]))  # clear winner at position 1 differs
+    bad = parity.compare_indices(ref, np.array([[[3, 2]]]))  # clear winner at position 1 differs
     assert bad["unexplained"] == 1
-    far = onnx_export.compare_indices(ref, np.array([[[9, 5]]]))  # not one of torch's two best
+    far = parity.compare_indices(ref, np.array([[[9, 5]]]))  # not one of torch's two best
     assert far["unexplained"] == 1
     # an exact tie that torch's argmax (349) and topk (506 first) order differently
     exact = {"indices": np.array([[[349]]]), "top2_values": np.array([[[[0.0291726, 0.0291726]]]]),
              "top2_indices": np.array([[[[506, 349]]]])}
-    assert onnx_export.compare_indices(exact, np.array([[[506]]]))["ties_accepted"] == 1
+    assert parity.compare_indices(exact, np.array([[[506]]]))["ties_accepted"] == 1
 
 
 def test_parity_failure_writes_nothing(small_exports, real_groups, monkeypatch):
     ck, ex = small_exports("vq_diff")
     before = (ex / "manifest.json").read_text()
     parent = ex.parent
-    monkeypatch.setattr(onnx_export.DecoderGraph, "forward", lambda self, latents: self.decoder(latents) + 1e-2)
+    monkeypatch.setattr(graphs.DecoderGraph, "forward", lambda self, latents: self.decoder(latents) + 1e-2)
     with pytest.raises(ParityError, match="reconstruction") as err:
         onnx_export.export_checkpoint(ck, parent / "broken", parity_groups=real_groups[:4], exporter="torchscript")
     assert err.value.report["checks"]["reconstruction"] is False
@@ -335,11 +337,71 @@ def test_codec_roundtrip_ort_vs_torch(full_export, subject_dir):
 
 
 def test_ort_path_does_not_import_torch(full_export):
+    """Opening an export with ONNX Runtime on the CPU, encoding and decoding never imports torch."""
     _, ex = full_export
-    code = ("import sys; from vqdiff.export.runtime import load_engine; "
-            f"e = load_engine({str(ex)!r}, backend='ort-cpu'); print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    code = ("import sys, numpy as np; from vqdiff.export.runtime import load_engine; "
+            f"e = load_engine({str(ex)!r}, backend='ort-cpu'); "
+            "lat, idx = e.encode_with_indices(np.zeros((3, 3, 64, 64), np.float32)); "
+            "rec = e.decode_groups(lat); "
+            "print(lat.shape, idx.shape, rec.shape, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(3, 64, 16, 16) (3, 16, 16) (3, 3, 64, 64) False"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """module -> the modules of `vqdiff.export` it imports (any statement, at any depth)."""
+    import ast
+
+    pkg = Path(onnx_export.__file__).parent
+    names = {p.stem for p in pkg.glob("*.py")}
+    graph = {}
+    for path in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                assert node.level or not (mod == "export" or mod.startswith("export.")), \
+                    f"{path.name} imports the top-level name {mod!r}: use a relative import"
+                if node.level == 1:
+                    targets = [mod] if mod else [a.name for a in node.names]
+                elif mod.startswith("vqdiff.export."):
+                    targets = [mod.split(".")[2]]
+                elif mod == "vqdiff.export":
+                    targets = [a.name for a in node.names]
+                else:
+                    targets = []
+                deps.update(t.split(".")[0] for t in targets if t.split(".")[0] in names)
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    assert not (a.name == "export" or a.name.startswith("export.")), \
+                        f"{path.name} imports the top-level name {a.name!r}"
+                    if a.name.startswith("vqdiff.export.") and a.name.split(".")[2] in names:
+                        deps.add(a.name.split(".")[2])
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_export_package_has_no_import_cycles():
+    graph = _package_imports()
+    assert {"runtime", "ort_backend", "onnx_export", "tensorrt_build"} <= set(graph)
+    done, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(m):], m]))
+        if m in done:
+            return
+        stack.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    # the ONNX Runtime path reaches neither the export, the torch backend nor parity at module level
+    assert not graph["ort_backend"] & {"onnx_export", "graphs", "parity", "torch_backend", "runtime"}
 
 
 # ----------------------------------------------------------------------------- CPU variants
@@ -367,7 +429,7 @@ def test_int8_variant_is_recorded(small_exports, real_groups, tmp_path):
 
 def test_fp16_graph_keeps_the_bottleneck_fp32(full_export, real_groups, normalisation, tmp_path):
     """The fp16 ONNX graph used for strongly typed TensorRT (>= 11) builds, checked on ORT CPU."""
-    from vqdiff.export.tensorrt import bottleneck_nodes, make_fp16_onnx
+    from vqdiff.export.onnx_tools import bottleneck_nodes, make_fp16_onnx
 
     ck, ex = full_export
     src = onnx.load(str(ex / "encoder.onnx"))
@@ -382,9 +444,9 @@ def test_fp16_graph_keeps_the_bottleneck_fp32(full_export, real_groups, normalis
     assert all(dtypes[w] == onnx.TensorProto.FLOAT16 for w in conv_w if w in dtypes)
     assert m16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 I/O
     x = _x(real_groups[:8], normalisation)
-    ref = onnx_export.torch_reference(load_checkpoint(ck).model, x)
-    lat = onnx_export.ort_cpu_session(enc16).run(["latents"], {"groups": x})[0]
-    rec = onnx_export.ort_cpu_session(dec16).run(None, {"latents": ref["latents"]})[0]
+    ref = parity.torch_reference(load_checkpoint(ck).model, x)
+    lat = ort_session(enc16).run(["latents"], {"groups": x})[0]
+    rec = ort_session(dec16).run(None, {"latents": ref["latents"]})[0]
     assert np.abs(lat - ref["latents"]).max() < 0.1 and np.abs(rec - ref["reconstruction"]).max() < 0.05
 
 
@@ -401,7 +463,7 @@ def _needs_tensorrt():
 @pytest.mark.tensorrt
 def test_tensorrt_build_and_run(small_exports, real_groups, normalisation, tmp_path):
     _needs_tensorrt()
-    from vqdiff.export.tensorrt import TensorRTEngine
+    from vqdiff.export.tensorrt_runtime import TensorRTEngine
 
     ck, _ = small_exports("vq_diff")
     ex = onnx_export.export_checkpoint(
@@ -431,7 +493,7 @@ def test_tensorrt_version_policy():
     _needs_tensorrt()
     import tensorrt as trt
 
-    from vqdiff.export.tensorrt import strongly_typed_only, tensorrt_version
+    from vqdiff.export.tensorrt_runtime import strongly_typed_only, tensorrt_version
 
     assert strongly_typed_only(trt) == (tensorrt_version(trt)[0] >= 11 or not hasattr(trt.BuilderFlag, "FP16"))
 
@@ -579,7 +641,7 @@ def _fake_layers(trt_types):
 @pytest.mark.parametrize("version", ["10.8.0", "11.1.0"])
 def test_tensorrt_build_sequence_with_a_fake(monkeypatch, tmp_path, version):
     """Drives build_engine through a recording fake of the TensorRT API (the real one needs a GPU)."""
-    from vqdiff.export import tensorrt as trt_mod
+    from vqdiff.export import tensorrt_build as trt_mod
 
     probe = _FakeTRT(version, [])
     layers = _fake_layers(probe.DataType)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqdiff.api import groups_to_model, model_to_groups
 from vqdiff.checkpoint import load_checkpoint
+from vqdiff.geometry import groups_to_model, model_to_groups
 from vqdiff.metrics import buan_score, mean_mdf, mean_pointwise_distance
 
 from .data import load_dataset
@@ -112,7 +112,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, 
     if figures:
         from .figures import write_figures
 
-        write_figures(out, model, norm, bundles, summary)
+        write_figures(out, model, norm, bundles, summary, epsilons=EPSILONS)
     return summary
 
 

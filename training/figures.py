@@ -1,4 +1,9 @@
-"""PNG figures of an evaluation: reconstructions per bundle, latent t-SNE, a perturbation series."""
+"""PNG figures of an evaluation: reconstructions per bundle, latent t-SNE, a perturbation series.
+
+Imported by `vqdiff.training.evaluate` (never the other way round): everything the figures need
+from the evaluation comes in through the arguments of `write_figures`, the eps values of the
+perturbation series included (by default those of ``summary["robustness"]``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqdiff.api import groups_to_model, model_to_groups
 from vqdiff.canonical import GROUP_SIZE
-
-from .evaluate import EPSILONS
+from vqdiff.geometry import groups_to_model, model_to_groups
 
 
 def _plot_group(ax, group: np.ndarray, color: str, axes=(1, 2), **kw) -> None:
@@ -31,7 +34,13 @@ def _decode_mm(model, norm, groups_mm: np.ndarray, eps: float = 0.0, seed: int =
     return norm.invert(model_to_groups(model.decoder(model.bottleneck(z).latents).numpy()))
 
 
-def write_figures(out: Path, model, norm, bundles, summary: dict) -> list[Path]:
+def write_figures(out: Path, model, norm, bundles, summary: dict, *, epsilons=None) -> list[Path]:
+    """Write the PNG figures of an evaluation into ``out``; returns their paths.
+
+    ``summary`` is the evaluation summary (``metrics.json``); ``epsilons`` are the perturbation
+    sizes of the perturbation series, by default ``summary["robustness"]["epsilons"]``.
+    """
+    epsilons = tuple(summary["robustness"]["epsilons"] if epsilons is None else epsilons)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,8 +95,8 @@ def write_figures(out: Path, model, norm, bundles, summary: dict) -> list[Path]:
 
     # 3. perturbation series on one held-out group (MCP as in the paper when present)
     target = next((b for b in with_val if b.bundle == "MCP"), with_val[0])
-    fig, axs = plt.subplots(1, len(EPSILONS), figsize=(2.4 * len(EPSILONS), 2.6), squeeze=False)
-    for ax, eps in zip(axs[0], EPSILONS, strict=True):
+    fig, axs = plt.subplots(1, len(epsilons), figsize=(2.4 * len(epsilons), 2.6), squeeze=False)
+    for ax, eps in zip(axs[0], epsilons, strict=True):
         rec = _decode_mm(model, norm, target.val_groups[:1], eps=eps)
         _plot_group(ax, target.val_groups[0], "0.8")
         _plot_group(ax, rec[0], "tab:red")

@@ -10,9 +10,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "Bundle": "vqdiff.bundle",
     "SpatialHeader": "vqdiff.bundle",
-    "Codec": "vqdiff.api",
-    "encode": "vqdiff.api",
-    "decode": "vqdiff.api",
+    "Codec": "vqdiff.codec",
+    "Pipeline": "vqdiff.codec",
+    "encode": "vqdiff.codec",
+    "decode": "vqdiff.codec",
     "Latents": "vqdiff.latents",
     "load_bundle": "vqdiff.io",
     "save_bundle": "vqdiff.io",

@@ -2,7 +2,8 @@
 
 ``config.json`` holds the format name and version, the model config (enough to rebuild the
 model alone), the normalisation, and optional training config, data manifest hash and metrics.
-Weights are safetensors; nothing is ever unpickled.
+Weights are safetensors; nothing is ever unpickled. Reading the config is torch-free; torch is
+imported when weights are saved or loaded.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
-from .fileio import file_sha256, read_versioned_json, replace_dir  # noqa: F401 (file_sha256 re-exported)
-from .models import ModelConfig, StreamlineAutoencoder
+from .fileio import file_sha256, read_versioned_json, replace_dir
+from .geometry import check_geometry, geometry
 from .normalise import Normalisation
+
+if TYPE_CHECKING:  # torch is imported only when weights are saved or loaded
+    from .models import StreamlineAutoencoder
 
 FORMAT = "vqdiff-checkpoint"
 FORMAT_VERSION = 1
@@ -39,6 +41,11 @@ class Checkpoint:
     @property
     def short_hash(self) -> str:
         return self.model_hash[:12]
+
+    @property
+    def model_info(self) -> dict[str, str]:
+        """``{"id", "kind", "sha256"}``: the identity recorded in every latents file."""
+        return {"id": self.model_id, "kind": self.model.kind, "sha256": self.model_hash}
 
 
 def save_checkpoint(
@@ -67,6 +74,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "model_id": model_id or path.name,
             "model": model.config.to_dict(),
+            "geometry": geometry(),
             "normalisation": normalisation.to_dict(),
             **(extra or {}),
         }
@@ -90,14 +98,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
     """Rebuild model and normalisation from checkpoint directory ``path`` alone; model in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .models import ModelConfig, StreamlineAutoencoder
+
     path = Path(path)
     config = read_config(path)
     try:
+        check_geometry(config.get("geometry"), str(path))
         model_config = ModelConfig.from_dict(config["model"])
         normalisation = Normalisation.from_dict(config["normalisation"])
     except (KeyError, TypeError, ValueError) as e:
@@ -113,3 +124,11 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         raise CheckpointError(f"{path / WEIGHTS} does not match the model in {CONFIG}: {e}") from e
     model.to(device).eval()
     return Checkpoint(model, normalisation, str(config.get("model_id", path.name)), file_sha256(path / WEIGHTS), config)
+
+
+def model_info_from_config(path: str | os.PathLike) -> dict[str, str]:
+    """``{"id", "kind", "sha256"}`` of checkpoint ``path`` without loading the weights (torch-free)."""
+    path = Path(path)
+    config = read_config(path)
+    return {"id": str(config.get("model_id", path.name)), "kind": str(config["model"]["kind"]),
+            "sha256": file_sha256(path / WEIGHTS)}

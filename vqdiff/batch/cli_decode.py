@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from vqdiff.service.cli_encode_batch import add_batch_args, run_batch_cli
+from vqdiff.batch.cli_encode import add_batch_args, run_batch_cli
 
 
 def _build_arg_parser() -> argparse.ArgumentParser:

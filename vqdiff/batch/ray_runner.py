@@ -1,4 +1,4 @@
-"""The batch job on Ray Data: the same three stages as `vqdiff.service.batch_encode.run_local`.
+"""The batch job on Ray Data: the same three stages as `vqdiff.batch.local.run_local`.
 
 ``prepare`` runs as CPU tasks (one file per row), the engine in an actor pool (one actor per GPU
 when the cluster has GPUs, ``num_gpus=1`` each; else CPU actors), ``finish`` (the atomic writes) as
@@ -17,17 +17,9 @@ from dataclasses import asdict
 
 import numpy as np
 
-from vqdiff.service.batch_encode import (
-    Batcher,
-    BatchError,
-    BatchTask,
-    JobSpec,
-    Prepared,
-    engine_call,
-    finish,
-    load_codec,
-    prepare,
-)
+from .model import load_codec
+from .stages import Batcher, JobSpec, Prepared, engine_call, finish, prepare
+from .tasks import BatchError, BatchTask
 
 log = logging.getLogger(__name__)
 FILES_PER_CALL = 32  # rows (files) handed to an engine actor at once

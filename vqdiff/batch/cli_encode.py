@@ -56,7 +56,8 @@ def run_batch_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, kin
     setup_logging(args.verbose)
 
     def work() -> int:
-        from vqdiff.service.batch_encode import parse_shard, run_batch
+        from vqdiff.batch.job import run_batch
+        from vqdiff.batch.tasks import parse_shard
 
         summary = run_batch(kind, args.in_dir, args.out_dir, model=args.model, shard=parse_shard(args.shard),
                             ray=args.ray, backend=args.backend, device=args.device, threads=args.threads,

@@ -1,0 +1,129 @@
+"""Benchmark: CPU cost of bundle preparation (parse, canonicalise, normalise) per group of 64.
+
+For every ``.trk`` of ``<data>/subject01`` (already 64 points per streamline) and of
+``<data>/crosssubject/*/`` (other point counts: canonicalisation resamples them), times, with
+thread CPU time and numpy's BLAS limited to one thread:
+
+- parse: ``vqdiff.io.load_bundle(path)``;
+- canonicalise: ``vqdiff.canonical.canonicalise(bundle.streamlines)``;
+- normalise: ``Normalisation.apply(groups)`` (a fixed isotropic map, as at inference);
+
+each the best (minimum) of ``--repeats`` runs per file, summed over the files of a data set and
+divided by its number of canonical groups. Prints the CPU model and the SIMD flags that matter
+(avx2, avx512*, amx*), the load average before and after, and a final JSON line.
+
+    python benchmarks/bench_prepare.py [--data ../shared/data] [--repeats 7]
+
+The timings are for whatever ``vqdiff`` is importable (run it from another checkout with
+``PYTHONPATH`` to compare versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("parse", "canonicalise", "normalise")
+
+
+def cpu_summary() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    simd = sorted(f for f in flags if f in ("avx", "avx2", "fma") or f.startswith(("avx512", "amx")))
+    return {"model": model, "cores": os.cpu_count(), "simd": simd,
+            "avx512": any(f.startswith("avx512") for f in flags), "amx": any(f.startswith("amx") for f in flags)}
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_ms(fn, repeats: int):
+    """(best thread-CPU milliseconds over ``repeats`` calls, the last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        out = fn()
+        best = min(best, time.thread_time() - t0)
+    return best * 1e3, out
+
+
+def bench_files(files: list[Path], repeats: int) -> dict:
+    from vqdiff.canonical import canonicalise
+    from vqdiff.io import load_bundle
+    from vqdiff.normalise import Normalisation
+
+    norm = Normalisation((0.0, -18.0, 10.0), 80.0, (-80.0, -98.0, -70.0), (80.0, 62.0, 90.0))
+    totals = dict.fromkeys(STEPS, 0.0)
+    groups = streamlines = 0
+    points = set()
+    for path in files:
+        t_parse, bundle = cpu_ms(lambda p=path: load_bundle(p), repeats)
+        t_canon, canon = cpu_ms(lambda b=bundle: canonicalise(b.streamlines), repeats)
+        t_norm, _ = cpu_ms(lambda c=canon: norm.apply(c.groups), repeats)
+        totals["parse"] += t_parse
+        totals["canonicalise"] += t_canon
+        totals["normalise"] += t_norm
+        groups += canon.n_groups
+        streamlines += canon.n_streamlines
+        points.update(int(k) for k in set(canon.n_points.tolist()))
+    per_group = {k: round(v / groups, 4) for k, v in totals.items()}
+    per_group["total"] = round(sum(totals.values()) / groups, 4)
+    return {"files": len(files), "streamlines": streamlines, "groups": groups,
+            "points_per_streamline": sorted(points), "ms_per_group": per_group}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path,
+                    default=Path(os.environ.get("VQDIFF_SHARED_DATA", REPO.parent / "shared" / "data")))
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+
+    from threadpoolctl import threadpool_limits
+
+    import vqdiff
+
+    cpu, load_before = cpu_summary(), load_average()
+    print(f"CPU: {cpu['model']} ({cpu['cores']} cores); SIMD: {' '.join(cpu['simd']) or 'none listed'}; "
+          f"avx512: {'yes' if cpu['avx512'] else 'no'}, amx: {'yes' if cpu['amx'] else 'no'}")
+    print(f"vqdiff from {Path(vqdiff.__file__).parent}; load average before: {load_before}")
+    sets = {"subject01": sorted((args.data / "subject01").glob("*.trk")),
+            "crosssubject": sorted((args.data / "crosssubject").glob("*/*.trk"))}
+    results = {}
+    with threadpool_limits(limits=1):
+        for label, files in sets.items():
+            if not files:
+                print(f"{label}: no .trk files under {args.data}, skipped", file=sys.stderr)
+                continue
+            r = results[label] = bench_files(files, args.repeats)
+            ms = r["ms_per_group"]
+            print(f"{label}: {r['files']} files, {r['streamlines']} streamlines, {r['groups']} groups, "
+                  f"points {r['points_per_streamline'][:3]}{'...' if len(r['points_per_streamline']) > 3 else ''}"
+                  f" -> CPU ms/group: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+    load_after = load_average()
+    print(f"load average after: {load_after}")
+    print(json.dumps({"cpu": cpu, "load_before": load_before, "load_after": load_after,
+                      "repeats": args.repeats, "results": results}))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""What every backend engine shares: `BackendUnavailable` and the batching base class.
+
+An engine implements `vqdiff.engine.Engine` (``backend``, ``provider``, ``encode_groups``,
+``decode_groups``, ``code_indices``) plus ``encode_with_indices`` (latents and indices in one run),
+``normalisation``, ``model_info`` and ``warmup``; a backend only writes ``_run_encoder`` and
+``_run_decoder`` for one chunk of at most ``batch_size`` groups. numpy only: no backend is imported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vqdiff.errors import VQDiffError
+
+DEFAULT_BATCH = 256  # groups per run, except ONNX Runtime on the CPU (see `ort_backend.ORT_CPU_BATCH`)
+
+
+class BackendUnavailable(VQDiffError, RuntimeError):
+    """The backend asked for cannot run here (package, device, files or provider missing)."""
+
+
+class _GroupEngine:
+    """Batching and the Engine protocol on top of ``_run_encoder`` / ``_run_decoder``."""
+
+    backend = ""
+    provider = ""
+    name = ""
+
+    def __init__(self, *, normalisation, model_info: dict, manifest: dict | None, batch_size: int):
+        self.normalisation = normalisation
+        self.model_info = dict(model_info)
+        self.manifest = manifest
+        self.batch_size = int(batch_size)
+        self.has_indices = True
+
+    # subclasses: (B,3,64,64) float32 -> (latents, indices|None); (B,D,16,16) -> (B,3,64,64)
+    def _run_encoder(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def _run_decoder(self, latents: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check(a: np.ndarray, ndim: int, what: str) -> np.ndarray:
+        a = np.asarray(a)
+        if a.ndim != ndim:
+            raise ValueError(f"expected {what} with {ndim} dimensions, got shape {a.shape}")
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def encode_with_indices(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self._check(x, 4, "groups (B, 3, 64, 64)")
+        lat, idx = [], []
+        for s in range(0, len(x), self.batch_size):
+            lb, ib = self._run_encoder(x[s : s + self.batch_size])
+            lat.append(lb)
+            if ib is not None:
+                idx.append(ib.astype(np.int64, copy=False))
+        if not lat:
+            raise ValueError("no groups to encode")
+        return np.concatenate(lat), (np.concatenate(idx) if idx else None)
+
+    def encode_groups(self, x: np.ndarray) -> np.ndarray:
+        return self.encode_with_indices(x)[0]
+
+    def code_indices(self, x: np.ndarray) -> np.ndarray | None:
+        return self.encode_with_indices(x)[1]
+
+    def decode_groups(self, latents: np.ndarray) -> np.ndarray:
+        latents = self._check(latents, 4, "latents (B, D, 16, 16)")
+        if not len(latents):
+            raise ValueError("no latents to decode")
+        return np.concatenate(
+            [self._run_decoder(latents[s : s + self.batch_size]) for s in range(0, len(latents), self.batch_size)]
+        )
+
+    def warmup(self) -> None:
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        lat, _ = self.encode_with_indices(x)
+        self.decode_groups(lat)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} provider={self.provider} model={self.model_info.get('id')}>"

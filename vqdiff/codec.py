@@ -1,0 +1,262 @@
+"""The codec core: every encode and decode of vqdiff runs these steps, and only these (torch-free).
+
+>>> from vqdiff import Codec
+>>> codec = Codec.default()                                   # $VQDIFF_MODEL or models/default (torch)
+>>> lat = codec.encode_file("IFOF_R.trk")                     # Latents; lat.save("IFOF_R.vqlat")
+>>> bundle = codec.decode(lat)                                # same order, direction and space
+
+Encode: bundle -> `Pipeline.prepare_encode` (canonicalise, normalise, model layout; range
+warnings) -> engine -> `Pipeline.assemble_latents` (the self-describing `Latents`). Decode: `Latents`
+-> `Pipeline.prepare_decode` (the one model-identity check) -> engine -> `Pipeline.assemble_bundle`
+(denormalise, un-pad, un-permute, un-flip; the input's header). `Codec` runs the steps around any
+`vqdiff.engine.Engine` in one call; the HTTP gateway (whose engine is the remote model service) and
+batch encoding (whose engine calls are shared between files) run the same steps around their own
+engine calls, so every path writes the same bytes for the same input and model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, SpatialHeader
+from .canonical import canonicalise, uncanonicalise
+from .engine import Engine, encode_with_indices
+from .errors import BundleFormatError, CheckpointError, LatentsFormatError, ModelMismatchError
+from .geometry import groups_to_model, model_to_groups
+from .latents import Latents
+from .normalise import Normalisation
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "VQDIFF_MODEL"
+OOD_MARGIN = 0.25  # fraction of the training extent added on each side before warning
+
+
+def default_model_dir() -> Path:
+    """The model used when none is given: ``$VQDIFF_MODEL`` or the repository's ``models/default``."""
+    env = os.environ.get(MODEL_ENV)
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "models" / "default"
+    if not path.is_dir():
+        raise CheckpointError(
+            f"no model at {path}; set {MODEL_ENV} to a checkpoint directory "
+            "(model.safetensors + config.json) or an export directory, or train one with `vqdiff-train`"
+        )
+    return path
+
+
+def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:
+    """The one model-identity check: refuse latents ``made_by`` another model than ``model_info``
+    (compared by the sha256 of the weights, the same for every backend of one model)."""
+    theirs, ours = made_by.get("sha256"), model_info.get("sha256")
+    if theirs and ours and theirs != ours:
+        raise ModelMismatchError(
+            f"these latents were made by model {made_by.get('id')!r} ({theirs[:12]}), not by "
+            f"{model_info.get('id')!r} ({ours[:12]}); decode them with that model"
+        )
+
+
+def range_warnings(points: np.ndarray, normalisation: Normalisation) -> list[dict[str, Any]]:
+    """A warning with the numbers when ``points`` (..., 3) RAS mm leave the model's training range."""
+    pts = np.asarray(points).reshape(-1, 3)
+    lo, hi = np.asarray(normalisation.data_min), np.asarray(normalisation.data_max)
+    pad = OOD_MARGIN * (hi - lo)
+    axes = np.ascontiguousarray(pts.T)  # (3, N): a reduction along axis 0 of (N, 3) is 40x slower
+    if (axes.min(axis=1) >= lo - pad).all() and (axes.max(axis=1) <= hi + pad).all():
+        return []  # the bounding box is inside: skip the per-point statistics
+    info = normalisation.out_of_range(pts, margin=OOD_MARGIN)
+    if info is None:
+        return []
+    return [{"code": "out_of_training_range",
+             "message": f"{100 * info['fraction_points_outside']:.1f}% of the points lie outside the model's "
+                        f"training range (widened by {100 * OOD_MARGIN:.0f}% of its extent on each side); the "
+                        "reconstruction may be poor. Is the bundle in RAS mm of a comparable space?", **info}]
+
+
+@dataclass
+class EncodeState:
+    """What `Pipeline.assemble_latents` needs besides the engine's output (no point data)."""
+
+    order: np.ndarray  # (G*64,) int64
+    pad_mask: np.ndarray  # (G*64,) bool
+    flipped: np.ndarray  # (N,) bool
+    n_points: np.ndarray  # (N,) int64
+    header: SpatialHeader
+    source: dict[str, Any]
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_streamlines(self) -> int:
+        return int(self.flipped.shape[0])
+
+
+class Pipeline:
+    """The codec's steps around an engine, for one model (its normalisation and identity).
+
+    Parameters
+    ----------
+    normalisation : Normalisation
+        The model's, recorded in every `Latents`.
+    model_info : dict
+        ``{"id", "kind", "sha256"}`` (plus provenance the caller adds), recorded in every `Latents`.
+    """
+
+    def __init__(self, normalisation: Normalisation, model_info: dict[str, Any]):
+        self.normalisation = normalisation
+        self.model_info = dict(model_info)
+
+    def prepare_encode(self, bundle: Bundle, *, input_sha256: str | None = None) -> tuple[np.ndarray, EncodeState]:
+        """Canonicalise and normalise ``bundle`` -> (engine input (G, 3, 64, 64) float32, state).
+
+        Raises `BundleFormatError` for bundles that cannot be encoded (reasons as the readers', plus
+        ``degenerate_bundle`` and ``coordinates_too_large``).
+        """
+        try:
+            canon = canonicalise(bundle.streamlines)
+        except (np.linalg.LinAlgError, FloatingPointError) as exc:
+            raise BundleFormatError(f"the bundle cannot be canonicalised ({exc})", reason="degenerate_bundle") from exc
+        real = canon.groups.reshape(-1, canon.groups.shape[2], 3)[canon.pad_mask]
+        warnings = range_warnings(real, self.normalisation)
+        x = groups_to_model(self.normalisation.apply(canon.groups))
+        if not np.isfinite(x).all():
+            raise BundleFormatError("coordinates overflow float32 once resampled and normalised; expected "
+                                    "coordinates in mm of a brain-sized space", reason="coordinates_too_large")
+        source = {"format": bundle.source_format, "name": bundle.name}
+        if input_sha256:
+            source["input_sha256"] = input_sha256
+        state = EncodeState(canon.order, canon.pad_mask, canon.flipped, canon.n_points, bundle.header, source,
+                            warnings)
+        return x, state
+
+    def assemble_latents(self, state: EncodeState, latents: np.ndarray, indices: np.ndarray | None) -> Latents:
+        """The self-describing `Latents` of an encoded bundle."""
+        return Latents(latents=latents, order=state.order, pad_mask=state.pad_mask, flipped=state.flipped,
+                       n_points=state.n_points, header=state.header, model=self.model_info,
+                       normalisation=self.normalisation.to_dict(), source=state.source, indices=indices)
+
+    def prepare_decode(self, latents: Latents, *, strict: bool = True) -> np.ndarray:
+        """The engine input of a decode (the latents), after the model-identity check (``strict``)."""
+        if strict:
+            check_model(latents.model, self.model_info)
+        return latents.latents
+
+    @staticmethod
+    def assemble_bundle(latents: Latents, groups: np.ndarray, *, restore_points: bool = False) -> Bundle:
+        """Decoder output (G, 3, 64, 64) -> the bundle in the input's order, direction, header and space.
+
+        ``restore_points`` resamples each streamline to its original point count (otherwise 64).
+        """
+        try:
+            norm = Normalisation.from_dict(latents.normalisation)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LatentsFormatError(f"the latents' normalisation is invalid ({exc})") from exc
+        streamlines = uncanonicalise(norm.invert(model_to_groups(groups)), latents.order, latents.pad_mask,
+                                     latents.flipped, n_points=latents.n_points if restore_points else None)
+        header = latents.header if isinstance(latents.header, SpatialHeader) else SpatialHeader.identity()
+        return Bundle(streamlines=streamlines, header=header, source_format="memory",
+                      name=latents.source.get("name", ""))
+
+
+class Codec:
+    """Bundles in, latents out, and back: the `Pipeline` steps around an engine.
+
+    Parameters
+    ----------
+    engine : Engine
+        Group-level backend (`vqdiff.torch_engine.TorchEngine`, or an ONNX Runtime / TensorRT engine
+        from `vqdiff.export.runtime`).
+    normalisation : Normalisation
+    model_info : dict
+        ``{"id", "kind", "sha256"}`` recorded in every `Latents`; `decode` refuses latents from
+        another model.
+    """
+
+    def __init__(self, engine: Engine, normalisation: Normalisation, model_info: dict[str, Any]):
+        self.engine = engine
+        self.pipeline = Pipeline(normalisation, model_info)
+
+    @classmethod
+    def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:
+        """A checkpoint directory (or a loaded `Checkpoint`) on the torch engine."""
+        from .checkpoint import Checkpoint, load_checkpoint
+        from .torch_engine import TorchEngine
+
+        ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+        return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, ckpt.model_info)
+
+    @classmethod
+    def default(cls, **kwargs: Any) -> Codec:
+        return cls.from_checkpoint(default_model_dir(), **kwargs)
+
+    @property
+    def normalisation(self) -> Normalisation:
+        return self.pipeline.normalisation
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.pipeline.model_info
+
+    @property
+    def model_id(self) -> str:
+        return self.model_info.get("id", "")
+
+    @property
+    def model_hash(self) -> str:
+        return self.model_info.get("sha256", "")
+
+    # ------------------------------------------------------------------ group level
+    def encode_groups(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalised groups (G, 3, 64, 64) -> (latents (G, D, 16, 16), code indices (G, 16, 16) | None)."""
+        return encode_with_indices(self.engine, x)
+
+    def decode_groups(self, latents: np.ndarray) -> np.ndarray:
+        """Latents (G, D, 16, 16) -> normalised groups (G, 3, 64, 64)."""
+        return self.engine.decode_groups(latents)
+
+    # ------------------------------------------------------------------ bundle level
+    def encode(self, bundle: Bundle, *, input_sha256: str | None = None) -> Latents:
+        """Canonicalise, normalise and encode a bundle (``input_sha256``: recorded as its source file's)."""
+        x, state = self.pipeline.prepare_encode(bundle, input_sha256=input_sha256)
+        for w in state.warnings:
+            log.warning("%s: %s", bundle.name or "bundle", w["message"])
+        return self.pipeline.assemble_latents(state, *self.encode_groups(x))
+
+    def encode_file(self, path: str | os.PathLike, *, reference=None) -> Latents:
+        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256."""
+        from .fileio import file_sha256
+        from .io import load_bundle
+
+        return self.encode(load_bundle(path, reference=reference), input_sha256=file_sha256(path))
+
+    def decode(self, latents: Latents, *, restore_points: bool = False, strict: bool = True) -> Bundle:
+        """Decode latents back to a bundle in the original order, direction and space.
+
+        ``restore_points`` resamples each streamline to its original point count (otherwise 64).
+        ``strict`` refuses latents made by another model (compared by weights hash).
+        """
+        groups = self.decode_groups(self.pipeline.prepare_decode(latents, strict=strict))
+        return self.pipeline.assemble_bundle(latents, groups, restore_points=restore_points)
+
+    def reconstruct(self, bundle: Bundle) -> Bundle:
+        return self.decode(self.encode(bundle))
+
+
+def encode(bundle: Bundle, *, model: str | os.PathLike | Codec | None = None) -> Latents:
+    """Encode ``bundle`` with ``model`` (a checkpoint path or a `Codec`; default: the bundled model)."""
+    return _codec(model).encode(bundle)
+
+
+def decode(latents: Latents, *, model: str | os.PathLike | Codec | None = None, **kwargs: Any) -> Bundle:
+    """Decode ``latents`` with ``model`` (default: the bundled model)."""
+    return _codec(model).decode(latents, **kwargs)
+
+
+def _codec(model) -> Codec:
+    if isinstance(model, Codec):
+        return model
+    return Codec.default() if model is None else Codec.from_checkpoint(model)
