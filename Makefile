@@ -1,4 +1,4 @@
-# vqdiff: the two set-up commands of the README are `make run` and `make test`.
+# vqdiff: the two set-up commands of the README are `make serve` and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -7,7 +7,7 @@ OUT    ?= out
 # The CPU build of torch (a local wheel on our machines); GPU users install their own torch first.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install serve run test lint default-model table1 bento bento-gpu bench-service clean
+.PHONY: install serve run test lint default-model table1 wheel bento bento-gpu bench-service clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ PORT ?= 3000
 serve: install
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml serve --port $(PORT)
 
-bento: install
+# The bentos install the vqdiff wheel (dist/); the sources are not copied in.
+wheel: install
+	rm -f dist/vqdiff-*.whl
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+
+bento: wheel
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build
 
-bento-gpu: install
+bento-gpu: wheel
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build -f service/bentofile-gpu.yaml .
 
 bench-service: install
@@ -67,4 +72,4 @@ table1: install
 	$(BIN)/python -m vqdiff.training.table1 runs/table1 docs/table1.md --paper-table $(SHARED)/paper_buan_table.csv
 
 clean:
-	rm -rf $(OUT) runs .pytest_cache .ruff_cache
+	rm -rf $(OUT) runs dist .pytest_cache .ruff_cache

@@ -29,12 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the serve-process helper of the tests
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-
-from service.testing import ServeProcess, make_dev_model  # noqa: E402
+from serving import ServeProcess, make_dev_model  # noqa: E402
 
 
 def _args(argv=None):

@@ -1,4 +1,4 @@
-"""Open the served model: one engine (``vqdiff.export.runtime`` when present, else torch) + its card.
+"""Open the served model: one engine (`vqdiff.export.runtime.load_engine`) + its card.
 
 `open_engine` is the only place that chooses how the model runs; `model_card` is what
 ``GET /model`` shows about it. Nothing here is imported at module level by the services, so the
@@ -31,51 +31,16 @@ def resolve_model_dir(model_path: str | None, bento_model: Any = None) -> Path:
             raise FileNotFoundError(f"VQDIFF_MODEL={model_path} is not a directory; expected a checkpoint "
                                     "directory (model.safetensors + config.json) or an export directory")
         return path
-    from vqdiff.api import default_model_dir
+    from vqdiff.codec import default_model_dir
 
     return default_model_dir()
 
 
-def _runtime_loader():
-    """``load_engine`` of the export runtime: installed as ``vqdiff.export`` (editable install) or
-    as the top-level ``export`` package of a bento (sources copied beside ``vqdiff/``)."""
-    try:
-        from vqdiff.export.runtime import load_engine
-    except ImportError:
-        try:
-            from export.runtime import load_engine
-        except ImportError:
-            return None
-    return load_engine
-
-
-def _torch_engine(path: Path, device: str | None, threads: int | None):
-    """Fallback while/where the export runtime is missing: a checkpoint on `TorchEngine`."""
-    import torch
-
-    from vqdiff.checkpoint import load_checkpoint
-    from vqdiff.engine import TorchEngine
-
-    if threads:
-        torch.set_num_threads(threads)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(path, device=device)
-    engine = TorchEngine(ckpt.model, device=device)
-    engine.normalisation = ckpt.normalisation
-    engine.model_info = {"id": ckpt.model_id, "kind": ckpt.model.kind, "sha256": ckpt.model_hash}
-    engine.name = "torch"
-    return engine
-
-
 def open_engine(path: Path, *, backend: str = "auto", device: str | None = None, threads: int | None = None):
     """An engine with ``.normalisation``, ``.model_info``, ``.backend`` and ``.provider``, warmed up."""
-    load_engine = _runtime_loader()
-    if load_engine is not None:
-        return load_engine(path, backend=backend, device=device, threads=threads, warmup=True)
-    if backend not in ("auto", "torch"):
-        raise RuntimeError(f"backend {backend!r} needs vqdiff.export.runtime, which is not installed here")
-    log.warning("vqdiff.export.runtime is not importable: serving %s with the torch fallback", path)
-    return _torch_engine(path, device, threads)
+    from vqdiff.export.runtime import load_engine
+
+    return load_engine(path, backend=backend, device=device, threads=threads, warmup=True)
 
 
 def warm_up(engine, sizes=(1, 8)) -> float:

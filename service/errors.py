@@ -21,6 +21,9 @@ _BUNDLE_STATUS = {
     "too_few_points": 422,
     "bad_reference": 422,
     "bad_shape": 422,
+    "zero_length": 422,
+    "degenerate_bundle": 422,
+    "coordinates_too_large": 422,
 }
 
 

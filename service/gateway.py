@@ -45,6 +45,8 @@ with bentoml.importing():
     import anyio
     import numpy as np
 
+    from vqdiff.quality import reconstruction_quality
+
     from . import pipeline
 
 log = logging.getLogger("bentoml.vqdiff")
@@ -178,9 +180,8 @@ class Gateway:
 
     @staticmethod
     def _read(file: Path, reference: Path | None, view: pipeline.ModelView):
-        bundle = pipeline.read_bundle(file, reference, max_streamlines=SETTINGS.max_streamlines)
-        warnings = pipeline.ood_warnings(bundle, view.normalisation)
-        return (bundle, warnings, *pipeline.prepare_encode(bundle, view))
+        bundle, sha = pipeline.read_bundle(file, reference, max_streamlines=SETTINGS.max_streamlines)
+        return (bundle, *view.prepare_encode(bundle, sha))
 
     # ------------------------------------------------------------------ APIs
     @bentoml.api(route="/encode")
@@ -189,17 +190,17 @@ class Gateway:
 
         async def work(view):
             timer = pipeline.Timer()
-            bundle, warnings, canon, x = await self._cpu(self._read, file, reference, view)
+            bundle, x, state = await self._cpu(self._read, file, reference, view)
             timer.mark("read")
             latents, indices = await self._engine().encode(x)
             timer.mark("model")
 
             def finish():
-                lat = pipeline.finish_encode(bundle, canon, latents, indices, view)
+                lat = view.pipeline.assemble_latents(state, latents, indices)
                 data = lat.to_bytes()
                 info = {"streamlines": lat.n_streamlines, "groups": lat.n_groups, "source_format": bundle.source_format,
                         "model": view.model_info, "latents_bytes": len(data), "latent_shape": list(latents.shape),
-                        "warnings": warnings}
+                        "warnings": state.warnings}
                 return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
 
             return await self._cpu(finish)
@@ -221,7 +222,7 @@ class Gateway:
             timer.mark("model")
 
             def finish():
-                bundle = pipeline.finish_decode(lat, groups, restore_points=restore_points)
+                bundle = view.assemble_bundle(lat, groups, restore_points=restore_points)
                 data = pipeline.write_bundle(bundle, fmt)
                 info = {"streamlines": len(bundle), "groups": lat.n_groups, "format": fmt, "model": view.model_info,
                         "bytes": len(data), "warnings": []}
@@ -238,7 +239,7 @@ class Gateway:
 
         async def work(view):
             timer = pipeline.Timer()
-            bundle, warnings, canon, x = await self._cpu(self._read, file, reference, view)
+            bundle, x, state = await self._cpu(self._read, file, reference, view)
             fmt = pipeline.output_format(format, bundle.source_format)
             timer.mark("read")
             engine = self._engine()
@@ -247,13 +248,13 @@ class Gateway:
             timer.mark("model")
 
             def finish():
-                lat = pipeline.finish_encode(bundle, canon, latents, indices, view)
-                recon = pipeline.finish_decode(lat, groups, restore_points=True)
-                figures = pipeline.quality(bundle, recon)
+                lat = view.pipeline.assemble_latents(state, latents, indices)
+                recon = view.assemble_bundle(lat, groups, restore_points=True)
+                figures = reconstruction_quality(bundle, recon)
                 timer.mark("quality")
                 data = pipeline.write_bundle(recon, fmt)
                 info = {"streamlines": len(recon), "groups": lat.n_groups, "format": fmt, "model": view.model_info,
-                        "quality": figures, "warnings": warnings}
+                        "quality": figures, "warnings": state.warnings}
                 return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}_recon.{fmt}", {
                     "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
 

@@ -1,29 +1,29 @@
-"""The gateway's CPU-side work, run in worker threads: uploads -> `Bundle`, encode / decode around
-a remote engine (the model service), limits, OOD warnings and quality figures.
+"""The gateway's CPU-side work, run in worker threads: uploads -> `Bundle` / `Latents`, the limits,
+and the codec core's steps (`vqdiff.codec.Pipeline`) around a remote engine (the model service).
 
-`RemoteEngine` posts ``.npy`` bodies to the model service (async, so that a worker's threads
-never wait on it). `prepare_encode` / `finish_encode` / `finish_decode` are `vqdiff.api.Codec`'s
-``encode`` / ``decode`` step for step around the engine calls (same canonicalisation,
-normalisation and latents file), restated because `vqdiff.api` imports torch, which the gateway
-never loads.
+`RemoteEngine` posts ``.npy`` bodies to the model service (async, so that a worker's threads never
+wait on it). Nothing of encoding or decoding is restated here: `ModelView.pipeline` is the same
+`Pipeline` that `vqdiff.codec.Codec` and batch encoding run, built from the served model's card.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import re
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vqdiff.bundle import Bundle, SpatialHeader
-from vqdiff.canonical import CanonicalGroups, canonicalise, uncanonicalise
+from vqdiff.bundle import Bundle
+from vqdiff.codec import EncodeState, Pipeline
 from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
 from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
 from vqdiff.latents import Latents
@@ -42,7 +42,6 @@ from .errors import (
 log = logging.getLogger("bentoml.vqdiff")
 
 OUTPUT_FORMATS = ("trk", "tck", "trx")
-OOD_MARGIN = 0.25  # fraction of the training extent added on each side before warning
 _TMP_NAME = re.compile(r"^tmp[a-z0-9_]{8}")  # tempfile's prefix on BentoML's upload copies
 
 
@@ -121,18 +120,24 @@ class ModelView:
     def model_info(self) -> dict[str, Any]:
         return dict(self.card["model"])
 
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        """The codec core's steps for the served model."""
+        return Pipeline(self.normalisation, self.model_info)
 
-def prepare_encode(bundle: Bundle, view: ModelView) -> tuple[CanonicalGroups, np.ndarray]:
-    """`Codec.encode`, first half: canonicalise and normalise -> model input (G, 3, 64, 64)."""
-    try:
-        canon = canonicalise(bundle.streamlines)
-    except (np.linalg.LinAlgError, FloatingPointError, ValueError) as exc:  # safety net: checked before
-        raise ApiError(422, "degenerate_bundle", f"the bundle cannot be canonicalised ({exc})", ACCEPTED_BUNDLE) from exc
-    x = np.ascontiguousarray(view.normalisation.apply(canon.groups).transpose(0, 3, 1, 2))
-    if not np.isfinite(x).all():
-        raise ApiError(422, "coordinates_too_large", "coordinates overflow float32 once resampled and normalised",
-                       "coordinates in mm of a brain-sized space (see GET /model: normalisation)")
-    return canon, x
+    def prepare_encode(self, bundle: Bundle, input_sha256: str) -> tuple[np.ndarray, EncodeState]:
+        """`Pipeline.prepare_encode`, its refusals as 4xx."""
+        try:
+            return self.pipeline.prepare_encode(bundle, input_sha256=input_sha256)
+        except BundleFormatError as exc:
+            raise from_bundle_error(exc) from exc
+
+    def assemble_bundle(self, lat: Latents, groups: np.ndarray, *, restore_points: bool) -> Bundle:
+        """`Pipeline.assemble_bundle`, its refusals as 4xx."""
+        try:
+            return self.pipeline.assemble_bundle(lat, groups, restore_points=restore_points)
+        except LatentsFormatError as exc:
+            raise from_latents_error(exc) from exc
 
 
 def zero_length_streamlines(bundle: Bundle) -> np.ndarray:
@@ -142,28 +147,6 @@ def zero_length_streamlines(bundle: Bundle) -> np.ndarray:
     moved = np.concatenate(([0], np.cumsum(np.any(points[1:] != points[:-1], axis=1))))
     starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
     return np.flatnonzero(moved[starts + lens - 1] == moved[starts])
-
-
-def finish_encode(bundle: Bundle, canon: CanonicalGroups, latents: np.ndarray, indices: np.ndarray | None,
-                  view: ModelView) -> Latents:
-    """`Codec.encode`, second half: the self-describing `Latents`."""
-    return Latents(latents=latents, order=canon.order, pad_mask=canon.pad_mask, flipped=canon.flipped,
-                   n_points=canon.n_points, header=bundle.header, model=view.model_info,
-                   normalisation=view.normalisation.to_dict(),
-                   source={"format": bundle.source_format, "name": bundle.name}, indices=indices)
-
-
-def finish_decode(lat: Latents, groups: np.ndarray, *, restore_points: bool) -> Bundle:
-    """`Codec.decode` after the decoder: denormalise, un-pad, un-permute, un-flip; same header/space."""
-    try:
-        norm = Normalisation.from_dict(lat.normalisation)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ApiError(400, "bad_latents", f"the latents' normalisation is invalid ({exc})", ACCEPTED_LATENTS) from exc
-    groups = np.asarray(groups).transpose(0, 2, 3, 1)  # (G, S, P, 3)
-    streamlines = uncanonicalise(norm.invert(groups), lat.order, lat.pad_mask, lat.flipped,
-                                 n_points=lat.n_points if restore_points else None)
-    header = lat.header if isinstance(lat.header, SpatialHeader) else SpatialHeader.identity()
-    return Bundle(streamlines=streamlines, header=header, source_format="memory", name=lat.source.get("name", ""))
 
 
 def original_name(path: Path) -> str:
@@ -187,8 +170,8 @@ def _reference_suffix(data: bytes, name: str) -> str:
     return next((s for s in (".nii.gz", ".nii", ".trk") if lower.endswith(s)), ".nii")
 
 
-def read_bundle(file: Path, reference: Path | None, *, max_streamlines: int) -> Bundle:
-    """An uploaded tractogram (format from its magic bytes) -> validated `Bundle`, or `ApiError`."""
+def read_bundle(file: Path, reference: Path | None, *, max_streamlines: int) -> tuple[Bundle, str]:
+    """An uploaded tractogram (format from its magic bytes) -> (validated `Bundle`, its sha256), or `ApiError`."""
     data = file.read_bytes()
     name = original_name(file)
     if not data:
@@ -220,24 +203,7 @@ def read_bundle(file: Path, reference: Path | None, *, max_streamlines: int) -> 
         raise ApiError(422, "zero_length", f"{len(zero)} streamline(s) have all their points at one place "
                        f"(indices {zero[:5].tolist()}{'...' if len(zero) > 5 else ''})",
                        "streamlines of at least 2 distinct points; " + ACCEPTED_BUNDLE)
-    return bundle
-
-
-def ood_warnings(bundle: Bundle, normalisation: Normalisation) -> list[dict[str, Any]]:
-    """A warning with the numbers when coordinates leave the model's training range."""
-    points = np.concatenate([np.asarray(s) for s in bundle.streamlines])
-    lo, hi = np.asarray(normalisation.data_min), np.asarray(normalisation.data_max)
-    pad = OOD_MARGIN * (hi - lo)
-    axes = np.ascontiguousarray(points.T)  # (3, N): a reduction along axis 0 of (N, 3) is 40x slower
-    if (axes.min(axis=1) >= lo - pad).all() and (axes.max(axis=1) <= hi + pad).all():
-        return []  # the bounding box is inside: skip the per-point statistics
-    info = normalisation.out_of_range(points, margin=OOD_MARGIN)
-    if info is None:
-        return []
-    return [{"code": "out_of_training_range",
-             "message": f"{100 * info['fraction_points_outside']:.1f}% of the points lie outside the model's "
-                        "training range (widened by {100 * OOD_MARGIN:.0f}% of its extent); the reconstruction may be poor. "
-                        "Is the bundle in RAS mm of a comparable space?", **info}]
+    return bundle, hashlib.sha256(data).hexdigest()
 
 
 def read_latents(file: Path, view: ModelView, *, max_groups: int, max_points: int) -> Latents:
@@ -262,11 +228,10 @@ def read_latents(file: Path, view: ModelView, *, max_groups: int, max_points: in
                        f"server restores at most {max_points}", ACCEPTED_LATENTS, limit_points=max_points)
     if not np.isfinite(lat.latents).all():
         raise ApiError(422, "non_finite", "the latents hold NaN or infinite values", ACCEPTED_LATENTS)
-    theirs, ours = lat.model.get("sha256"), view.card["model"].get("sha256")
-    if theirs and ours and theirs != ours:
-        raise from_model_mismatch(ModelMismatchError(
-            f"these latents were made by model {lat.model.get('id')!r} ({theirs[:12]}), not by the served "
-            f"{view.card['model'].get('id')!r} ({ours[:12]})"))
+    try:
+        view.pipeline.prepare_decode(lat)
+    except ModelMismatchError as exc:
+        raise from_model_mismatch(exc) from exc
     return lat
 
 
@@ -286,28 +251,11 @@ def write_bundle(bundle: Bundle, fmt: str) -> bytes:
                        "or format=tck") from exc
 
 
-def quality(original: Bundle, recon: Bundle) -> dict[str, Any]:
-    """Reconstruction figures as `vqdiff-roundtrip` reports them: MDF in mm and BUAN (T = 5 mm)."""
-    from vqdiff.canonical import resample
-    from vqdiff.metrics import buan_score, mdf
-
-    x, y = resample(original.streamlines), resample(recon.streamlines)
-    d = mdf(x[None], y[None])[0]
-    n = len(x) // 64 * 64
-    if n:
-        buan, groups = float(np.mean(buan_score(x[:n].reshape(-1, 64, 64, 3), y[:n].reshape(-1, 64, 64, 3)))), n // 64
-    else:  # fewer than 64 streamlines: the bundle is one group
-        buan, groups = float(buan_score(x, y)), 1
-    return {"mean_mdf_mm": round(float(d.mean()), 4), "median_mdf_mm": round(float(np.median(d)), 4),
-            "p95_mdf_mm": round(float(np.percentile(d, 95)), 4), "max_mdf_mm": round(float(d.max()), 4),
-            "buan_t5": round(buan, 4), "buan_groups": groups}
-
-
 def warm_up() -> float:
-    """Exercise parsing, canonicalisation, writing and the metrics once (imports, caches); seconds."""
-    import time
-
+    """Exercise parsing, the codec core's CPU steps, writing and the metrics once (imports, caches); seconds."""
     from vqdiff.bundle import SpatialHeader
+    from vqdiff.geometry import groups_to_model, model_to_groups
+    from vqdiff.quality import reconstruction_quality
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -315,7 +263,9 @@ def warm_up() -> float:
     streamlines = list(np.cumsum(steps, axis=1) + np.array([0.0, 0.0, 10.0], np.float32))
     bundle = Bundle(streamlines=streamlines, header=SpatialHeader.identity(), source_format="memory", name="warmup")
     bundle = load_bundle_bytes(bundle_to_bytes(bundle, format="trk"), format="trk", name="warmup")
-    canon = canonicalise(bundle.streamlines)
-    recon = uncanonicalise(canon.groups, canon.order, canon.pad_mask, canon.flipped, n_points=canon.n_points)
-    quality(bundle, Bundle(streamlines=recon, header=bundle.header, source_format="memory", name="warmup"))
+    pipe = Pipeline(Normalisation.identity(), {"id": "warmup"})
+    x, state = pipe.prepare_encode(bundle)
+    lat = pipe.assemble_latents(state, np.zeros((len(x), 1, 1, 1), np.float32), None)
+    recon = pipe.assemble_bundle(lat, groups_to_model(model_to_groups(x)), restore_points=True)
+    reconstruction_quality(bundle, recon)
     return time.perf_counter() - t0

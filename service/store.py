@@ -27,10 +27,8 @@ def import_model(path: str | Path, name: str = "vqdiff") -> str:
 
     path = Path(path)
     if (path / "manifest.json").is_file():
-        try:
-            from vqdiff.export.bento_store import register
-        except ImportError:
-            from export.bento_store import register
+        from vqdiff.export.bento_store import register
+
         return register(path, name)
     config = path / "config.json"
     if not config.is_file() or not (path / "model.safetensors").is_file():

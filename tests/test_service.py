@@ -16,8 +16,8 @@ pytest.importorskip("bentoml")
 httpx = pytest.importorskip("httpx")
 
 from conftest import SUBJECT  # noqa: E402
+from serving import ServeProcess, make_dev_model  # noqa: E402
 
-from service.testing import ServeProcess, make_dev_model  # noqa: E402
 from vqdiff.bundle import Bundle, SpatialHeader  # noqa: E402
 from vqdiff.io import bundle_to_bytes, load_bundle, load_bundle_bytes  # noqa: E402
 from vqdiff.latents import Latents  # noqa: E402

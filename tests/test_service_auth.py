@@ -13,9 +13,10 @@ import pytest
 pytest.importorskip("bentoml")
 httpx = pytest.importorskip("httpx")
 
-from service.testing import REPO, ServeProcess, make_dev_model  # noqa: E402
+from serving import REPO, ServeProcess, make_dev_model  # noqa: E402
+
 from vqdiff.bundle import Bundle, SpatialHeader  # noqa: E402
-from vqdiff.checkpoint import file_sha256  # noqa: E402
+from vqdiff.fileio import file_sha256  # noqa: E402
 from vqdiff.io import bundle_to_bytes  # noqa: E402
 
 TOKEN = "t0k-" + "x" * 28

@@ -14,9 +14,9 @@ from starlette.responses import PlainTextResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from service import npy  # noqa: E402
-from service.errors import ApiError  # noqa: E402
-from service.guard import RefusePickle, RequestGuard  # noqa: E402
+from vqdiff.service import npy  # noqa: E402
+from vqdiff.service.errors import ApiError  # noqa: E402
+from vqdiff.service.guard import RefusePickle, RequestGuard  # noqa: E402
 
 
 def test_npy_round_trip_plain_and_structured():
@@ -126,7 +126,7 @@ def test_api_error_body():
 def test_original_name():
     from pathlib import Path
 
-    from service.pipeline import original_name
+    from vqdiff.service.pipeline import original_name
 
     assert original_name(Path("/tmp/x/tmpab_cd123IFOF_R.trk")) == "IFOF_R"
     assert original_name(Path("/tmp/x/tmpab_cd123")) == "bundle"
@@ -134,31 +134,33 @@ def test_original_name():
 
 @pytest.mark.parametrize("bentofile, name", [(None, "vqdiff"), ("service/bentofile-gpu.yaml", "vqdiff-gpu")])
 def test_bentoml_build(tmp_path, bentofile, name):
-    """Both bentos build here (CPU: bentofile.yaml; GPU: service/bentofile-gpu.yaml) with the sources
-    the service needs and without runs/, .venv or tests."""
+    """Both bentos build here (CPU: bentofile.yaml; GPU: service/bentofile-gpu.yaml): the vqdiff wheel
+    installed (one name per module), the bundled model, no sources, runs/, .venv or tests."""
     import os
     import subprocess
     import sys
 
     import yaml
-
-    from service.testing import REPO
+    from serving import REPO
 
     env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist",
+                            "."], cwd=REPO, capture_output=True, text=True, timeout=300)  # as `make wheel`
+    assert wheel.returncode == 0, wheel.stdout[-2000:] + wheel.stderr[-2000:]
     cmd = [sys.executable, "-m", "bentoml", "build", "-o", "tag", *(["-f", bentofile] if bentofile else []), "."]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     tag = out.stdout.strip().splitlines()[-1].split("__tag__:")[-1].strip()
     bento = tmp_path / "bentos" / name / tag.split(":")[1]
     info = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert info["service"] == "service.app:Gateway"
+    assert info["service"] == "vqdiff.service.app:Gateway"
     assert {s["name"] for s in info["services"]} == {"vqdiff", "vqdiff-model"}
     model_cfg = next(s for s in info["services"] if s["name"] == "vqdiff-model")["config"]
     assert model_cfg["resources"]["gpu"] == 1 and model_cfg["workers"] == 1
     src = bento / "src"
-    for f in ("service/gateway.py", "service/model_service.py", "vqdiff/io.py", "export/runtime.py"):
-        assert (src / f).is_file(), f
-    assert not any((src / d).exists() for d in ("runs", ".venv", "tests", "training"))
+    assert (src / "models" / "default" / "model.safetensors").is_file()
+    assert not any((src / d).exists() for d in ("vqdiff", "service", "export", "runs", ".venv", "tests", "training"))
+    assert [w.name for w in (bento / "env" / "python" / "wheels").iterdir()] == ["vqdiff-0.1.0-py3-none-any.whl"]
     reqs = (bento / "env" / "python" / "requirements.txt").read_text()
     assert ("onnxruntime-gpu" in reqs) == (name == "vqdiff-gpu")
 
@@ -166,7 +168,7 @@ def test_bentoml_build(tmp_path, bentofile, name):
 def test_batch_wait_is_capped():
     from bentoml._internal.marshal.dispatcher import Optimizer
 
-    from service.model_service import cap_batch_wait
+    from vqdiff.service.model_service import cap_batch_wait
 
     original = Optimizer.trigger_refresh
     try:

@@ -92,29 +92,50 @@ class Bundle:
         return self
 
 
-def validate_streamlines(streamlines, *, where: str | None = None) -> None:
-    """Raise `BundleFormatError` unless ``streamlines`` is a non-empty list of finite (N>=2, 3) arrays."""
-    if len(streamlines) == 0:
+def validate_streamlines(streamlines, *, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Raise `BundleFormatError` unless ``streamlines`` is a non-empty list of finite (N>=2, 3) arrays.
+
+    Returns the points concatenated, (sum N_i, 3) in their own dtype, and the point counts (N,) int64,
+    so that callers need not concatenate again. The checks are vectorised (the shapes in one pass, one
+    `np.concatenate`, one finiteness test); the error names the first bad streamline, and for one
+    streamline the shape is checked before the point count before finiteness.
+    """
+    n = len(streamlines)
+    if n == 0:
         raise BundleFormatError(
             "the tractogram holds no streamlines; a bundle needs at least 1 streamline", reason="empty", path=where
         )
-    for i, s in enumerate(streamlines):
-        s = np.asarray(s)
-        if s.ndim != 2 or s.shape[1] != 3:
-            raise BundleFormatError(
-                f"streamline {i} has shape {s.shape}; each streamline must be an (N, 3) array of points",
-                reason="bad_shape",
-                path=where,
-            )
-        if s.shape[0] < 2:
-            raise BundleFormatError(
-                f"streamline {i} has {s.shape[0]} point(s); every streamline needs at least 2 points",
-                reason="too_few_points",
-                path=where,
-            )
-        if not np.all(np.isfinite(s)):
-            raise BundleFormatError(
-                f"streamline {i} has NaN or infinite coordinates; only finite RAS mm coordinates are accepted",
-                reason="non_finite",
-                path=where,
-            )
+    shapes = [s.shape if isinstance(s, np.ndarray) else np.shape(s) for s in streamlines]
+    two_d = np.fromiter(map(len, shapes), np.intp, n) == 2
+    dims = np.array(shapes if two_d.all() else [sh if len(sh) == 2 else (0, 0) for sh in shapes], np.int64)
+    bad = ~two_d | (dims[:, 1] != 3)
+    first_bad = int(np.argmax(bad)) if bad.any() else n  # every streamline before it is (N_i, 3)
+    lengths = dims[:first_bad, 0]
+    points = np.concatenate(streamlines[:first_bad] if first_bad < n else streamlines) if first_bad else None
+    few = np.flatnonzero(lengths < 2)
+    first_few = int(few[0]) if few.size else n
+    first_nan = n
+    if first_bad and not np.isfinite(np.sum(points)):  # cheap test first (finite sum => finite points)
+        rows = np.flatnonzero(~np.isfinite(points).all(axis=1))
+        if rows.size:
+            first_nan = int(np.searchsorted(np.cumsum(lengths), rows[0], side="right"))
+    i = min(first_bad, first_few, first_nan)
+    if i == n:
+        return points.reshape(-1, 3), lengths
+    if i == first_bad:
+        raise BundleFormatError(
+            f"streamline {i} has shape {shapes[i]}; each streamline must be an (N, 3) array of points",
+            reason="bad_shape",
+            path=where,
+        )
+    if i == first_few:
+        raise BundleFormatError(
+            f"streamline {i} has {int(lengths[i])} point(s); every streamline needs at least 2 points",
+            reason="too_few_points",
+            path=where,
+        )
+    raise BundleFormatError(
+        f"streamline {i} has NaN or infinite coordinates; only finite RAS mm coordinates are accepted",
+        reason="non_finite",
+        path=where,
+    )

@@ -23,8 +23,18 @@ share a group, their order inside it and their direction all matter. The rules, 
 
 `uncanonicalise` undoes 4 -> 2: it keeps only real slots, puts every streamline back at its
 original index and reverses the flipped ones. Resampling (1) is not undone unless asked for
-(``restore_points=True`` resamples each streamline back to its original point count).
+(``n_points=`` resamples each streamline back to its original point count).
+
+Implementation: every step is vectorised over the whole bundle (no Python loop per streamline or
+per group): validation and zero-length detection on the concatenated points, resampling by dipy's
+compiled ``set_number_of_points`` on one `Streamlines` sequence, orientation distances in a planar
+float64 layout, and the per-group principal components of all full groups at once (plus one call
+for the short last group) from their (64, 64) Gram matrices. Top eigenvectors come from a batched
+block subspace iteration with a Rayleigh-Ritz step that accepts a matrix only once its error bound
+``||M u - theta_1 u|| / (theta_1 - theta_2)`` is below 1e-11; the rest (a near-degenerate top
+eigenvalue) are solved by LAPACK's ``eigh``, so the orders are those of an exact eigensolver.
 """
+
 
 from __future__ import annotations
 
@@ -37,6 +47,9 @@ from .errors import BundleFormatError
 
 GROUP_SIZE = 64
 NUM_POINTS = 64
+_BLOCK = 4  # subspace size of the top-eigenvector iteration
+_ROUNDS = 6  # Rayleigh-Ritz rounds before the exact fallback
+_TOL = 1e-11  # accepted bound on sin(angle) between an iterated and the exact top eigenvector
 
 
 @dataclass
@@ -72,23 +85,62 @@ class CanonicalGroups:
         return int(self.groups.shape[0])
 
 
-def resample(streamlines, num_points: int = NUM_POINTS) -> np.ndarray:
-    """Resample each streamline to ``num_points`` points -> (N, num_points, 3) float32."""
-    from dipy.tracking.streamline import set_number_of_points
+def _flatten(streamlines) -> tuple[np.ndarray, np.ndarray]:
+    """(concatenated float32 points (M, 3), point counts (N,) int64), without validation."""
+    lengths = np.fromiter((len(s) for s in streamlines), np.int64, len(streamlines))
+    if len(lengths) == 0:
+        return np.zeros((0, 3), np.float32), lengths
+    return np.ascontiguousarray(np.concatenate(streamlines), dtype=np.float32).reshape(-1, 3), lengths
 
-    if len(streamlines) == 0:
+
+def _zero_length(points: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices of the streamlines (flat ``points``, ``lengths``) whose points all coincide."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    step = points[1:] != points[:-1]  # (M - 1, 3); NaN != NaN counts as a move
+    moves = np.zeros(len(points) + (len(points) == 0), np.int64)  # moves[k]: moves among the first k steps
+    np.cumsum(step[:, 0] | step[:, 1] | step[:, 2], out=moves[1:])
+    return np.flatnonzero(moves[np.maximum(ends - 1, starts)] == moves[starts])
+
+
+def zero_length_streamlines(streamlines) -> np.ndarray:
+    """Indices (int64, ascending) of the streamlines whose points all coincide (as float32).
+
+    ``streamlines``: a sequence of (N_i, 3) arrays or a `Bundle`. Such streamlines have no direction
+    and cannot be resampled; streamlines of 0 or 1 point count as zero-length.
+    """
+    points, lengths = _flatten(getattr(streamlines, "streamlines", streamlines))
+    return _zero_length(points, lengths).astype(np.int64)
+
+
+def _resample_flat(points: np.ndarray, lengths: np.ndarray, num_points: int) -> np.ndarray:
+    """`resample` on concatenated float32 ``points`` (M, 3) with per-streamline ``lengths``."""
+    n = len(lengths)
+    if n == 0:
         return np.zeros((0, num_points, 3), np.float32)
-    if all(len(s) == num_points for s in streamlines):  # nothing to do (already resampled data)
-        return np.stack([np.asarray(s, dtype=np.float32) for s in streamlines])
-    arrays = [np.ascontiguousarray(s, dtype=np.float32) for s in streamlines]
-    bad = [i for i, a in enumerate(arrays) if not np.any(a[1:] != a[:-1])]
-    if bad:  # dipy divides by the arc length and returns uninitialised memory when it is 0
+    if np.all(lengths == num_points):  # nothing to do (already resampled data)
+        return points.reshape(n, num_points, 3)
+    if num_points < 2:
+        raise ValueError("nb_points must be at least 2")
+    bad = _zero_length(points, lengths)
+    if bad.size:  # dipy divides by the arc length and returns uninitialised memory when it is 0
         raise BundleFormatError(
-            f"{len(bad)} streamline(s) have zero length (all points identical), e.g. streamline {bad[0]}; "
+            f"{bad.size} streamline(s) have zero length (all points identical), e.g. streamline {bad[0]}; "
             "streamlines need at least 2 distinct points to be resampled",
             reason="zero_length",
         )
-    return np.stack(set_number_of_points(arrays, nb_points=num_points)).astype(np.float32, copy=False)
+    from dipy.tracking.streamline import Streamlines, set_number_of_points
+
+    seq = Streamlines()  # a view of the flat points: dipy then resamples all of them in one C loop
+    seq._data, seq._lengths = points, lengths.astype(np.intp)
+    seq._offsets = (np.cumsum(seq._lengths) - seq._lengths).astype(np.intp)
+    out = set_number_of_points(seq, nb_points=num_points)
+    return np.asarray(out._data, dtype=np.float32).reshape(n, num_points, 3)
+
+
+def resample(streamlines, num_points: int = NUM_POINTS) -> np.ndarray:
+    """Resample each streamline to ``num_points`` points -> (N, num_points, 3) float32."""
+    return _resample_flat(*_flatten(streamlines), num_points)
 
 
 def _principal_axis(vectors: np.ndarray) -> np.ndarray:
@@ -103,65 +155,163 @@ def _principal_axis(vectors: np.ndarray) -> np.ndarray:
 
 def orientation_flips(x: np.ndarray) -> np.ndarray:
     """Which streamlines of ``x`` (N, P, 3) to reverse so that all run the same way -> (N,) bool."""
-    x = np.asarray(x, dtype=np.float64)
-    d = x[:, -1] - x[:, 0]  # (N, 3)
+    x = np.asarray(x)
+    d = x[:, -1].astype(np.float64) - x[:, 0]  # (N, 3)
     flips = d @ _principal_axis(d) < 0
-    oriented = np.where(flips[:, None, None], x[:, ::-1], x)
-    centroid = oriented.mean(axis=0)  # (P, 3)
-    direct = np.linalg.norm(x - centroid, axis=2).mean(axis=1)
-    reverse = np.linalg.norm(x[:, ::-1] - centroid, axis=2).mean(axis=1)
-    return reverse < direct
+    xt = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float64)  # planar (3, N, P)
+    centroid = np.where(flips[None, :, None], xt[:, :, ::-1], xt).mean(axis=1)  # (3, P)
+
+    def mean_distance(pts: np.ndarray) -> np.ndarray:  # norm(pts - centroid, axis=-1).mean(-1), bit for bit
+        sq = [np.square(pts[k] - centroid[k]) for k in range(3)]
+        return np.sqrt((sq[0] + sq[1]) + sq[2]).mean(axis=1)  # the summation order of np.linalg.norm
+
+    return mean_distance(xt[:, :, ::-1]) < mean_distance(xt)
 
 
-def _pc1_projection(x: np.ndarray) -> np.ndarray:
-    flat = x.reshape(len(x), -1).astype(np.float64)
-    flat = flat - flat.mean(axis=0)
-    if len(flat) < 2:
-        return np.zeros(len(flat))
-    if len(flat) < flat.shape[1]:  # few rows: the SVD is cheaper than the (D, D) eigenproblem
-        axis = np.linalg.svd(flat, full_matrices=False)[2][0]
-        axis = -axis if axis[np.argmax(np.abs(axis))] < 0 else axis
+def _top_eigvecs(m: np.ndarray) -> np.ndarray:
+    """Unit eigenvectors (G, n) of the largest eigenvalue of symmetric PSD matrices ``m`` (G, n, n).
+
+    Block subspace iteration with ``m @ m`` and a Rayleigh-Ritz step per round; a matrix is done once
+    its bound ``||m u - theta_1 u|| / (theta_1 - theta_2)`` is below `_TOL`, the others (slow or no
+    convergence: near-degenerate top eigenvalue) go to LAPACK. Signs are arbitrary.
+    """
+    g, n, _ = m.shape
+    if n <= 4 * _BLOCK:
+        return np.linalg.eigh(m)[1][..., -1]
+    m2 = m @ m
+    start = np.argsort(np.einsum("gii->gi", m), axis=1, kind="stable")[:, -_BLOCK:]
+    y = np.take_along_axis(m2, start[:, None, :], axis=2)  # the columns of the largest variances
+    out = np.empty((g, n))
+    todo = np.arange(g)
+    for _ in range(_ROUNDS):
+        q = np.linalg.qr(y)[0]  # (g', n, b) orthonormal
+        mq = m[todo] @ q
+        theta, w = np.linalg.eigh(q.transpose(0, 2, 1) @ mq)
+        u = (q @ w[:, :, -1:])[..., 0]
+        resid = (mq @ w[:, :, -1:])[..., 0] - theta[:, -1:] * u
+        gap = theta[:, -1] - theta[:, -2]
+        ok = np.sqrt(np.einsum("gi,gi->g", resid, resid)) <= _TOL * gap
+        out[todo[ok]] = u[ok]
+        todo, q = todo[~ok], q[~ok]
+        if len(todo) == 0:
+            return out
+        y = m2[todo] @ q
+    out[todo] = np.linalg.eigh(m[todo])[1][..., -1]
+    return out
+
+
+def _pc1_projections(centred: np.ndarray) -> np.ndarray:
+    """Projections (G, S) of centred rows (G, S, D) on each batch's first principal axis.
+
+    The axis is the top eigenvector of the (D, D) covariance, or, with fewer rows than columns, X^T u
+    for u the top eigenvector of the (S, S) Gram matrix X X^T (the same axis); its sign is fixed so
+    that its largest-|.| component is positive.
+    """
+    g, s, d = centred.shape
+    if s < 2:
+        return np.zeros((g, s))
+    if s < d:
+        u = _top_eigvecs(centred @ centred.transpose(0, 2, 1))
+        axis = (u[:, None, :] @ centred)[:, 0]
+        norm = np.sqrt(np.einsum("gd,gd->g", axis, axis))
+        axis /= np.where(norm > 0, norm, 1.0)[:, None]
     else:
-        axis = _principal_axis(flat)
-    return flat @ axis
+        axis = _top_eigvecs(centred.transpose(0, 2, 1) @ centred)
+    big = np.take_along_axis(axis, np.argmax(np.abs(axis), axis=1)[:, None], axis=1)
+    axis *= np.where(big < 0, -1.0, 1.0)
+    return (centred @ axis[:, :, None])[..., 0]
+
+
+def _sorted_within(flat: np.ndarray) -> np.ndarray:
+    """Stable argsort (G, S) of each batch of rows (G, S, D) float64 along its own PC1."""
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    return np.argsort(_pc1_projections(centred), axis=1, kind="stable")
+
+
+def _sorted_projection(flat: np.ndarray) -> np.ndarray:
+    """Projection (N,) of rows (N, D) on their first principal component (centred)."""
+    return _pc1_projections((flat - flat.mean(axis=0))[None])[0]
 
 
 def group_order(oriented: np.ndarray, group_size: int = GROUP_SIZE) -> np.ndarray:
     """Permutation (N,) of oriented streamlines (N, P, 3): slabs along PC1, re-sorted per group."""
-    perm = np.argsort(_pc1_projection(oriented), kind="stable")
-    for start in range(0, len(perm), group_size):
-        chunk = perm[start : start + group_size]
-        local = np.argsort(_pc1_projection(oriented[chunk]), kind="stable")
-        perm[start : start + group_size] = chunk[local]
+    n = len(oriented)
+    flat = np.asarray(oriented).reshape(n, -1).astype(np.float64)
+    perm = np.argsort(_sorted_projection(flat), kind="stable")
+    full = n // group_size * group_size
+    for lo, hi in ((0, full), (full, n)):  # all full groups in one batch, then the short last one
+        if hi > lo:
+            chunks = perm[lo:hi].reshape(-1, min(group_size, hi - lo))
+            local = _sorted_within(flat[chunks])
+            perm[lo:hi] = np.take_along_axis(chunks, local, axis=1).ravel()
     return perm
 
 
-def _reflect_pad(real: int, group_size: int) -> np.ndarray:
-    """Slot indices (within the last group's real part) that fill its ``group_size - real`` pads."""
+def sort_groups(groups: np.ndarray) -> np.ndarray:
+    """Groups (G, S, P, 3), each re-sorted (stably) along its own first principal component.
+
+    The within-group step of `group_order`, for groups formed elsewhere (training samples).
+    """
+    groups = np.asarray(groups)
+    g, s = groups.shape[:2]
+    local = _sorted_within(groups.reshape(g, s, -1).astype(np.float64))
+    return np.take_along_axis(groups, local[:, :, None, None], axis=1)
+
+
+def sort_group(group: np.ndarray) -> np.ndarray:
+    """One group (S, P, 3) re-sorted (stably) along its own first principal component."""
+    return sort_groups(np.asarray(group)[None])[0]
+
+
+def reflect_pad(real: int, group_size: int = GROUP_SIZE) -> np.ndarray:
+    """Slot indices (within the last group's ``real`` slots) that fill its ``group_size - real`` pads.
+
+    The mirror r-1, r-2, ..., 0 of the real slots, repeated: ``reflect_pad(3, 8) = [2, 1, 0, 2, 1]``.
+    """
+    if not 0 < real <= group_size:
+        raise ValueError(f"a group of {group_size} needs 1 to {group_size} real streamlines, got {real}")
     mirror = np.arange(real - 1, -1, -1)
     reps = -(-(group_size - real) // real)
     return np.tile(mirror, reps)[: group_size - real]
+
+
+def canonical_order(
+    streamlines, *, num_points: int = NUM_POINTS, group_size: int = GROUP_SIZE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1-3 of the module doc: validate, resample, orient and order a bundle.
+
+    Returns
+    -------
+    oriented : (N, num_points, 3) float32
+        Resampled streamlines in input order, reversed where ``flipped``.
+    flipped : (N,) bool
+    perm : (N,) int64
+        Canonical order: ``oriented[perm]`` are the consecutive groups of ``group_size``.
+    n_points : (N,) int64
+        Point counts before resampling.
+    """
+    points, n_points = validate_streamlines(streamlines)
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    x = _resample_flat(points, n_points, num_points)  # (N, P, 3)
+    flipped = orientation_flips(x)
+    oriented = np.where(flipped[:, None, None], x[:, ::-1], x)
+    return oriented, flipped, group_order(oriented, group_size).astype(np.int64), n_points
 
 
 def canonicalise(
     streamlines, *, num_points: int = NUM_POINTS, group_size: int = GROUP_SIZE
 ) -> CanonicalGroups:
     """Turn a bundle's streamlines into oriented, ordered, padded groups (see the module doc)."""
-    validate_streamlines(streamlines)
-    n_points = np.array([len(s) for s in streamlines], dtype=np.int64)
-    x = resample(streamlines, num_points)  # (N, P, 3)
-    flipped = orientation_flips(x)
-    oriented = np.where(flipped[:, None, None], x[:, ::-1], x)
-    perm = group_order(oriented, group_size)
-
+    oriented, flipped, perm, n_points = canonical_order(streamlines, num_points=num_points,
+                                                        group_size=group_size)
     n = len(perm)
     n_groups = -(-n // group_size)
     tail = n - (n_groups - 1) * group_size
-    pad = _reflect_pad(tail, group_size) + (n_groups - 1) * group_size  # positions in perm
+    pad = reflect_pad(tail, group_size) + (n_groups - 1) * group_size  # positions in perm
     order = np.concatenate([perm, perm[pad]])
     pad_mask = np.concatenate([np.ones(n, bool), np.zeros(len(pad), bool)])
-    groups = oriented[order].reshape(n_groups, group_size, num_points, 3).astype(np.float32)
-    return CanonicalGroups(groups, order.astype(np.int64), pad_mask, flipped, n_points)
+    groups = oriented[order].reshape(n_groups, group_size, num_points, 3)
+    return CanonicalGroups(groups, order, pad_mask, flipped, n_points)
 
 
 def uncanonicalise(

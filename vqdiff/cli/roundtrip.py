@@ -32,34 +32,30 @@ def main(argv=None) -> None:
     setup_logging(args.verbose)
 
     def work():
-        import numpy as np
-
-        from vqdiff.api import Codec
-        from vqdiff.canonical import resample
+        from vqdiff.codec import Codec
+        from vqdiff.fileio import file_sha256
         from vqdiff.io import load_bundle, save_bundle
         from vqdiff.latents import Latents
-        from vqdiff.metrics import buan_score, mdf
+        from vqdiff.quality import reconstruction_quality
 
         check_outputs(parser, [args.out_latents, args.out_bundle], args.overwrite)
         codec = Codec.from_checkpoint(args.model) if args.model else Codec.default()
         bundle = load_bundle(args.in_bundle, reference=args.reference)
         t0 = time.perf_counter()
-        lat = codec.encode(bundle)
+        lat = codec.encode(bundle, input_sha256=file_sha256(args.in_bundle))  # range warnings are logged
         lat.save(args.out_latents, overwrite=args.overwrite)
         out = codec.decode(Latents.load(args.out_latents), restore_points=True)
         elapsed = time.perf_counter() - t0
         save_bundle(out, args.out_bundle, overwrite=args.overwrite)
-        x, y = resample(bundle.streamlines), resample(out.streamlines)
-        n = len(x) // 64 * 64
+        figures = reconstruction_quality(bundle, out)
         report = {
             "model": codec.model_info,
             "streamlines_in": len(bundle),
             "streamlines_out": len(out),
             "groups": lat.n_groups,
             "latents_shape": list(lat.latents.shape),
-            "mean_mdf_mm": round(float(mdf(x[None], y[None]).mean()), 4),
-            "buan_t5": round(float(np.mean(buan_score(x[:n].reshape(-1, 64, 64, 3), y[:n].reshape(-1, 64, 64, 3))))
-                             , 4) if n else None,
+            "mean_mdf_mm": figures["mean_mdf_mm"],
+            "buan_t5": figures["buan_t5"],
             "seconds": round(elapsed, 3),
         }
         print(json.dumps(report, indent=2))
