@@ -19,6 +19,7 @@ from conftest import SUBJECT  # noqa: E402
 from serving import ServeProcess, make_dev_model  # noqa: E402
 
 from vqdiff.bundle import Bundle, SpatialHeader  # noqa: E402
+from vqdiff.fileio import file_sha256  # noqa: E402
 from vqdiff.io import bundle_to_bytes, load_bundle, load_bundle_bytes  # noqa: E402
 from vqdiff.latents import Latents  # noqa: E402
 
@@ -117,7 +118,8 @@ def test_encode_decode_round_trip(client, offline, subject_dir):
     np.testing.assert_array_equal(lat.order, ref.order)
     np.testing.assert_array_equal(lat.flipped, ref.flipped)
     np.testing.assert_allclose(lat.latents, ref.latents, atol=1e-4)
-    assert lat.model == offline.model_info and lat.source == {"format": "trk", "name": "CC_Fr_1"}
+    assert lat.model == offline.model_info
+    assert lat.source == {"format": "trk", "name": "CC_Fr_1", "input_sha256": file_sha256(src)}
 
     r = _post(client, "/decode", r.content, "CC_Fr_1.vqlat")
     assert r.status_code == 200, r.text
@@ -133,6 +135,27 @@ def test_encode_decode_round_trip(client, offline, subject_dir):
     orig = np.stack(bundle.streamlines)[None]
     np.testing.assert_allclose(mdf(orig, np.stack(out.streamlines)[None]), mdf(orig, np.stack(expected.streamlines)[None]),
                                atol=2e-3)
+
+
+def test_service_batch_and_api_write_the_same_bytes(client, server, subject_dir, tmp_path):
+    """One codec core: POST /encode, batch encoding and `Codec.encode_file` write identical .vqlat bytes
+    (PYT_R: 320 streamlines, 5 groups, one engine call of 5 groups on every path)."""
+    from vqdiff.batch.job import run_batch
+    from vqdiff.codec import Codec
+
+    src = subject_dir / "PYT_R.trk"
+    api = Codec.from_checkpoint(server.model_dir).encode_file(src).to_bytes()
+    r = _post(client, "/encode", src.read_bytes(), src.name)
+    assert r.status_code == 200, r.text
+    (tmp_path / "in" / "sub-01").mkdir(parents=True)
+    (tmp_path / "in" / "sub-01" / src.name).symlink_to(src)
+    summary = run_batch("encode", tmp_path / "in", tmp_path / "out", model=server.model_dir, backend="torch",
+                        batch_size=5, progress=False)
+    assert summary["done"] == 1, summary
+    batch = (tmp_path / "out" / "sub-01" / "PYT_R.vqlat").read_bytes()
+    assert Latents.from_bytes(api).n_groups == 5
+    assert r.content == api, "service and API latents differ"
+    assert batch == api, "batch and API latents differ"
 
 
 def test_decode_formats_and_restore_points(client, subject_dir):
