@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-GROUP_SIZE = 64
+from vqdiff.geometry import GROUP_SIZE
 
 
 def _int(name: str, default: int, *, minimum: int = 1) -> int:

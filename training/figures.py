@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqdiff.canonical import GROUP_SIZE
-from vqdiff.geometry import groups_to_model, model_to_groups
+from vqdiff.geometry import GROUP_SIZE, groups_to_model, model_to_groups
 
 
 def _plot_group(ax, group: np.ndarray, color: str, axes=(1, 2), **kw) -> None:

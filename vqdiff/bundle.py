@@ -105,26 +105,31 @@ def validate_streamlines(streamlines, *, where: str | None = None) -> tuple[np.n
         raise BundleFormatError(
             "the tractogram holds no streamlines; a bundle needs at least 1 streamline", reason="empty", path=where
         )
-    shapes = [s.shape if isinstance(s, np.ndarray) else np.shape(s) for s in streamlines]
-    two_d = np.fromiter(map(len, shapes), np.intp, n) == 2
-    dims = np.array(shapes if two_d.all() else [sh if len(sh) == 2 else (0, 0) for sh in shapes], np.int64)
-    bad = ~two_d | (dims[:, 1] != 3)
-    first_bad = int(np.argmax(bad)) if bad.any() else n  # every streamline before it is (N_i, 3)
-    lengths = dims[:first_bad, 0]
-    points = np.concatenate(streamlines[:first_bad] if first_bad < n else streamlines) if first_bad else None
+    points, first_bad = None, n
+    try:  # fast path: the concatenation succeeds as (M, 3) iff every streamline is an (N_i, 3) array
+        cat = np.concatenate(streamlines)
+        if cat.ndim == 2 and cat.shape[1] == 3:
+            points, lengths = cat, np.fromiter(map(len, streamlines), np.int64, n)
+    except ValueError:
+        pass
+    if points is None:  # locate the first streamline that is not (N_i, 3); check those before it
+        shapes = [np.shape(s) for s in streamlines]
+        first_bad = next((i for i, sh in enumerate(shapes) if len(sh) != 2 or sh[1] != 3), n)
+        lengths = np.array([sh[0] for sh in shapes[:first_bad]], np.int64)
+        points = np.concatenate(streamlines[:first_bad]) if first_bad else np.zeros((0, 3))
     few = np.flatnonzero(lengths < 2)
     first_few = int(few[0]) if few.size else n
     first_nan = n
-    if first_bad and not np.isfinite(np.sum(points)):  # cheap test first (finite sum => finite points)
+    if not np.isfinite(np.sum(points)):  # cheap test first (a finite sum means finite points)
         rows = np.flatnonzero(~np.isfinite(points).all(axis=1))
         if rows.size:
             first_nan = int(np.searchsorted(np.cumsum(lengths), rows[0], side="right"))
     i = min(first_bad, first_few, first_nan)
     if i == n:
-        return points.reshape(-1, 3), lengths
+        return points, lengths
     if i == first_bad:
         raise BundleFormatError(
-            f"streamline {i} has shape {shapes[i]}; each streamline must be an (N, 3) array of points",
+            f"streamline {i} has shape {np.shape(streamlines[i])}; each streamline must be an (N, 3) array of points",
             reason="bad_shape",
             path=where,
         )

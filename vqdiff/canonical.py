@@ -48,7 +48,8 @@ from .errors import BundleFormatError
 GROUP_SIZE = 64
 NUM_POINTS = 64
 _BLOCK = 4  # subspace size of the top-eigenvector iteration
-_ROUNDS = 6  # Rayleigh-Ritz rounds before the exact fallback
+_SQUARINGS = 2  # the iteration multiplies by m^4
+_ROUNDS = 8  # Rayleigh-Ritz rounds before the exact fallback
 _TOL = 1e-11  # accepted bound on sin(angle) between an iterated and the exact top eigenvector
 
 
@@ -153,34 +154,52 @@ def _principal_axis(vectors: np.ndarray) -> np.ndarray:
     return axis
 
 
+def _orient(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flips (N,) bool, ``x`` (N, P, 3) with the flipped streamlines reversed, in x's dtype)."""
+    n, p, _ = x.shape
+    d = x[:, -1].astype(np.float64) - x[:, 0]  # (N, 3)
+    first = d @ _principal_axis(d) < 0
+    oriented = x.copy()
+    oriented[first] = x[first, ::-1]
+    centroid = oriented.reshape(n, -1).mean(axis=0, dtype=np.float64).reshape(p, 3)
+    xt = np.empty((3, n, p))  # planar float64 copy of x: contiguous (N, P) rows per axis
+    for k in range(3):
+        xt[k] = x[:, :, k]
+
+    def distances(c: np.ndarray) -> np.ndarray:  # (N, P) = norm(x - c, axis=-1), bit for bit
+        sq = [np.square(xt[k] - c[:, k]) for k in range(3)]
+        return np.sqrt((sq[0] + sq[1]) + sq[2], out=sq[0])  # the summation order of np.linalg.norm
+
+    direct = distances(centroid).mean(axis=1)
+    # |x[:, ::-1] - c| read backwards is |x - c[::-1]|: same numbers, the mean taken in the same order
+    reverse = np.ascontiguousarray(distances(centroid[::-1])[:, ::-1]).mean(axis=1)
+    flips = reverse < direct
+    change = np.flatnonzero(flips != first)
+    oriented[change] = oriented[change, ::-1]
+    return flips, oriented
+
+
 def orientation_flips(x: np.ndarray) -> np.ndarray:
     """Which streamlines of ``x`` (N, P, 3) to reverse so that all run the same way -> (N,) bool."""
-    x = np.asarray(x)
-    d = x[:, -1].astype(np.float64) - x[:, 0]  # (N, 3)
-    flips = d @ _principal_axis(d) < 0
-    xt = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float64)  # planar (3, N, P)
-    centroid = np.where(flips[None, :, None], xt[:, :, ::-1], xt).mean(axis=1)  # (3, P)
-
-    def mean_distance(pts: np.ndarray) -> np.ndarray:  # norm(pts - centroid, axis=-1).mean(-1), bit for bit
-        sq = [np.square(pts[k] - centroid[k]) for k in range(3)]
-        return np.sqrt((sq[0] + sq[1]) + sq[2]).mean(axis=1)  # the summation order of np.linalg.norm
-
-    return mean_distance(xt[:, :, ::-1]) < mean_distance(xt)
+    return _orient(np.asarray(x))[0]
 
 
 def _top_eigvecs(m: np.ndarray) -> np.ndarray:
     """Unit eigenvectors (G, n) of the largest eigenvalue of symmetric PSD matrices ``m`` (G, n, n).
 
-    Block subspace iteration with ``m @ m`` and a Rayleigh-Ritz step per round; a matrix is done once
-    its bound ``||m u - theta_1 u|| / (theta_1 - theta_2)`` is below `_TOL`, the others (slow or no
-    convergence: near-degenerate top eigenvalue) go to LAPACK. Signs are arbitrary.
+    Block subspace iteration with ``m^4`` and a Rayleigh-Ritz step per round; a matrix is done once its
+    bound ``||m u - theta_1 u|| / (theta_1 - theta_2)`` is below `_TOL`, the others (slow or no
+    convergence: near-degenerate top eigenvalue) go to LAPACK's ``eigh``. Signs are arbitrary.
     """
     g, n, _ = m.shape
     if n <= 4 * _BLOCK:
         return np.linalg.eigh(m)[1][..., -1]
-    m2 = m @ m
+    power = m
+    for _ in range(_SQUARINGS):  # power = m^(2^k) / trace, scaled so that it cannot overflow
+        power = power @ power
+        power /= np.maximum(np.trace(power, axis1=1, axis2=2), np.finfo(float).tiny)[:, None, None]
     start = np.argsort(np.einsum("gii->gi", m), axis=1, kind="stable")[:, -_BLOCK:]
-    y = np.take_along_axis(m2, start[:, None, :], axis=2)  # the columns of the largest variances
+    y = np.take_along_axis(power, start[:, None, :], axis=2)  # the columns of the largest variances
     out = np.empty((g, n))
     todo = np.arange(g)
     for _ in range(_ROUNDS):
@@ -189,13 +208,12 @@ def _top_eigvecs(m: np.ndarray) -> np.ndarray:
         theta, w = np.linalg.eigh(q.transpose(0, 2, 1) @ mq)
         u = (q @ w[:, :, -1:])[..., 0]
         resid = (mq @ w[:, :, -1:])[..., 0] - theta[:, -1:] * u
-        gap = theta[:, -1] - theta[:, -2]
-        ok = np.sqrt(np.einsum("gi,gi->g", resid, resid)) <= _TOL * gap
+        ok = np.sqrt(np.einsum("gi,gi->g", resid, resid)) <= _TOL * (theta[:, -1] - theta[:, -2])
         out[todo[ok]] = u[ok]
         todo, q = todo[~ok], q[~ok]
         if len(todo) == 0:
             return out
-        y = m2[todo] @ q
+        y = power[todo] @ q
     out[todo] = np.linalg.eigh(m[todo])[1][..., -1]
     return out
 
@@ -293,8 +311,7 @@ def canonical_order(
     points, n_points = validate_streamlines(streamlines)
     points = np.ascontiguousarray(points, dtype=np.float32)
     x = _resample_flat(points, n_points, num_points)  # (N, P, 3)
-    flipped = orientation_flips(x)
-    oriented = np.where(flipped[:, None, None], x[:, ::-1], x)
+    flipped, oriented = _orient(x)
     return oriented, flipped, group_order(oriented, group_size).astype(np.int64), n_points
 
 

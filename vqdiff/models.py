@@ -22,9 +22,6 @@ from .bottlenecks import (
     build_bottleneck,
 )
 
-GROUP_SIZE = 64  # streamlines per group
-NUM_POINTS = 64  # points per streamline
-
 
 @dataclass(frozen=True)
 class ModelConfig:
