@@ -221,10 +221,8 @@ def read_latents(file: Path, view: ModelView, *, max_groups: int, max_points: in
     if tuple(lat.latents.shape[1:]) != view.latent_shape:
         raise ApiError(422, "latent_shape_mismatch", f"latents of shape {list(lat.latents.shape[1:])} per group; "
                        f"the served model uses {list(view.latent_shape)}", ACCEPTED_LATENTS)
-    if lat.n_streamlines and int(lat.n_points.min()) < 2:
-        raise ApiError(400, "bad_latents", "the latents record streamlines of fewer than 2 points", ACCEPTED_LATENTS)
-    if int(lat.n_points.sum()) > max_points:
-        raise ApiError(413, "too_many_points", f"the latents record {int(lat.n_points.sum())} points in all; this "
+    if lat.total_points > max_points:
+        raise ApiError(413, "too_many_points", f"the latents record {lat.total_points} points in all; this "
                        f"server restores at most {max_points}", ACCEPTED_LATENTS, limit_points=max_points)
     if not np.isfinite(lat.latents).all():
         raise ApiError(422, "non_finite", "the latents hold NaN or infinite values", ACCEPTED_LATENTS)

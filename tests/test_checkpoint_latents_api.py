@@ -117,6 +117,27 @@ def test_latents_refuses_foreign_or_future_files(tmp_path, codec):
         Latents.from_bytes(future)
 
 
+def test_inconsistent_latents_are_refused_up_front(codec):
+    """Checked where the file enters: slots per group, point counts (no int64 overflow), the model hash."""
+    import dataclasses
+
+    lat = codec.encode(_random_bundle())  # 2 groups, 100 streamlines
+
+    def refused(match, **change):
+        bad = dataclasses.replace(lat, **change)
+        with pytest.raises(LatentsFormatError, match=match):
+            bad.to_bytes()
+        with pytest.raises(LatentsFormatError, match=match):
+            Latents._from_parts(bad._tensors(), bad._metadata())
+
+    refused("order has 64 slots", order=lat.order[:64], pad_mask=lat.pad_mask[:64])  # G x 32
+    refused("n_points must lie in", n_points=np.full_like(lat.n_points, 2**62))
+    refused("n_points must lie in", n_points=np.ones_like(lat.n_points))
+    refused("model's weights hash", model={"id": "tiny", "kind": "vq_diff"})
+    refused("order points outside", order=np.where(lat.pad_mask, lat.order, 10**6))
+    assert lat.total_points == sum(len(s) for s in _random_bundle().streamlines)
+
+
 def test_decode_restores_order_direction_space(codec):
     bundle = _random_bundle(n=130)
     out = codec.decode(codec.encode(bundle), restore_points=True)

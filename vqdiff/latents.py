@@ -20,11 +20,13 @@ import numpy as np
 from .bundle import SpatialHeader
 from .errors import LatentsFormatError
 from .fileio import atomic_write_bytes
+from .geometry import GROUP_SIZE
 
 FORMAT = "vqdiff-latents"
 FORMAT_VERSION = 1
 SUFFIX = ".vqlat"
 _TENSORS = ("latents", "order", "pad_mask", "flipped", "n_points")
+MAX_POINTS_PER_STREAMLINE = 1_000_000  # far above any tractogram's; bounds what restore_points allocates
 
 
 @dataclass
@@ -50,24 +52,44 @@ class Latents:
         return int(self.latents.shape[0])
 
     def _check(self) -> None:
+        """Refuse inconsistent latents up front (shapes, slots, point counts, the model's hash), so that
+        nothing downstream fails on them. Counts are summed as Python ints (no int64 overflow)."""
         g = self.latents.shape[0] if self.latents.ndim == 4 else -1
-        slots = self.order.shape[0]
-        n = self.flipped.shape[0]
+        slots = self.order.shape[0] if self.order.ndim == 1 else -1
+        n = self.flipped.shape[0] if self.flipped.ndim == 1 else -1
         problems = []
         if self.latents.ndim != 4:
             problems.append(f"latents must be 4-D (G, D, H, W), got shape {self.latents.shape}")
-        elif g == 0 or slots % g:
-            problems.append(f"order has {slots} slots, not a multiple of {g} groups")
+        elif g == 0:
+            problems.append("latents hold no groups")
+        elif slots != g * GROUP_SIZE:
+            problems.append(f"order has {slots} slots; {g} groups of {GROUP_SIZE} need {g * GROUP_SIZE}")
         if self.pad_mask.shape != self.order.shape:
             problems.append(f"pad_mask shape {self.pad_mask.shape} != order shape {self.order.shape}")
-        if self.n_points.shape != (n,):
-            problems.append(f"n_points shape {self.n_points.shape} != ({n},)")
-        if int(self.pad_mask.sum()) != n:
+        if n < 0 or self.n_points.shape != (n,):
+            problems.append(f"n_points shape {self.n_points.shape} != flipped's ({n},)")
+        elif n and not (int(self.n_points.min()) >= 2 and int(self.n_points.max()) <= MAX_POINTS_PER_STREAMLINE):
+            problems.append(f"n_points must lie in [2, {MAX_POINTS_PER_STREAMLINE}] (got {int(self.n_points.min())}"
+                            f"..{int(self.n_points.max())})")
+        if self.indices is not None and self.indices.shape != (g, *self.latents.shape[2:]):
+            problems.append(f"indices shape {self.indices.shape} != (G, H, W) of the latents")
+        if not problems and int(self.pad_mask.sum()) != n:
             problems.append(f"pad_mask marks {int(self.pad_mask.sum())} real slots for {n} streamlines")
-        elif n and not np.array_equal(np.sort(self.order[self.pad_mask]), np.arange(n)):
+        elif not problems and n and not np.array_equal(np.sort(self.order[self.pad_mask]), np.arange(n)):
             problems.append("order is not a permutation of the streamlines")
+        if not problems and self.order.size and not (0 <= int(self.order.min()) and int(self.order.max()) < n):
+            problems.append(f"order points outside the {n} streamlines")
+        sha = self.model.get("sha256") if isinstance(self.model, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64):
+            problems.append("the model's weights hash (model.sha256, 64 hex digits) is missing: without it the "
+                            "latents could be decoded by any model")
         if problems:
             raise LatentsFormatError("inconsistent latents file: " + "; ".join(problems))
+
+    @property
+    def total_points(self) -> int:
+        """Points of the decoded bundle with ``restore_points`` (a Python int: no overflow)."""
+        return sum(int(k) for k in self.n_points.tolist())
 
     # ------------------------------------------------------------------ serialisation
     def _tensors(self) -> dict[str, np.ndarray]:
