@@ -305,6 +305,28 @@ def test_load_codec_opens_checkpoints_on_torch_and_names_what_is_missing(ckpt):
         model.load_codec(ckpt, backend="ort-cpu")
 
 
+def test_any_reader_failure_skips_the_file_not_the_run(subject_dir, ckpt, tmp_path, monkeypatch):
+    """Whatever a reader raises on a corrupt file (nibabel, zipfile, numpy...), batch encoding reports the
+    file, goes on with the others and ends with the failure listed; a rerun retries only that file."""
+    import vqdiff.io
+
+    tree = make_tree(tmp_path / "in", subject_dir, 1, bundles=("POPT_R", "PYT_R"))
+    real = vqdiff.io.load_bundle
+
+    def flaky(path, **kw):
+        if "POPT_R" in str(path):
+            raise RuntimeError("File is encrypted, password required for extraction")  # zipfile's
+        return real(path, **kw)
+
+    monkeypatch.setattr(vqdiff.io, "load_bundle", flaky)
+    s = job.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
+    assert (s["done"], s["failed"]) == (1, 1) and s["failures"][0]["reason"] == "RuntimeError"
+    assert "encrypted" in s["failures"][0]["error"]
+    monkeypatch.setattr(vqdiff.io, "load_bundle", real)
+    s = job.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
+    assert (s["done"], s["skipped"], s["failed"]) == (1, 1, 0)
+
+
 def test_decode_refuses_latents_of_another_model(subject_dir, ckpt, tmp_path):
     tree = make_tree(tmp_path / "in", subject_dir, 1, bundles=("POPT_R",))
     job.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)

@@ -38,7 +38,10 @@ from .tasks import BatchTask
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 64  # groups per engine call (fixed: results do not depend on how files share calls)
-_FAILURES = (VQDiffError, OSError, ValueError)  # per-file problems; anything else is a bug and stops the run
+# A file that cannot be read or written is reported and skipped, whatever raised (a corrupt file can make
+# nibabel, zipfile or numpy raise anything): one bad file never stops a 10,000-file run. Errors that are
+# not ours are logged with their traceback, because they may also be our bugs.
+_EXPECTED = (VQDiffError, OSError, ValueError)
 
 
 @dataclass
@@ -162,9 +165,9 @@ def record(spec: JobSpec, task: BatchTask, *, status: str = "ok", **fields) -> d
     return rec
 
 
-def _failed(spec, task, exc: BaseException, sha=None) -> tuple[dict, str]:
+def _failed(spec, task, exc: Exception, sha=None) -> tuple[dict, str]:
     reason = getattr(exc, "reason", None) or type(exc).__name__
-    log.warning("failed: %s: %s", task.rel, exc)
+    log.warning("failed: %s: %s", task.rel, exc, exc_info=not isinstance(exc, _EXPECTED))
     return record(spec, task, status="failed", input_sha256=sha, reason=reason, error=str(exc)), "failed"
 
 
@@ -232,7 +235,7 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
 
         lat = Latents.load(task.input)
         return Prepared(spec.pipeline.prepare_decode(lat), lat, sha)
-    except _FAILURES as exc:
+    except Exception as exc:  # noqa: BLE001 (see _EXPECTED)
         return _failed(spec, task, exc, sha)
 
 
@@ -254,7 +257,7 @@ def finish(spec: JobSpec, task: BatchTask, item: Prepared, outputs: tuple[np.nda
             out.parent.mkdir(parents=True, exist_ok=True)
             save_bundle(bundle, out, format=spec.format, overwrite=True)
             n, g, out_sha = lat.n_streamlines, lat.n_groups, file_sha256(out)
-    except _FAILURES as exc:
+    except Exception as exc:  # noqa: BLE001 (see _EXPECTED)
         return _failed(spec, task, exc, item.input_sha256)
     if spec.throttle:
         time.sleep(spec.throttle)
