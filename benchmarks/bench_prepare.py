@@ -8,8 +8,8 @@ thread CPU time and numpy's BLAS limited to one thread:
 - canonicalise: ``vqdiff.canonical.canonicalise(bundle.streamlines)``;
 - normalise: ``Normalisation.apply(groups)`` (a fixed isotropic map, as at inference);
 
-each the best (minimum) of ``--repeats`` runs per file, summed over the files of a data set and
-divided by its number of canonical groups. Prints the CPU model and the SIMD flags that matter
+each the best (minimum) and the median of ``--repeats`` runs per file, summed over the files of a
+data set and divided by its number of canonical groups. Prints the CPU model and the SIMD flags that matter
 (avx2, avx512*, amx*), the load average before and after, and a final JSON line.
 
     python benchmarks/bench_prepare.py [--data ../shared/data] [--repeats 7]
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,13 +57,13 @@ def load_average() -> list[float]:
 
 
 def cpu_ms(fn, repeats: int):
-    """(best thread-CPU milliseconds over ``repeats`` calls, the last result)."""
-    best, out = float("inf"), None
+    """(best and median thread-CPU milliseconds over ``repeats`` calls, the last result)."""
+    times, out = [], None
     for _ in range(repeats):
         t0 = time.thread_time()
         out = fn()
-        best = min(best, time.thread_time() - t0)
-    return best * 1e3, out
+        times.append(time.thread_time() - t0)
+    return min(times) * 1e3, statistics.median(times) * 1e3, out
 
 
 def bench_files(files: list[Path], repeats: int) -> dict:
@@ -71,23 +72,29 @@ def bench_files(files: list[Path], repeats: int) -> dict:
     from vqdiff.normalise import Normalisation
 
     norm = Normalisation((0.0, -18.0, 10.0), 80.0, (-80.0, -98.0, -70.0), (80.0, 62.0, 90.0))
-    totals = dict.fromkeys(STEPS, 0.0)
+    best, median = dict.fromkeys(STEPS, 0.0), dict.fromkeys(STEPS, 0.0)
     groups = streamlines = 0
     points = set()
     for path in files:
-        t_parse, bundle = cpu_ms(lambda p=path: load_bundle(p), repeats)
-        t_canon, canon = cpu_ms(lambda b=bundle: canonicalise(b.streamlines), repeats)
-        t_norm, _ = cpu_ms(lambda c=canon: norm.apply(c.groups), repeats)
-        totals["parse"] += t_parse
-        totals["canonicalise"] += t_canon
-        totals["normalise"] += t_norm
+        runs = {}
+        *runs["parse"], bundle = cpu_ms(lambda p=path: load_bundle(p), repeats)
+        *runs["canonicalise"], canon = cpu_ms(lambda b=bundle: canonicalise(b.streamlines), repeats)
+        *runs["normalise"], _ = cpu_ms(lambda c=canon: norm.apply(c.groups), repeats)
+        for step, (b, m) in runs.items():
+            best[step] += b
+            median[step] += m
         groups += canon.n_groups
         streamlines += canon.n_streamlines
         points.update(int(k) for k in set(canon.n_points.tolist()))
-    per_group = {k: round(v / groups, 4) for k, v in totals.items()}
-    per_group["total"] = round(sum(totals.values()) / groups, 4)
+
+    def per_group(totals: dict) -> dict:
+        out = {k: round(v / groups, 4) for k, v in totals.items()}
+        out["total"] = round(sum(totals.values()) / groups, 4)
+        return out
+
     return {"files": len(files), "streamlines": streamlines, "groups": groups,
-            "points_per_streamline": sorted(points), "ms_per_group": per_group}
+            "points_per_streamline": sorted(points), "ms_per_group": per_group(best),
+            "ms_per_group_median": per_group(median)}
 
 
 def main(argv=None) -> int:
@@ -114,10 +121,12 @@ def main(argv=None) -> int:
                 print(f"{label}: no .trk files under {args.data}, skipped", file=sys.stderr)
                 continue
             r = results[label] = bench_files(files, args.repeats)
-            ms = r["ms_per_group"]
+            pts = r["points_per_streamline"]
             print(f"{label}: {r['files']} files, {r['streamlines']} streamlines, {r['groups']} groups, "
-                  f"points {r['points_per_streamline'][:3]}{'...' if len(r['points_per_streamline']) > 3 else ''}"
-                  f" -> CPU ms/group: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+                  f"points {pts[:3]}{'...' if len(pts) > 3 else ''}")
+            for kind in ("ms_per_group", "ms_per_group_median"):
+                print(f"  CPU ms/group ({'best' if kind == 'ms_per_group' else 'median'} of {args.repeats}): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in r[kind].items()))
     load_after = load_average()
     print(f"load average after: {load_after}")
     print(json.dumps({"cpu": cpu, "load_before": load_before, "load_after": load_after,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vqdiff.bundle import Bundle
+from vqdiff.canonical import zero_length_streamlines
 from vqdiff.codec import EncodeState, Pipeline
 from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
 from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
@@ -138,15 +139,6 @@ class ModelView:
             return self.pipeline.assemble_bundle(lat, groups, restore_points=restore_points)
         except LatentsFormatError as exc:
             raise from_latents_error(exc) from exc
-
-
-def zero_length_streamlines(bundle: Bundle) -> np.ndarray:
-    """Indices of streamlines whose points all coincide (no direction, no resampling)."""
-    lens = np.fromiter((len(s) for s in bundle.streamlines), np.int64, len(bundle))
-    points = np.concatenate([np.asarray(s) for s in bundle.streamlines])
-    moved = np.concatenate(([0], np.cumsum(np.any(points[1:] != points[:-1], axis=1))))
-    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-    return np.flatnonzero(moved[starts + lens - 1] == moved[starts])
 
 
 def original_name(path: Path) -> str:

@@ -455,7 +455,7 @@ def test_atomic_write_leaves_no_temp_files_even_on_failure(tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(vio, "_write", boom)
+    monkeypatch.setattr(vio.write, "_write", boom)
     with pytest.raises(RuntimeError):
         save_bundle(synthetic(9), path, overwrite=True)
     assert path.read_bytes() == good
@@ -494,3 +494,27 @@ def test_sniff_format(tmp_path, trk_file):
 def test_import_is_light():
     code = "import sys, vqdiff.io; assert 'trx' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_trk_affine_is_the_float64_einsum_bit_for_bit():
+    from vqdiff.io.trk import apply_affine
+
+    rng = np.random.default_rng(5)
+    records = (rng.normal(size=(300, 37, 4)) * 60).astype(np.float32)  # 37 points + 1 scalar per record
+    pts = records[..., :3]  # strided, as read_trk passes them
+    general = np.eye(4)
+    general[:3] = rng.normal(size=(3, 4)) * [1, 1, 1, 90]
+    shift = np.diag([-2.0, -2.0, 2.0, 1.0])
+    shift[:3, 3] = [90, 126, -72]
+    for affine in (general, shift):
+        flat = np.ascontiguousarray(pts).reshape(-1, 3).astype(np.float64)
+        ref = (np.einsum("pj,ij->pi", flat, affine[:3, :3]) + affine[:3, 3]).astype(np.float32)
+        np.testing.assert_array_equal(apply_affine(pts, affine), ref)
+
+
+def test_package_exports():
+    import vqdiff.io
+
+    assert set(vqdiff.io.__all__) == {"load_bundle", "save_bundle", "load_bundle_bytes", "bundle_to_bytes",
+                                      "sniff_format", "file_order_groups"}
+    assert all(callable(getattr(vqdiff.io, name)) for name in vqdiff.io.__all__)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqdiff.canonical import GROUP_SIZE, NUM_POINTS, _pc1_projection, group_order, orientation_flips, resample
+from vqdiff.canonical import GROUP_SIZE, NUM_POINTS, canonical_order, reflect_pad, sort_group
 from vqdiff.checkpoint import file_sha256
 from vqdiff.discovery import BundleFile, find_bundle_files  # noqa: F401 (re-exported)
 from vqdiff.errors import BundleFormatError
@@ -80,11 +80,8 @@ def prepare_dataset(
             log.warning("skipping %s: %s", f.path, e)
             failed.append({"path": str(f.path), "error": str(e)})
             continue
-        x = resample(b.streamlines, NUM_POINTS)
-        flips = orientation_flips(x)
-        x = np.where(flips[:, None, None], x[:, ::-1], x)
-        perm = group_order(x, GROUP_SIZE)
-        x = np.ascontiguousarray(x[perm], dtype=np.float32)
+        oriented, _, perm, _ = canonical_order(b.streamlines)
+        x = oriented[perm]  # (N, 64, 3) float32 in canonical order
         group = np.arange(len(x)) // GROUP_SIZE
         n_groups = int(group[-1]) + 1
         if by_subject:
@@ -162,9 +159,7 @@ def load_dataset(data_dir: str | Path) -> tuple[dict, list[BundleData]]:
         for g in np.unique(group[split]):
             members = x[group == g]
             if len(members) < GROUP_SIZE:  # reflect-pad like canonicalise
-                from vqdiff.canonical import _reflect_pad
-
-                members = np.concatenate([members, members[_reflect_pad(len(members), GROUP_SIZE)]])
+                members = np.concatenate([members, members[reflect_pad(len(members), GROUP_SIZE)]])
             val.append(members)
         val_groups = np.stack(val) if val else np.zeros((0, GROUP_SIZE, NUM_POINTS, 3), np.float32)
         out.append(BundleData(e["bundle"], e["subject"], e["label"], x[~split], val_groups))
@@ -199,11 +194,8 @@ class GroupSampler:
         start = int(rng.integers(0, n - width + 1))
         idx = np.sort(rng.choice(width, size=min(width, GROUP_SIZE), replace=False)) + start
         if len(idx) < GROUP_SIZE:
-            from vqdiff.canonical import _reflect_pad
-
-            idx = np.concatenate([idx, idx[_reflect_pad(len(idx), GROUP_SIZE)]])
-        g = b.train[idx]
-        return g[np.argsort(_pc1_projection(g), kind="stable")]
+            idx = np.concatenate([idx, idx[reflect_pad(len(idx), GROUP_SIZE)]])
+        return sort_group(b.train[idx])
 
     def _jitter(self, g: np.ndarray) -> np.ndarray:
         if self.rotate <= 0 and self.translate <= 0:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqdiff.geometry import groups_to_model, model_to_groups
 from vqdiff.checkpoint import load_checkpoint, save_checkpoint
+from vqdiff.geometry import groups_to_model, model_to_groups
 from vqdiff.models import ModelConfig, StreamlineAutoencoder
 from vqdiff.normalise import Normalisation
 

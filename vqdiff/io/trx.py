@@ -1,0 +1,82 @@
+"""TRX ``.trx``: read and written with `zipfile` (``header.json``, ``positions.3.<float>``,
+``offsets.<int>`` with NB_STREAMLINES + 1 entries), compatible with trx-python but without its
+read-write memory maps and temporary folders, so trx is never imported."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+from nibabel.affines import voxel_sizes as _affine_voxel_sizes
+from nibabel.orientations import aff2axcodes
+
+from ..bundle import SpatialHeader
+from .common import cut, fail
+
+_TRX_POS = re.compile(r"^positions\.3\.(float16|float32|float64)$")
+_TRX_OFF = re.compile(r"^offsets\.(u?int32|u?int64)$")
+
+
+def _le(member: str) -> np.dtype:
+    return np.dtype(member.rsplit(".", 1)[1]).newbyteorder("<")
+
+
+def read_trx(path: Path, where: str | None):
+    """(SpatialHeader, points (M, 3) float32 in RAS mm, lengths (S,)) of a ``.trx`` archive."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        with open(path, "rb") as fh:  # a complete zip ends with its end-of-central-directory record
+            fh.seek(max(0, path.stat().st_size - 65557))
+            tail = fh.read()
+        rec = tail[tail.rfind(b"PK\x05\x06"):] if b"PK\x05\x06" in tail else b""
+        if len(rec) < 22 or len(rec) < 22 + struct.unpack_from("<H", rec, 20)[0]:
+            raise cut(f"zip archive has no complete central directory ({exc})", "trx", where) from exc
+        raise fail(f"corrupt zip archive ({exc}); expected a TRX zip", "unreadable", where) from exc
+    with zf:
+        try:
+            names = zf.namelist()
+            pos_name = next((n for n in names if _TRX_POS.match(n)), None)
+            off_name = next((n for n in names if _TRX_OFF.match(n)), None)
+            hdr = json.loads(zf.read("header.json"))
+            affine = np.asarray(hdr["VOXEL_TO_RASMM"], dtype=np.float64).reshape(4, 4)
+            dims = tuple(int(d) for d in hdr["DIMENSIONS"])
+            nv, ns = int(hdr["NB_VERTICES"]), int(hdr["NB_STREAMLINES"])
+            codes = aff2axcodes(affine)
+            if ns == 0:
+                return SpatialHeader(affine, dims, (1.0, 1.0, 1.0)), np.zeros((0, 3), np.float32), np.zeros(0)
+            if pos_name is None or off_name is None or len(dims) != 3 or None in codes:
+                raise ValueError(f"members {names}, DIMENSIONS {dims}, axis codes {codes}")
+            pos = np.frombuffer(zf.read(pos_name), _le(pos_name))
+            offs = np.frombuffer(zf.read(off_name), _le(off_name)).astype(np.int64)
+        except (KeyError, TypeError, ValueError, zipfile.BadZipFile, zlib.error, EOFError,
+                NotImplementedError) as exc:
+            raise fail(f"invalid TRX archive ({exc}); expected header.json (VOXEL_TO_RASMM 4x4, DIMENSIONS, "
+                       "NB_VERTICES, NB_STREAMLINES), positions.3.<float16|32|64> and offsets.<(u)int32|64>",
+                       "unreadable", where) from exc
+    sizes = tuple(float(v) for v in _affine_voxel_sizes(affine))
+    spatial = SpatialHeader(affine, dims, sizes, "".join(codes))
+    if pos.size % 3 or pos.size // 3 != nv or len(offs) != ns + 1:  # trx-python writes NB_STREAMLINES + 1
+        raise fail(f"header declares {ns} streamlines and {nv} vertices but the archive holds "
+                   f"{pos.size / 3:g} positions and {len(offs)} offsets (expected NB_STREAMLINES + 1); "
+                   "expected them to agree", "count_mismatch", where)
+    if offs[0] != 0 or offs[-1] != nv or np.any(np.diff(offs) < 0):
+        raise fail("TRX offsets must start at 0, never decrease and end at NB_VERTICES", "unreadable", where)
+    return spatial, pos.reshape(-1, 3).astype(np.float32), np.diff(offs)
+
+
+def write_trx(arrays: list[np.ndarray], header: SpatialHeader, fh) -> None:
+    """Write float32 positions, uint64 offsets and the header JSON as a stored (uncompressed) zip."""
+    affine = np.asarray(header.affine, dtype=np.float64)
+    offsets = np.cumsum([0] + [len(a) for a in arrays]).astype("<u8")
+    meta = {"VOXEL_TO_RASMM": affine.tolist(), "DIMENSIONS": [int(d) for d in header.dimensions],
+            "NB_VERTICES": int(offsets[-1]), "NB_STREAMLINES": len(arrays)}
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("header.json", json.dumps(meta))
+        zf.writestr("positions.3.float32", np.concatenate(arrays).astype("<f4").tobytes())
+        zf.writestr("offsets.uint64", offsets.tobytes())
