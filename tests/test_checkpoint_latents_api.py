@@ -182,3 +182,15 @@ def test_real_bundle_round_trip_through_random_model(subject_dir, tmp_path):
     first = lat.order[0]
     expected = out.streamlines[first][::-1] if lat.flipped[first] else out.streamlines[first]
     np.testing.assert_allclose(expected, slot0, atol=1e-5)
+
+
+def test_range_warning_has_the_numbers(codec):
+    """A bundle far outside the training range is encoded with a warning that gives its numbers."""
+    bundle = _random_bundle()
+    far = Bundle([s * 50 + 5000 for s in bundle.streamlines], bundle.header, "trk", "far")
+    x, state = codec.pipeline.prepare_encode(far)
+    (w,) = state.warnings
+    assert w["code"] == "out_of_training_range" and w["fraction_points_outside"] == 1.0
+    assert "widened by 25% of its extent" in w["message"] and "{" not in w["message"]
+    assert w["input_min"][0] > 1000 and len(w["training_max"]) == 3
+    assert codec.pipeline.prepare_encode(bundle)[1].warnings == []

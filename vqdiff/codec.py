@@ -28,7 +28,7 @@ from .bundle import Bundle, SpatialHeader
 from .canonical import canonicalise, uncanonicalise
 from .engine import Engine, encode_with_indices
 from .errors import BundleFormatError, CheckpointError, LatentsFormatError, ModelMismatchError
-from .geometry import groups_to_model, model_to_groups
+from .geometry import model_to_groups
 from .latents import Latents
 from .normalise import Normalisation
 
@@ -61,15 +61,34 @@ def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:
         )
 
 
-def range_warnings(points: np.ndarray, normalisation: Normalisation) -> list[dict[str, Any]]:
-    """A warning with the numbers when ``points`` (..., 3) RAS mm leave the model's training range."""
-    pts = np.asarray(points).reshape(-1, 3)
+def model_input(groups: np.ndarray, normalisation: Normalisation) -> np.ndarray:
+    """Oriented groups (G, S, P, 3) RAS mm -> normalised model input (G, 3, S, P) float32, one axis at a
+    time: the same numbers as ``groups_to_model(normalisation.apply(groups))`` without the temporaries."""
+    g, s, p, _ = groups.shape
+    x = np.empty((g, 3, s, p), np.float32)
+    center = np.asarray(normalisation.center, np.float64)
+    for a in range(3):
+        x[:, a] = (groups[..., a].astype(np.float64) - center[a]) / normalisation.scale
+    return x
+
+
+def range_warnings(x: np.ndarray, groups: np.ndarray, normalisation: Normalisation,
+                   real: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """A warning with the numbers when the points leave the model's training range.
+
+    ``x`` is the model input (G, 3, S, P) (its per-channel extremes give the bounding box cheaply),
+    ``groups`` the same points in RAS mm (G, S, P, 3), ``real`` the mask of real slots (pads copy real
+    streamlines, so they never widen the box).
+    """
     lo, hi = np.asarray(normalisation.data_min), np.asarray(normalisation.data_max)
     pad = OOD_MARGIN * (hi - lo)
-    axes = np.ascontiguousarray(pts.T)  # (3, N): a reduction along axis 0 of (N, 3) is 40x slower
-    if (axes.min(axis=1) >= lo - pad).all() and (axes.max(axis=1) <= hi + pad).all():
+    center, scale = np.asarray(normalisation.center), normalisation.scale
+    box_lo = np.array([x[:, a].min() for a in range(3)], np.float64) * scale + center
+    box_hi = np.array([x[:, a].max() for a in range(3)], np.float64) * scale + center
+    if (box_lo >= lo - pad).all() and (box_hi <= hi + pad).all():
         return []  # the bounding box is inside: skip the per-point statistics
-    info = normalisation.out_of_range(pts, margin=OOD_MARGIN)
+    pts = groups.reshape(-1, groups.shape[2], 3)
+    info = normalisation.out_of_range(pts if real is None else pts[real], margin=OOD_MARGIN)
     if info is None:
         return []
     return [{"code": "out_of_training_range",
@@ -120,12 +139,11 @@ class Pipeline:
             canon = canonicalise(bundle.streamlines)
         except (np.linalg.LinAlgError, FloatingPointError) as exc:
             raise BundleFormatError(f"the bundle cannot be canonicalised ({exc})", reason="degenerate_bundle") from exc
-        real = canon.groups.reshape(-1, canon.groups.shape[2], 3)[canon.pad_mask]
-        warnings = range_warnings(real, self.normalisation)
-        x = groups_to_model(self.normalisation.apply(canon.groups))
+        x = model_input(canon.groups, self.normalisation)
         if not np.isfinite(x).all():
             raise BundleFormatError("coordinates overflow float32 once resampled and normalised; expected "
                                     "coordinates in mm of a brain-sized space", reason="coordinates_too_large")
+        warnings = range_warnings(x, canon.groups, self.normalisation, canon.pad_mask)
         source = {"format": bundle.source_format, "name": bundle.name}
         if input_sha256:
             source["input_sha256"] = input_sha256
