@@ -111,7 +111,7 @@ def test_latents_refuses_foreign_or_future_files(tmp_path, codec):
     with pytest.raises(LatentsFormatError, match="format tag"):
         Latents.from_bytes(save({"a": np.zeros(2, np.float32)}))
     data = codec.encode(_random_bundle()).to_bytes()
-    future = data.replace(b'"format_version":"1"', b'"format_version":"7"')
+    future = data.replace(b'"format_version":"2"', b'"format_version":"7"')
     assert future != data
     with pytest.raises(LatentsFormatError, match="not supported"):
         Latents.from_bytes(future)
@@ -136,6 +136,19 @@ def test_inconsistent_latents_are_refused_up_front(codec):
     refused("model's weights hash", model={"id": "tiny", "kind": "vq_diff"})
     refused("order points outside", order=np.where(lat.pad_mask, lat.order, 10**6))
     assert lat.total_points == sum(len(s) for s in _random_bundle().streamlines)
+
+
+def test_version_1_latents_still_read_as_identity(codec):
+    from safetensors.numpy import save
+
+    lat = codec.encode(_random_bundle())
+    tensors = {k: v for k, v in lat._tensors().items() if k != "transform"}
+    meta = {k: v for k, v in lat._metadata().items() if k != "registration"} | {"format_version": "1"}
+    old = Latents.from_bytes(save(tensors, metadata=meta))
+    assert old.format_version == 1 and old.transform is None and old.registration == {}
+    np.testing.assert_array_equal(old.matrix, np.eye(4))
+    np.testing.assert_array_equal(codec.decode(old).streamlines, codec.decode(lat).streamlines)
+    assert Latents.from_bytes(lat.to_bytes()).format_version == 2
 
 
 def test_decode_restores_order_direction_space(codec):

@@ -2,9 +2,11 @@
 
 A latents file holds the tensors ``latents`` (G, D, 16, 16) float32, ``order`` and ``pad_mask``
 (G*64,), ``flipped`` and ``n_points`` (N,), optionally ``indices`` (G, 16, 16) int64 (argmax code
-per position), and a JSON header in the safetensors metadata: format name and version, the model
-(id, kind, sha256), the normalisation, the input's spatial header and source format/name.
-Readers refuse other formats and unknown versions.
+per position), ``transform`` (4, 4) float64 (input RAS mm -> model space; the identity when the
+bundle was encoded as given), and a JSON header in the safetensors metadata: format name and
+version, the model (id, kind, sha256), the normalisation, the input's spatial header, the source
+(format, name, sha256 of the file) and the registration (recognised bundle, residual, method).
+Readers refuse other formats and unknown versions; version 1 files (no transform) read as identity.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .fileio import atomic_write_bytes
 from .geometry import GROUP_SIZE
 
 FORMAT = "vqdiff-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + transform (4, 4) and registration; version 1 files still read (identity)
+READ_VERSIONS = (1, 2)
 SUFFIX = ".vqlat"
 _TENSORS = ("latents", "order", "pad_mask", "flipped", "n_points")
 MAX_POINTS_PER_STREAMLINE = 1_000_000  # far above any tractogram's; bounds what restore_points allocates
@@ -41,7 +44,14 @@ class Latents:
     normalisation: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)  # {"format", "name"}
     indices: np.ndarray | None = None  # (G, 16, 16) int64
+    transform: np.ndarray | None = None  # (4, 4) float64 input RAS mm -> model space; None: identity
+    registration: dict[str, Any] = field(default_factory=dict)  # {"template", "residual_mm", "method", ...}
     format_version: int = FORMAT_VERSION
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The input -> model space transform (identity when none was recorded)."""
+        return np.eye(4) if self.transform is None else np.asarray(self.transform, np.float64)
 
     @property
     def n_streamlines(self) -> int:
@@ -79,6 +89,10 @@ class Latents:
             problems.append("order is not a permutation of the streamlines")
         if not problems and self.order.size and not (0 <= int(self.order.min()) and int(self.order.max()) < n):
             problems.append(f"order points outside the {n} streamlines")
+        t = self.matrix
+        if t.shape != (4, 4) or not np.isfinite(t).all() or not np.array_equal(t[3], [0, 0, 0, 1]) \
+                or abs(np.linalg.det(t[:3, :3])) < 1e-9:
+            problems.append(f"transform must be a finite invertible affine 4x4, got {t.tolist()}")
         sha = self.model.get("sha256") if isinstance(self.model, dict) else None
         if not (isinstance(sha, str) and len(sha) == 64):
             problems.append("the model's weights hash (model.sha256, 64 hex digits) is missing: without it the "
@@ -102,6 +116,7 @@ class Latents:
         }
         if self.indices is not None:
             t["indices"] = np.ascontiguousarray(self.indices, np.int64)
+        t["transform"] = np.ascontiguousarray(self.matrix, np.float64)
         return t
 
     def _metadata(self) -> dict[str, str]:
@@ -112,6 +127,7 @@ class Latents:
             "normalisation": json.dumps(self.normalisation),
             "header": json.dumps(self.header.to_dict()),
             "source": json.dumps(self.source),
+            "registration": json.dumps(self.registration),
         }
 
     def to_bytes(self) -> bytes:
@@ -166,6 +182,9 @@ class Latents:
                 normalisation=json.loads(meta["normalisation"]),
                 source=json.loads(meta.get("source", "{}")),
                 indices=tensors.get("indices"),
+                transform=tensors.get("transform"),
+                registration=json.loads(meta.get("registration", "{}")),
+                format_version=int(meta["format_version"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise LatentsFormatError(f"latents metadata is incomplete or invalid: {e}") from e
@@ -187,7 +206,7 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 def _read_metadata(data: bytes) -> dict[str, str]:
     """Parse and check the safetensors JSON header without touching the tensors."""
-    accepted = f"a {FORMAT} file (safetensors, version {FORMAT_VERSION}) written by vqdiff encode"
+    accepted = f"a {FORMAT} file (safetensors, version {' or '.join(map(str, READ_VERSIONS))}) written by vqdiff encode"
     if len(data) < 8:
         raise LatentsFormatError(f"file is too short to be {accepted}")
     n = int.from_bytes(bytes(data[:8]), "little")
@@ -200,9 +219,9 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LatentsFormatError(f"not {accepted} (format tag missing)")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in {str(v) for v in READ_VERSIONS}:
         raise LatentsFormatError(
             f"latents format_version {meta.get('format_version')!r} is not supported; "
-            f"this vqdiff reads version {FORMAT_VERSION}"
+            f"this vqdiff reads versions {', '.join(map(str, READ_VERSIONS))}"
         )
     return meta
