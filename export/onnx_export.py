@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vqdiff.checkpoint import CONFIG, WEIGHTS, Checkpoint, file_sha256, load_checkpoint
+from vqdiff.codec import TEMPLATES_FILE
 from vqdiff.fileio import replace_dir
 from vqdiff.geometry import GROUP_SIZE, NUM_POINTS, groups_to_model
 
@@ -174,6 +175,9 @@ def export_checkpoint(
         log.info("parity passed: %s", parity["max_abs_error"])
 
         manifest = _manifest(checkpoint, ckpt, graphs, parity, tmp)
+        if (checkpoint / TEMPLATES_FILE).is_file():  # registration templates travel with the model
+            shutil.copyfile(checkpoint / TEMPLATES_FILE, tmp / TEMPLATES_FILE)
+            manifest["files"][TEMPLATES_FILE] = file_entry(tmp / TEMPLATES_FILE, "templates")
         if int8:
             from .quantize import add_int8_variant
 

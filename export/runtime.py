@@ -161,7 +161,7 @@ def load_engine(path: str | os.PathLike, *, backend: str = "auto", device: str |
 
 def make_codec(path: str | os.PathLike, **kwargs: Any):
     """A `vqdiff.codec.Codec` over ``load_engine(path, **kwargs)`` (torch-free unless the engine is torch)."""
-    from vqdiff.codec import Codec
+    from vqdiff.codec import Codec, load_templates
 
     engine = load_engine(path, **kwargs)
-    return Codec(engine, engine.normalisation, engine.model_info)
+    return Codec(engine, engine.normalisation, engine.model_info, load_templates(path))

@@ -7,6 +7,7 @@ gateway never loads torch and ``bentoml build`` never needs the runtime packages
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -83,8 +84,13 @@ def model_card(path: Path, engine) -> dict[str, Any]:
         import numpy as np
 
         latent_shape = list(engine.encode_groups(np.zeros((1, 3, 64, 64), np.float32)).shape[1:])
+    from vqdiff.codec import TEMPLATES_FILE
+
+    templates = path / TEMPLATES_FILE
     return {
         "model": dict(getattr(engine, "model_info", {}) or {}),
+        # the registration templates, for the gateway's codec core (GET /model shows only their names)
+        "templates_b64": base64.b64encode(templates.read_bytes()).decode() if templates.is_file() else None,
         "model_dir": path.name,
         "normalisation": engine.normalisation.to_dict() if engine is not None else None,
         "latent_shape": latent_shape,

@@ -2,7 +2,9 @@
 
 =====================  =====================================================================
 ``POST /encode``       multipart ``file`` (.trk / .tck + ``reference`` / .trx) -> the ``.vqlat``
-                       latents file; ``summary=true`` -> JSON summary instead
+                       latents file; ``register=auto|off|<bundle>`` (default auto: registered
+                       into the model's space, bundle recognised); ``summary=true`` -> JSON
+                       summary instead (recognised bundle, residual, warnings)
 ``POST /decode``       multipart ``file`` (.vqlat) -> TRK (``format=tck|trx``) in the original
                        space; ``restore_points=true`` restores each streamline's point count
 ``POST /reconstruct``  multipart ``file`` (+ ``reference``) -> the reconstructed file (format of
@@ -179,18 +181,20 @@ class Gateway:
             _unlink(*uploads)
 
     @staticmethod
-    def _read(file: Path, reference: Path | None, view: pipeline.ModelView):
+    def _read(file: Path, reference: Path | None, view: pipeline.ModelView, register: str):
         bundle, sha = pipeline.read_bundle(file, reference, max_streamlines=SETTINGS.max_streamlines)
-        return (bundle, *view.prepare_encode(bundle, sha))
+        return (bundle, *view.prepare_encode(bundle, sha, register))
 
     # ------------------------------------------------------------------ APIs
     @bentoml.api(route="/encode")
-    async def encode(self, file: Path, reference: OptionalFile = None, summary: bool = False) -> Path:
-        """Tractogram (TRK; TCK with ``reference``; TRX) -> versioned latents file (.vqlat)."""
+    async def encode(self, file: Path, reference: OptionalFile = None, register: str = "auto",
+                     summary: bool = False) -> Path:
+        """Tractogram (TRK; TCK with ``reference``; TRX) -> versioned latents file (.vqlat). ``register``:
+        "auto" (into the model's space, bundle recognised), "off" (already in model space) or a bundle name."""
 
         async def work(view):
             timer = pipeline.Timer()
-            bundle, x, state = await self._cpu(self._read, file, reference, view)
+            bundle, x, state = await self._cpu(self._read, file, reference, view, register)
             timer.mark("read")
             latents, indices = await self._engine().encode(x)
             timer.mark("model")
@@ -200,7 +204,7 @@ class Gateway:
                 data = lat.to_bytes()
                 info = {"streamlines": lat.n_streamlines, "groups": lat.n_groups, "source_format": bundle.source_format,
                         "model": view.model_info, "latents_bytes": len(data), "latent_shape": list(latents.shape),
-                        "warnings": state.warnings}
+                        "registration": state.registration, "warnings": state.warnings}
                 return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
 
             return await self._cpu(finish)
@@ -233,13 +237,13 @@ class Gateway:
         return await self._run("decode", work, file)
 
     @bentoml.api(route="/reconstruct")
-    async def reconstruct(self, file: Path, reference: OptionalFile = None, format: str | None = None,
-                          summary: bool = False) -> Path:
+    async def reconstruct(self, file: Path, reference: OptionalFile = None, register: str = "auto",
+                          format: str | None = None, summary: bool = False) -> Path:
         """Tractogram -> its reconstruction through the model, with BUAN and MDF figures."""
 
         async def work(view):
             timer = pipeline.Timer()
-            bundle, x, state = await self._cpu(self._read, file, reference, view)
+            bundle, x, state = await self._cpu(self._read, file, reference, view, register)
             fmt = pipeline.output_format(format, bundle.source_format)
             timer.mark("read")
             engine = self._engine()
@@ -254,7 +258,7 @@ class Gateway:
                 timer.mark("quality")
                 data = pipeline.write_bundle(recon, fmt)
                 info = {"streamlines": len(recon), "groups": lat.n_groups, "format": fmt, "model": view.model_info,
-                        "quality": figures, "warnings": state.warnings}
+                        "quality": figures, "registration": state.registration, "warnings": state.warnings}
                 return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}_recon.{fmt}", {
                     "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
 
@@ -268,7 +272,7 @@ async def _model_card(request: Request) -> Response:
     if view is None:
         return ApiError(503, "model_loading", "the model service is still loading (or failed to: see the server "
                         "log); GET /readyz answers 200 once it is ready").to_response()
-    return JSONResponse({**view.card, "service": SETTINGS.public(),
+    return JSONResponse({**view.public_card(), "service": SETTINGS.public(),
                          "formats": {"input": ["trk", "tck", "trx"], "output": list(pipeline.OUTPUT_FORMATS)}})
 
 

@@ -28,8 +28,8 @@ PICKLE = "application/vnd.bentoml+pickle"
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 FILE_FIELDS = frozenset({"file", "reference"})
 ROUTES = {
-    "/encode": (frozenset({"file", "reference", "summary"}), ACCEPTED_BUNDLE),
-    "/reconstruct": (frozenset({"file", "reference", "format", "summary"}), ACCEPTED_BUNDLE),
+    "/encode": (frozenset({"file", "reference", "register", "summary"}), ACCEPTED_BUNDLE),
+    "/reconstruct": (frozenset({"file", "reference", "register", "format", "summary"}), ACCEPTED_BUNDLE),
     "/decode": (frozenset({"file", "format", "restore_points", "summary"}), ACCEPTED_LATENTS),
 }
 PART_TYPES = frozenset({

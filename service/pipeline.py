@@ -9,6 +9,7 @@ wait on it). Nothing of encoding or decoding is restated here: `ModelView.pipeli
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import inspect
 import logging
@@ -24,7 +25,7 @@ import numpy as np
 
 from vqdiff.bundle import Bundle
 from vqdiff.canonical import zero_length_streamlines
-from vqdiff.codec import EncodeState, Pipeline
+from vqdiff.codec import REGISTER_MODES, EncodeState, Pipeline
 from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
 from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
 from vqdiff.latents import Latents
@@ -122,16 +123,32 @@ class ModelView:
         return dict(self.card["model"])
 
     @cached_property
+    def templates(self):
+        """The served model's registration templates (None when it has none)."""
+        from vqdiff.templates import Templates
+
+        blob = self.card.get("templates_b64")
+        return Templates.from_bytes(base64.b64decode(blob)) if blob else None
+
+    @cached_property
     def pipeline(self) -> Pipeline:
         """The codec core's steps for the served model."""
-        return Pipeline(self.normalisation, self.model_info)
+        return Pipeline(self.normalisation, self.model_info, self.templates)
 
-    def prepare_encode(self, bundle: Bundle, input_sha256: str) -> tuple[np.ndarray, EncodeState]:
+    def public_card(self) -> dict[str, Any]:
+        """The card as ``GET /model`` shows it (template names instead of the templates file)."""
+        card = {k: v for k, v in self.card.items() if k != "templates_b64"}
+        card["templates"] = list(self.templates.names) if self.templates is not None else None
+        return card
+
+    def prepare_encode(self, bundle: Bundle, input_sha256: str, register: str = "auto") -> tuple[np.ndarray, EncodeState]:
         """`Pipeline.prepare_encode`, its refusals as 4xx."""
         try:
-            return self.pipeline.prepare_encode(bundle, input_sha256=input_sha256)
+            return self.pipeline.prepare_encode(bundle, input_sha256=input_sha256, register=register)
         except BundleFormatError as exc:
             raise from_bundle_error(exc) from exc
+        except ValueError as exc:  # an unknown register mode
+            raise ApiError(400, "bad_register", str(exc), REGISTER_MODES) from exc
 
     def assemble_bundle(self, lat: Latents, groups: np.ndarray, *, restore_points: bool) -> Bundle:
         """`Pipeline.assemble_bundle`, its refusals as 4xx."""

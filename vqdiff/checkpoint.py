@@ -37,6 +37,7 @@ class Checkpoint:
     model_id: str
     model_hash: str  # sha256 of model.safetensors
     info: dict[str, Any] = field(default_factory=dict)  # the whole config.json
+    path: Path | None = None  # the directory it was loaded from
 
     @property
     def short_hash(self) -> str:
@@ -123,7 +124,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu") -> Checkpoi
     except RuntimeError as e:
         raise CheckpointError(f"{path / WEIGHTS} does not match the model in {CONFIG}: {e}") from e
     model.to(device).eval()
-    return Checkpoint(model, normalisation, str(config.get("model_id", path.name)), file_sha256(path / WEIGHTS), config)
+    return Checkpoint(model, normalisation, str(config.get("model_id", path.name)), file_sha256(path / WEIGHTS), config,
+                      path)
 
 
 def model_info_from_config(path: str | os.PathLike) -> dict[str, str]:

@@ -5,10 +5,12 @@
 >>> lat = codec.encode_file("IFOF_R.trk")                     # Latents; lat.save("IFOF_R.vqlat")
 >>> bundle = codec.decode(lat)                                # same order, direction and space
 
-Encode: bundle -> `Pipeline.prepare_encode` (canonicalise, normalise, model layout; range
-warnings) -> engine -> `Pipeline.assemble_latents` (the self-describing `Latents`). Decode: `Latents`
--> `Pipeline.prepare_decode` (the one model-identity check) -> engine -> `Pipeline.assemble_bundle`
-(denormalise, un-pad, un-permute, un-flip; the input's header). `Codec` runs the steps around any
+Encode: bundle -> `Pipeline.prepare_encode` (register into model space and recognise the bundle
+against the model's templates, `vqdiff.registration`; canonicalise, normalise, model layout; range
+and recognition warnings) -> engine -> `Pipeline.assemble_latents` (the self-describing `Latents`,
+transform included). Decode: `Latents` -> `Pipeline.prepare_decode` (the one model-identity check)
+-> engine -> `Pipeline.assemble_bundle` (denormalise, un-pad, un-permute, un-flip, the inverse
+transform; the input's header). `Codec` runs the steps around any
 `vqdiff.engine.Engine` in one call; the HTTP gateway (whose engine is the remote model service) and
 batch encoding (whose engine calls are shared between files) run the same steps around their own
 engine calls, so every path writes the same bytes for the same input and model.
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, SpatialHeader
+from .bundle import Bundle, SpatialHeader, validate_streamlines
 from .canonical import canonicalise, uncanonicalise
 from .engine import Engine, encode_with_indices
 from .errors import BundleFormatError, CheckpointError, LatentsFormatError, ModelMismatchError
@@ -35,6 +37,8 @@ from .normalise import Normalisation
 log = logging.getLogger(__name__)
 
 MODEL_ENV = "VQDIFF_MODEL"
+TEMPLATES_FILE = "templates.safetensors"  # in checkpoint and export directories
+REGISTER_MODES = "'auto' (register and recognise), 'off' (encode as given) or a template name"
 OOD_MARGIN = 0.25  # fraction of the training extent added on each side before warning
 
 
@@ -48,6 +52,23 @@ def default_model_dir() -> Path:
             "(model.safetensors + config.json) or an export directory, or train one with `vqdiff-train`"
         )
     return path
+
+
+def load_templates(model_dir: str | os.PathLike):
+    """The registration templates stored with a model (checkpoint or export directory), or None."""
+    from .templates import Templates
+
+    path = Path(model_dir) / TEMPLATES_FILE
+    return Templates.load(path) if path.is_file() else None
+
+
+def to_input_space(streamlines: list[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
+    """Model space -> the input's space: the inverse of the recorded input -> model ``matrix``."""
+    if np.array_equal(matrix, np.eye(4)):
+        return streamlines
+    from .registration import Registration
+
+    return Registration(np.asarray(matrix, np.float64), None, float("nan"), "recorded").invert(streamlines)
 
 
 def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:
@@ -108,6 +129,8 @@ class EncodeState:
     header: SpatialHeader
     source: dict[str, Any]
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    transform: np.ndarray | None = None  # (4, 4) input -> model space; None: encoded as given
+    registration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_streamlines(self) -> int:
@@ -123,20 +146,43 @@ class Pipeline:
         The model's, recorded in every `Latents`.
     model_info : dict
         ``{"id", "kind", "sha256"}`` (plus provenance the caller adds), recorded in every `Latents`.
+    templates : vqdiff.templates.Templates, optional
+        The model's bundle templates in model space (`load_templates`): with them, bundles of any
+        subject and space are registered into model space and recognised before encoding.
     """
 
-    def __init__(self, normalisation: Normalisation, model_info: dict[str, Any]):
+    def __init__(self, normalisation: Normalisation, model_info: dict[str, Any], templates=None):
         self.normalisation = normalisation
         self.model_info = dict(model_info)
+        self.templates = templates
 
-    def prepare_encode(self, bundle: Bundle, *, input_sha256: str | None = None) -> tuple[np.ndarray, EncodeState]:
-        """Canonicalise and normalise ``bundle`` -> (engine input (G, 3, 64, 64) float32, state).
+    def register(self, bundle: Bundle, mode: str = "auto"):
+        """The bundle's `vqdiff.registration.Registration` into model space (None when the model has no
+        templates or ``mode="off"``); the bundle's name narrows recognition when it names a template."""
+        if mode == "off":
+            return None
+        if self.templates is None:
+            if mode != "auto":
+                raise ValueError(f"register={mode!r} needs a model with registration templates "
+                                 f"({TEMPLATES_FILE}); this one has none: use 'auto' or 'off'")
+            return None
+        from .registration import register
 
-        Raises `BundleFormatError` for bundles that cannot be encoded (reasons as the readers', plus
-        ``degenerate_bundle`` and ``coordinates_too_large``).
+        return register(bundle.streamlines, self.templates, mode=mode, hint=bundle.name or None)
+
+    def prepare_encode(self, bundle: Bundle, *, input_sha256: str | None = None,
+                       register: str = "auto") -> tuple[np.ndarray, EncodeState]:
+        """Register, canonicalise and normalise ``bundle`` -> (engine input (G, 3, 64, 64) float32, state).
+
+        ``register``: 'auto' (register and recognise), 'off' (encode as given) or a template name. Raises `BundleFormatError` for bundles that cannot be encoded (reasons
+        as the readers', plus ``degenerate_bundle`` and ``coordinates_too_large``) and ValueError for
+        an unknown ``register``.
         """
+        validate_streamlines(bundle.streamlines)
+        reg = self.register(bundle, register)
+        streamlines = bundle.streamlines if reg is None else reg.apply(bundle.streamlines)
         try:
-            canon = canonicalise(bundle.streamlines)
+            canon = canonicalise(streamlines)
         except (np.linalg.LinAlgError, FloatingPointError) as exc:
             raise BundleFormatError(f"the bundle cannot be canonicalised ({exc})", reason="degenerate_bundle") from exc
         x = model_input(canon.groups, self.normalisation)
@@ -144,18 +190,24 @@ class Pipeline:
             raise BundleFormatError("coordinates overflow float32 once resampled and normalised; expected "
                                     "coordinates in mm of a brain-sized space", reason="coordinates_too_large")
         warnings = range_warnings(x, canon.groups, self.normalisation, canon.pad_mask)
+        registration = {"method": "off" if register == "off" else "none"}
+        if reg is not None:
+            registration = {k: v for k, v in reg.to_dict().items() if k not in ("matrix", "seconds")}
+            if (w := reg.warning()) is not None:
+                warnings.insert(0, w)
         source = {"format": bundle.source_format, "name": bundle.name}
         if input_sha256:
             source["input_sha256"] = input_sha256
         state = EncodeState(canon.order, canon.pad_mask, canon.flipped, canon.n_points, bundle.header, source,
-                            warnings)
+                            warnings, None if reg is None else reg.matrix, registration)
         return x, state
 
     def assemble_latents(self, state: EncodeState, latents: np.ndarray, indices: np.ndarray | None) -> Latents:
         """The self-describing `Latents` of an encoded bundle."""
         return Latents(latents=latents, order=state.order, pad_mask=state.pad_mask, flipped=state.flipped,
                        n_points=state.n_points, header=state.header, model=self.model_info,
-                       normalisation=self.normalisation.to_dict(), source=state.source, indices=indices)
+                       normalisation=self.normalisation.to_dict(), source=state.source, indices=indices,
+                       transform=state.transform, registration=state.registration)
 
     def prepare_decode(self, latents: Latents, *, strict: bool = True) -> np.ndarray:
         """The engine input of a decode (the latents), after the model-identity check (``strict``)."""
@@ -175,6 +227,7 @@ class Pipeline:
             raise LatentsFormatError(f"the latents' normalisation is invalid ({exc})") from exc
         streamlines = uncanonicalise(norm.invert(model_to_groups(groups)), latents.order, latents.pad_mask,
                                      latents.flipped, n_points=latents.n_points if restore_points else None)
+        streamlines = to_input_space(streamlines, latents.matrix)
         header = latents.header if isinstance(latents.header, SpatialHeader) else SpatialHeader.identity()
         return Bundle(streamlines=streamlines, header=header, source_format="memory",
                       name=latents.source.get("name", ""))
@@ -192,11 +245,13 @@ class Codec:
     model_info : dict
         ``{"id", "kind", "sha256"}`` recorded in every `Latents`; `decode` refuses latents from
         another model.
+    templates : vqdiff.templates.Templates, optional
+        The model's registration templates (`load_templates`); without them bundles are encoded as given.
     """
 
-    def __init__(self, engine: Engine, normalisation: Normalisation, model_info: dict[str, Any]):
+    def __init__(self, engine: Engine, normalisation: Normalisation, model_info: dict[str, Any], templates=None):
         self.engine = engine
-        self.pipeline = Pipeline(normalisation, model_info)
+        self.pipeline = Pipeline(normalisation, model_info, templates)
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:
@@ -205,7 +260,9 @@ class Codec:
         from .torch_engine import TorchEngine
 
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
-        return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, ckpt.model_info)
+        templates = load_templates(ckpt.path) if ckpt.path is not None else None
+        return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, ckpt.model_info,
+                   templates)
 
     @classmethod
     def default(cls, **kwargs: Any) -> Codec:
@@ -237,19 +294,24 @@ class Codec:
         return self.engine.decode_groups(latents)
 
     # ------------------------------------------------------------------ bundle level
-    def encode(self, bundle: Bundle, *, input_sha256: str | None = None) -> Latents:
-        """Canonicalise, normalise and encode a bundle (``input_sha256``: recorded as its source file's)."""
-        x, state = self.pipeline.prepare_encode(bundle, input_sha256=input_sha256)
+    def encode(self, bundle: Bundle, *, register: str = "auto", input_sha256: str | None = None) -> Latents:
+        """Register into model space, canonicalise, normalise and encode a bundle.
+
+        ``register``: "auto" (recognise the bundle among the model's templates and register it; the
+        bundle's name may narrow the choice), "off" (the bundle is in model space already) or a
+        template name (register onto it). ``input_sha256``: recorded as its source file's.
+        """
+        x, state = self.pipeline.prepare_encode(bundle, input_sha256=input_sha256, register=register)
         for w in state.warnings:
             log.warning("%s: %s", bundle.name or "bundle", w["message"])
         return self.pipeline.assemble_latents(state, *self.encode_groups(x))
 
-    def encode_file(self, path: str | os.PathLike, *, reference=None) -> Latents:
+    def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto") -> Latents:
         """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256."""
         from .fileio import file_sha256
         from .io import load_bundle
 
-        return self.encode(load_bundle(path, reference=reference), input_sha256=file_sha256(path))
+        return self.encode(load_bundle(path, reference=reference), register=register, input_sha256=file_sha256(path))
 
     def decode(self, latents: Latents, *, restore_points: bool = False, strict: bool = True) -> Bundle:
         """Decode latents back to a bundle in the original order, direction and space.

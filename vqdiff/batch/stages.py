@@ -65,10 +65,10 @@ class JobSpec:
     @cached_property
     def pipeline(self):
         """The codec core's steps for this job's model (built where the spec is used, e.g. on a Ray worker)."""
-        from vqdiff.codec import Pipeline
+        from vqdiff.codec import Pipeline, load_templates
         from vqdiff.normalise import Normalisation
 
-        return Pipeline(Normalisation.from_dict(self.normalisation), self.model_info)
+        return Pipeline(Normalisation.from_dict(self.normalisation), self.model_info, load_templates(self.model))
 
     def __getstate__(self) -> dict:  # the cached pipeline is rebuilt on the other side
         return {k: v for k, v in self.__dict__.items() if k != "pipeline"}
@@ -198,7 +198,8 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
             if theirs != (sha, spec.model_info.get("sha256")):
                 return None, f"it records input {str(theirs[0])[:12]} / model {str(theirs[1])[:12]}"
             return record(spec, task, input_sha256=sha, output_sha256=file_sha256(out),
-                          streamlines=header["flipped"]["shape"][0], groups=header["latents"]["shape"][0]), ""
+                          streamlines=header["flipped"]["shape"][0], groups=header["latents"]["shape"][0],
+                          registration=registration_summary(json.loads(meta.get("registration", "{}")))), ""
         prev = task.previous or {}
         want = {"input_sha256": sha, "model_sha256": spec.model_info.get("sha256"), "format": spec.format,
                 "restore_points": spec.restore_points, "status": "ok"}
@@ -248,6 +249,7 @@ def finish(spec: JobSpec, task: BatchTask, item: Prepared, outputs: tuple[np.nda
             data = lat.to_bytes()
             atomic_write_bytes(out, data)
             n, g, out_sha = lat.n_streamlines, lat.n_groups, hashlib.sha256(data).hexdigest()
+            extra = {"registration": registration_summary(lat.registration)}  # as a rerun reads it back
         else:
             from vqdiff.io import save_bundle
 
@@ -257,8 +259,15 @@ def finish(spec: JobSpec, task: BatchTask, item: Prepared, outputs: tuple[np.nda
             out.parent.mkdir(parents=True, exist_ok=True)
             save_bundle(bundle, out, format=spec.format, overwrite=True)
             n, g, out_sha = lat.n_streamlines, lat.n_groups, file_sha256(out)
+            extra = {}
     except Exception as exc:  # noqa: BLE001 (see _EXPECTED)
         return _failed(spec, task, exc, item.input_sha256)
     if spec.throttle:
         time.sleep(spec.throttle)
-    return record(spec, task, input_sha256=item.input_sha256, output_sha256=out_sha, streamlines=n, groups=g), "done"
+    return record(spec, task, input_sha256=item.input_sha256, output_sha256=out_sha, streamlines=n, groups=g,
+                  **extra), "done"
+
+
+def registration_summary(registration: dict) -> dict:
+    """What the index records of a file's registration: the recognised bundle, method, residual, known."""
+    return {k: registration.get(k) for k in ("template", "method", "residual_mm", "known")}
