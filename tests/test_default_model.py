@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vqdiff.checkpoint import load_checkpoint
+from vqdiff.latents import Latents
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 needs_model = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason=f"no bundled model at {MODEL}")
@@ -36,3 +38,40 @@ def test_evaluate_reproduces_model_card(subject_dir, tmp_path):
     assert got["buan_mean"] == pytest.approx(card["buan_mean"], abs=2e-3)
     for name, m in card["per_bundle"].items():
         assert got["per_bundle"][name]["mdf_mm"] == pytest.approx(m["mdf_mm"], rel=1e-3)
+
+
+@needs_model
+def test_default_model_registers_other_subjects_and_keeps_its_own_exactly(subject_dir):
+    """`Codec.default().encode` registers by default: subject01 (model space) gets exactly the identity
+    and the same latents as register="off"; an AFQ bundle of another subject in its own space is
+    recognised, registered, decoded back into its own space, and reconstructed better than as given."""
+    from vqdiff.canonical import resample
+    from vqdiff.codec import Codec
+    from vqdiff.io import load_bundle
+    from vqdiff.metrics import mdf
+
+    codec = Codec.default()
+    assert codec.pipeline.templates is not None and "IFOF_L" in codec.pipeline.templates
+    own = load_bundle(subject_dir / "PYT_L.trk")
+    auto, off = codec.encode(own), codec.encode(own, register="off")
+    assert auto.registration["method"] == "identity" and auto.registration["template"] == "PYT_L"
+    np.testing.assert_array_equal(auto.matrix, np.eye(4))
+    np.testing.assert_array_equal(auto.latents, off.latents)
+
+    afq = subject_dir.parent / "crosssubject" / "afq_browser" / "Left_IFOF.trk"
+    if not afq.is_file():
+        pytest.skip(f"cross-subject data not found at {afq.parent}")
+    other = load_bundle(afq)
+    lat = codec.encode(other)
+    assert lat.registration["template"] == "IFOF_L" and lat.registration["known"]
+    assert not np.allclose(lat.matrix, np.eye(4))
+    x = resample(other.streamlines)[None]
+
+    def error(latents):
+        return float(mdf(x, resample(codec.decode(latents).streamlines)[None]).mean())
+
+    registered, as_is = error(lat), error(codec.encode(other, register="off"))
+    assert registered < 0.7 * as_is and registered < 3.0, (registered, as_is)
+    back = Latents.from_bytes(lat.to_bytes())  # the transform travels in the file
+    np.testing.assert_array_equal(back.matrix, lat.matrix)
+    assert abs(error(back) - registered) < 1e-6

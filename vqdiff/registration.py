@@ -53,7 +53,7 @@ MODEL = "similarity"
 _LEFT, _RIGHT = {"l", "left", "lh", "lt"}, {"r", "right", "rh", "rt"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: the matrix is an array; compare to_dict() instead
 class Registration:
     """The transform of one bundle into model space and what it was recognised as.
 
