@@ -7,6 +7,7 @@ step, RNG states, wall time), and ``log.jsonl`` (one line per log / validation e
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -20,14 +21,25 @@ import torch
 import torch.nn.functional as F
 
 from vqdiff.checkpoint import load_checkpoint, save_checkpoint
+from vqdiff.codec import TEMPLATES_FILE
 from vqdiff.geometry import groups_to_model, model_to_groups
 from vqdiff.models import ModelConfig, StreamlineAutoencoder
 from vqdiff.normalise import Normalisation
+from vqdiff.templates import Templates
 
 from .data import GroupSampler, load_dataset
 
 log = logging.getLogger(__name__)
 STATE = "train_state.pt"
+
+
+def training_templates(bundles) -> Templates:
+    """Registration templates of the training streamlines (model space), one per bundle name."""
+    by_name: dict[str, list] = {}
+    for b in bundles:
+        if len(b.train):
+            by_name.setdefault(b.bundle, []).append(b.train)
+    return Templates.from_bundles({name: list(np.concatenate(parts)) for name, parts in sorted(by_name.items())})
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,7 @@ class Trainer:
                                     translate_mm=cfg.translate_mm, seed=cfg.seed + 1000 * self.rank)
         self.model = StreamlineAutoencoder.from_config(cfg.model_config()).to(self.device)
         self.norm = Normalisation.fit(train_points)
+        self.templates = training_templates(bundles).to_bytes() if self.rank == 0 else b""
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -162,17 +175,18 @@ class Trainer:
         if self.rank != 0:
             return
         name = "best" if best else "last"
-        save_checkpoint(self.out / name, self.model, self.norm, model_id=f"{self.cfg.kind}-{self.out.name}",
-                        extra=self._extra(metrics), overwrite=True)
-        if not best:
+        files = {TEMPLATES_FILE: self.templates}
+        if not best:  # the resume state is written inside the same atomic swap as the weights
             state = {
                 "step": self.step, "wall": self.wall, "best": self.best,
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "torch_rng": torch.get_rng_state(), "sampler_rng": json.dumps(self.sampler.state()),
             }
-            tmp = self.out / "last" / f".{STATE}.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, self.out / "last" / STATE)
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            files[STATE] = buf.getvalue()
+        save_checkpoint(self.out / name, self.model, self.norm, model_id=f"{self.cfg.kind}-{self.out.name}",
+                        extra=self._extra(metrics), files=files, overwrite=True)
 
     def _load_state(self) -> None:
         ck = load_checkpoint(self.out / "last", device=self.device)

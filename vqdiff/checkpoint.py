@@ -56,10 +56,13 @@ def save_checkpoint(
     *,
     model_id: str | None = None,
     extra: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``path/`` atomically (a temp dir renamed into place). ``extra`` adds top-level keys
-    (e.g. ``training``, ``data_manifest_sha256``, ``metrics``, ``state``) to config.json."""
+    (e.g. ``training``, ``data_manifest_sha256``, ``metrics``, ``state``) to config.json; ``files``
+    adds files written inside the same swap (registration templates, the training state), so a
+    crash never leaves a checkpoint without them."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -80,6 +83,10 @@ def save_checkpoint(
             **(extra or {}),
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        for name, data in (files or {}).items():
+            if Path(name).name != name or name in (WEIGHTS, CONFIG):
+                raise ValueError(f"extra checkpoint file name {name!r} must be a plain name other than {WEIGHTS}/{CONFIG}")
+            (tmp / name).write_bytes(data)
         replace_dir(tmp, path)
     finally:
         if tmp.exists():
