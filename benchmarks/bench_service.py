@@ -60,14 +60,13 @@ def offline(model_dir: Path, payloads, endpoint: str, backend: str, threads: int
     """The same work in this process, one bundle after the other, for ``seconds``."""
     from threadpoolctl import threadpool_limits
 
-    from vqdiff.api import Codec
-    from vqdiff.export.runtime import load_engine
+    from vqdiff.export.runtime import make_codec
     from vqdiff.io import load_bundle_bytes
     from vqdiff.latents import Latents
 
     threadpool_limits(limits=1, user_api="blas")  # as in the gateway: numpy's BLAS single-threaded
-    engine = load_engine(model_dir, backend=backend, threads=threads)
-    codec = Codec(engine, engine.normalisation, engine.model_info)
+    codec = make_codec(model_dir, backend=backend, threads=threads)  # with the model's templates, as served
+    engine = codec.engine
     n_req = n_sl = n_groups = 0
     engine_s = 0.0
     t0 = time.perf_counter()
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
     if args.dev_model:
         model_dir = make_dev_model(tmp / "model", data_dir)
     else:
-        from vqdiff.api import default_model_dir
+        from vqdiff.codec import default_model_dir
 
         model_dir = Path(args.model) if args.model else default_model_dir()
     payloads = [(f.stem, f.read_bytes(), len(load_bundle(f))) for f in files]

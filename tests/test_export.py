@@ -668,3 +668,29 @@ def test_tensorrt_build_sequence_with_a_fake(monkeypatch, tmp_path, version):
         assert info["strongly_typed"] and ("create_network", 1 << int(fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) in calls
         assert not [c for c in calls if c[0] == "set_flag"]
         assert info["fp32_pinned_layers"] == 0
+
+
+def test_templates_travel_with_the_export(small_exports, real_groups, subject_dir, tmp_path):
+    """A checkpoint's registration templates are copied into its export (checksummed in the manifest)
+    and the export's codec registers with them, on the torch-free ORT path too."""
+    import shutil
+
+    from vqdiff.codec import TEMPLATES_FILE
+    from vqdiff.export.manifest import read_manifest
+    from vqdiff.export.onnx_export import export_checkpoint
+    from vqdiff.export.runtime import make_codec
+    from vqdiff.io import load_bundle
+    from vqdiff.templates import Templates
+
+    ck, _ = small_exports("vq_diff")
+    ck2 = tmp_path / "ck"
+    shutil.copytree(ck, ck2)
+    Templates.from_bundles({n: load_bundle(subject_dir / f"{n}.trk").streamlines for n in ("PYT_L", "PYT_R")}).save(
+        ck2 / TEMPLATES_FILE)
+    ex = export_checkpoint(ck2, tmp_path / "ex", parity_groups=real_groups[:4])
+    manifest = read_manifest(ex)
+    assert manifest["files"][TEMPLATES_FILE]["role"] == "templates"
+    codec = make_codec(ex, backend="ort-cpu")
+    assert codec.pipeline.templates.names == ["PYT_L", "PYT_R"]
+    lat = codec.encode(load_bundle(subject_dir / "PYT_R.trk"))
+    assert lat.registration["template"] == "PYT_R" and lat.registration["method"] == "identity"
