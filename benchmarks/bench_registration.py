@@ -254,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("VQDIFF_SHARED_DATA", REPO.parent / "shared" / "data")))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-codec", action="store_true", help="recognition only (no model runs)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model whose templates.safetensors to use (default: $VQDIFF_MODEL or models/default); "
+                         "without templates there, they are built from <data>/subject01")
     args = ap.parse_args(argv)
 
     from vqdiff.io import load_bundle
@@ -267,8 +270,13 @@ def main(argv=None) -> int:
         return 1
     subject = {p.stem: list(load_bundle(p).streamlines) for p in sorted(subj_dir.glob("*.trk"))}
     afq = {p.stem: list(load_bundle(p).streamlines) for p in sorted(afq_dir.glob("*.trk"))}
+    from vqdiff.codec import default_model_dir, load_templates
+
     t0 = time.perf_counter()
-    templates = Templates.from_bundles(subject)
+    model_dir = args.model or default_model_dir()
+    templates = load_templates(model_dir)  # the shipped model's own templates (its training split)
+    print(f"templates: {'those of ' + str(model_dir) if templates else 'built from ' + str(subj_dir)}")
+    templates = templates or Templates.from_bundles(subject)
     build_s = time.perf_counter() - t0
     size = len(templates.to_bytes())
     print(f"templates: {len(templates)} bundles, {sum(len(c) for c in templates.centroids.values())} centroids, "
