@@ -258,6 +258,15 @@ def write_bundle(bundle: Bundle, fmt: str) -> bytes:
                        "or format=tck") from exc
 
 
+def warm_up_registration(view: ModelView) -> None:
+    """Decode the served model's templates and run one registration (dipy's first calls are slow)."""
+    if view.templates is None:
+        return
+    rng = np.random.default_rng(0)
+    lines = list(np.cumsum(rng.normal(0.0, 1.0, (40, 20, 3)), axis=1).astype(np.float32))
+    view.pipeline.register(Bundle(streamlines=lines, header=None, source_format="memory", name=""))
+
+
 def warm_up() -> float:
     """Exercise parsing, the codec core's CPU steps, writing and the metrics once (imports, caches); seconds."""
     from vqdiff.bundle import SpatialHeader
