@@ -24,6 +24,9 @@ _BUNDLE_STATUS = {
     "zero_length": 422,
     "degenerate_bundle": 422,
     "coordinates_too_large": 422,
+    "too_many_streamlines": 413,
+    "too_many_points": 413,
+    "too_large": 413,
 }
 
 

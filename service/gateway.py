@@ -183,7 +183,8 @@ class Gateway:
 
     @staticmethod
     def _read(file: Path, reference: Path | None, view: pipeline.ModelView, register: str):
-        bundle, sha = pipeline.read_bundle(file, reference, max_streamlines=SETTINGS.max_streamlines)
+        bundle, sha = pipeline.read_bundle(file, reference, max_streamlines=SETTINGS.max_streamlines,
+                                           max_points=SETTINGS.max_points)
         return (bundle, *view.prepare_encode(bundle, sha, register))
 
     # ------------------------------------------------------------------ APIs

@@ -179,7 +179,8 @@ def _reference_suffix(data: bytes, name: str) -> str:
     return next((s for s in (".nii.gz", ".nii", ".trk") if lower.endswith(s)), ".nii")
 
 
-def read_bundle(file: Path, reference: Path | None, *, max_streamlines: int) -> tuple[Bundle, str]:
+def read_bundle(file: Path, reference: Path | None, *, max_streamlines: int,
+                max_points: int | None = None) -> tuple[Bundle, str]:
     """An uploaded tractogram (format from its magic bytes) -> (validated `Bundle`, its sha256), or `ApiError`."""
     data = file.read_bytes()
     name = original_name(file)
@@ -191,7 +192,8 @@ def read_bundle(file: Path, reference: Path | None, *, max_streamlines: int) -> 
                        "MRtrix ('mrtrix tracks') or TRX (zip) file", ACCEPTED_BUNDLE)
     try:
         if fmt != "tck":
-            bundle = load_bundle_bytes(data, format=fmt, name=name)
+            bundle = load_bundle_bytes(data, format=fmt, name=name, max_streamlines=max_streamlines,
+                                       max_points=max_points)
         else:
             if reference is None:
                 raise ApiError(400, "missing_reference", "a .tck file stores no space: add a 'reference' "

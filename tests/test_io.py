@@ -518,3 +518,66 @@ def test_package_exports():
     assert set(vqdiff.io.__all__) == {"load_bundle", "save_bundle", "load_bundle_bytes", "bundle_to_bytes",
                                       "sniff_format", "file_order_groups"}
     assert all(callable(getattr(vqdiff.io, name)) for name in vqdiff.io.__all__)
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+def _small_bundle() -> Bundle:
+    rng = np.random.default_rng(3)
+    lines = [np.cumsum(rng.normal(size=(12, 3)), 0).astype(np.float32) for _ in range(5)]
+    return Bundle(lines, SpatialHeader.identity(), "memory", "small")
+
+
+def _trx_with(members: dict[str, bytes], header: dict, compression=zipfile.ZIP_DEFLATED) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
+        zf.writestr("header.json", json.dumps(header))
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+TRX_HEADER = {"VOXEL_TO_RASMM": np.eye(4).tolist(), "DIMENSIONS": [10, 10, 10], "NB_VERTICES": 2, "NB_STREAMLINES": 1}
+
+
+def test_trx_bomb_is_refused_before_inflating():
+    """A small archive whose positions member would inflate to 64 MiB, under a header declaring 2 points:
+    refused from the zip directory (no inflation); a header declaring more than the limits: refused too."""
+    import time
+
+    bomb = _trx_with({"positions.3.float32": bytes(64 << 20), "offsets.uint64": np.array([0, 2], "<u8").tobytes()},
+                     TRX_HEADER)
+    assert len(bomb) < 200_000
+    t0 = time.perf_counter()
+    with pytest.raises(BundleFormatError) as e:
+        load_bundle_bytes(bomb, format="trx")
+    assert e.value.reason == "count_mismatch" and "inflate" in str(e.value)
+    assert time.perf_counter() - t0 < 1.0
+    honest = _trx_with({"positions.3.float32": bytes(12 * (1 << 20)),
+                        "offsets.uint64": np.array([0, 1 << 20], "<u8").tobytes()},
+                       {**TRX_HEADER, "NB_VERTICES": 1 << 20})
+    with pytest.raises(BundleFormatError) as e:
+        load_bundle_bytes(honest, format="trx", max_points=100_000)
+    assert e.value.reason == "too_many_points"
+    with pytest.raises(BundleFormatError) as e:
+        load_bundle_bytes(honest, format="trx", max_streamlines=0)
+    assert e.value.reason == "too_many_streamlines"
+
+
+def test_foreign_reader_exceptions_become_our_error():
+    """Whatever nibabel or zipfile raise on a corrupt file ends in BundleFormatError with its message."""
+    trx = bundle_to_bytes(_small_bundle(), format="trx")
+    # an unsupported compression method in the central directory (zipfile: NotImplementedError)
+    cd = trx.rindex(b"PK\x01\x02")
+    bad = trx[:cd + 10] + struct.pack("<H", 99) + trx[cd + 12:]
+    with pytest.raises(BundleFormatError) as e:
+        load_bundle_bytes(bad, format="trx")
+    assert e.value.reason == "unreadable"
+    # a TRK whose voxel_order field is corrupt (nibabel: ValueError outside the header parse)
+    trk = bytearray(bundle_to_bytes(_small_bundle(), format="trk"))
+    at = header_2_dtype.fields["voxel_order"][1]
+    trk[at:at + 3] = b"XYZ"
+    with pytest.raises(BundleFormatError) as e:
+        load_bundle_bytes(bytes(trk), format="trk")
+    assert e.value.reason in ("unreadable", "bad_reference")

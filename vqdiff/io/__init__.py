@@ -6,7 +6,10 @@ Readers return float32 ``(N, 3)`` streamlines in RAS mm (nibabel's world space) 
 TCK without its ``inf inf inf`` marker, zip without a complete central directory), ``empty`` (no
 streamline, **including a 0-byte file**), ``count_mismatch``, ``too_few_points`` (0 or 1 point),
 ``non_finite``, ``missing_reference`` (TCK), ``bad_reference`` (unreadable/unsupported reference,
-or a header that cannot be written) and ``unreadable`` (other structural damage). A missing path
+or a header that cannot be written), ``too_many_streamlines`` / ``too_many_points`` (TRX over the
+caller's limits, refused before inflating), ``too_large`` (out of memory) and ``unreadable`` (other
+structural damage, and whatever nibabel, zipfile or numpy raised on the file: the reader never lets a
+foreign exception out). A missing path
 raises `FileNotFoundError`. TRK: a record cut by the end of the file is ``truncated``; complete
 records whose number differs from ``nb_streamlines`` (0 = "not recorded") are ``count_mismatch``,
 which also covers a file cut exactly on a record boundary (indistinguishable from a lying header).

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
+from ..errors import BundleFormatError
 from .common import NAMES, check_flat, check_magic, fail, format_from_path, normalise_format
 from .reference import resolve_reference
 from .tck import read_tck
@@ -16,7 +17,22 @@ from .trk import read_trk
 from .trx import read_trx
 
 
-def _load(path: Path, fmt: str, reference, name: str | None, where: str | None) -> Bundle:
+def _load(path: Path, fmt: str, reference, name: str | None, where: str | None, **limits) -> Bundle:
+    """Read ``path``; every failure of the file's content ends in `BundleFormatError` (whatever nibabel,
+    zipfile or numpy raised: its message is kept), never in a foreign exception."""
+    try:
+        return _read(path, fmt, reference, name, where, **limits)
+    except (BundleFormatError, FileNotFoundError):
+        raise
+    except MemoryError as exc:
+        raise fail(f"the file needs more memory than this process has ({exc})", "too_large", where) from exc
+    except Exception as exc:  # noqa: BLE001 (a corrupt file can make any library raise anything)
+        raise fail(f"the file cannot be read ({type(exc).__name__}: {exc}); expected a valid {NAMES[fmt]} file",
+                   "unreadable", where) from exc
+
+
+def _read(path: Path, fmt: str, reference, name: str | None, where: str | None, *,
+          max_streamlines: int | None = None, max_points: int | None = None) -> Bundle:
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "tractogram file not found", str(path))
     with open(path, "rb") as fh:
@@ -28,8 +44,10 @@ def _load(path: Path, fmt: str, reference, name: str | None, where: str | None) 
     if fmt == "tck":
         spatial = resolve_reference(reference, where)
         data, lengths = read_tck(path, where)
+    elif fmt == "trk":
+        spatial, data, lengths = read_trk(path, where)
     else:
-        spatial, data, lengths = (read_trk if fmt == "trk" else read_trx)(path, where)
+        spatial, data, lengths = read_trx(path, where, max_streamlines=max_streamlines, max_points=max_points)
     offsets = check_flat(data, lengths, where)
     data = np.ascontiguousarray(data, dtype=np.float32)
     bounds = offsets.tolist()  # slicing views from a list of ints is ~5x faster than np.split
@@ -37,7 +55,8 @@ def _load(path: Path, fmt: str, reference, name: str | None, where: str | None) 
     return Bundle(streamlines, spatial, source_format=fmt, name=path.stem if name is None else name)
 
 
-def load_bundle(path, *, reference=None, name: str | None = None) -> Bundle:
+def load_bundle(path, *, reference=None, name: str | None = None, max_streamlines: int | None = None,
+                max_points: int | None = None) -> Bundle:
     """Read a ``.trk``, ``.tck`` or ``.trx`` file (format from the extension, case-insensitive).
 
     Parameters
@@ -49,6 +68,10 @@ def load_bundle(path, *, reference=None, name: str | None = None) -> Bundle:
         a ``.trk`` path (its header) or a `SpatialHeader`. Ignored for ``.trk`` and ``.trx``.
     name : str, optional
         Bundle name; defaults to the file stem (``"IFOF_R"`` for ``IFOF_R.trk``).
+    max_streamlines, max_points : int, optional
+        Limits checked before a TRX archive's members are inflated (reasons ``too_many_streamlines``,
+        ``too_many_points``); a member whose declared size disagrees with the header is refused
+        (``count_mismatch``) before it is inflated.
 
     Returns
     -------
@@ -63,10 +86,12 @@ def load_bundle(path, *, reference=None, name: str | None = None) -> Bundle:
         If ``path`` does not exist.
     """
     path = Path(path)
-    return _load(path, format_from_path(path), reference, name, str(path))
+    return _load(path, format_from_path(path), reference, name, str(path), max_streamlines=max_streamlines,
+                 max_points=max_points)
 
 
-def load_bundle_bytes(data: bytes, *, format: str, reference=None, name: str = "") -> Bundle:
+def load_bundle_bytes(data: bytes, *, format: str, reference=None, name: str = "", max_streamlines: int | None = None,
+                      max_points: int | None = None) -> Bundle:
     """Read a tractogram held in memory (an HTTP upload).
 
     Parameters
@@ -93,7 +118,8 @@ def load_bundle_bytes(data: bytes, *, format: str, reference=None, name: str = "
     try:
         with tmp:
             tmp.write(data)
-        return _load(Path(tmp.name), fmt, reference, name, where)
+        return _load(Path(tmp.name), fmt, reference, name, where, max_streamlines=max_streamlines,
+                     max_points=max_points)
     finally:
         Path(tmp.name).unlink(missing_ok=True)
 

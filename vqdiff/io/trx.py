@@ -16,6 +16,7 @@ from nibabel.affines import voxel_sizes as _affine_voxel_sizes
 from nibabel.orientations import aff2axcodes
 
 from ..bundle import SpatialHeader
+from ..errors import BundleFormatError
 from .common import cut, fail
 
 _TRX_POS = re.compile(r"^positions\.3\.(float16|float32|float64)$")
@@ -26,8 +27,23 @@ def _le(member: str) -> np.dtype:
     return np.dtype(member.rsplit(".", 1)[1]).newbyteorder("<")
 
 
-def read_trx(path: Path, where: str | None):
-    """(SpatialHeader, points (M, 3) float32 in RAS mm, lengths (S,)) of a ``.trx`` archive."""
+MAX_HEADER_BYTES = 1 << 20  # header.json
+
+
+def _check_member(zf: zipfile.ZipFile, name: str, expected: int, where: str | None) -> None:
+    """Refuse a member whose inflated size (from the zip directory) is not what the header implies,
+    before a byte of it is inflated: a small archive cannot unpack into gigabytes."""
+    size = zf.getinfo(name).file_size
+    if size != expected:
+        raise fail(f"member {name} would inflate to {size} bytes but the header implies {expected}; expected the "
+                   "zip directory and header.json to agree", "count_mismatch", where)
+
+
+def read_trx(path: Path, where: str | None, *, max_streamlines: int | None = None, max_points: int | None = None):
+    """(SpatialHeader, points (M, 3) float32 in RAS mm, lengths (S,)) of a ``.trx`` archive.
+
+    The header's counts are checked against ``max_streamlines`` / ``max_points`` and the members'
+    declared sizes against the counts before anything is inflated (zip-bomb guard)."""
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
@@ -43,6 +59,8 @@ def read_trx(path: Path, where: str | None):
             names = zf.namelist()
             pos_name = next((n for n in names if _TRX_POS.match(n)), None)
             off_name = next((n for n in names if _TRX_OFF.match(n)), None)
+            if zf.getinfo("header.json").file_size > MAX_HEADER_BYTES:
+                raise ValueError(f"header.json inflates to more than {MAX_HEADER_BYTES} bytes")
             hdr = json.loads(zf.read("header.json"))
             affine = np.asarray(hdr["VOXEL_TO_RASMM"], dtype=np.float64).reshape(4, 4)
             dims = tuple(int(d) for d in hdr["DIMENSIONS"])
@@ -52,10 +70,20 @@ def read_trx(path: Path, where: str | None):
                 return SpatialHeader(affine, dims, (1.0, 1.0, 1.0)), np.zeros((0, 3), np.float32), np.zeros(0)
             if pos_name is None or off_name is None or len(dims) != 3 or None in codes:
                 raise ValueError(f"members {names}, DIMENSIONS {dims}, axis codes {codes}")
+            if nv < 0 or ns < 0:
+                raise ValueError(f"negative counts NB_VERTICES={nv}, NB_STREAMLINES={ns}")
+            for count, limit, what in ((ns, max_streamlines, "streamlines"), (nv, max_points, "points")):
+                if limit is not None and count > limit:
+                    raise fail(f"header declares {count} {what}; at most {limit} are accepted here",
+                               f"too_many_{what}", where)
+            _check_member(zf, pos_name, 3 * nv * _le(pos_name).itemsize, where)
+            _check_member(zf, off_name, (ns + 1) * _le(off_name).itemsize, where)
             pos = np.frombuffer(zf.read(pos_name), _le(pos_name))
             offs = np.frombuffer(zf.read(off_name), _le(off_name)).astype(np.int64)
+        except BundleFormatError:
+            raise
         except (KeyError, TypeError, ValueError, zipfile.BadZipFile, zlib.error, EOFError,
-                NotImplementedError) as exc:
+                NotImplementedError, RuntimeError, OSError) as exc:  # RuntimeError: encrypted member
             raise fail(f"invalid TRX archive ({exc}); expected header.json (VOXEL_TO_RASMM 4x4, DIMENSIONS, "
                        "NB_VERTICES, NB_STREAMLINES), positions.3.<float16|32|64> and offsets.<(u)int32|64>",
                        "unreadable", where) from exc
