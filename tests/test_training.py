@@ -108,6 +108,29 @@ def test_resume_is_exact(dataset, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
+def test_training_state_is_atomic_with_the_checkpoint_and_never_silently_restarted(dataset, tmp_path):
+    """The resume state and the templates are inside last/ (written in the same swap as the weights); a
+    run folder whose last/ cannot be resumed is refused, and --fresh says so on purpose."""
+    import shutil
+
+    out = tmp_path / "run"
+    _train(dataset, out, "--steps", "2", "--eval-every", "2")
+    assert {"train_state.pt", "templates.safetensors", "model.safetensors"} <= {p.name for p in (out / "last").iterdir()}
+    assert (out / "best" / "templates.safetensors").is_file()
+    from vqdiff.templates import Templates
+
+    assert Templates.load(out / "last" / "templates.safetensors").names  # the training bundles
+    (out / "last" / "train_state.pt").unlink()  # as a kill between two writes would have left it before
+    proc = subprocess.run([sys.executable, "-m", "vqdiff.training.cli_train", str(dataset), str(out), "--model",
+                           TINY_MODEL, "--bottleneck", TINY_CODES, "--batch-size", "4", "--threads", "1",
+                           "--no-progress", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--fresh" in proc.stderr and "no resumable state" in proc.stderr
+    best = (out / "best" / "model.safetensors").read_bytes()
+    _train(dataset, out, "--steps", "2", "--eval-every", "2", "--fresh")
+    assert (out / "last" / "train_state.pt").is_file() and best  # restarted on purpose
+    shutil.rmtree(out)
+
+
 def test_ddp_two_gloo_processes(dataset, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

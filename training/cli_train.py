@@ -47,6 +47,8 @@ def _build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="Force a device (cpu, cuda, cuda:1).")
     p.add_argument("--threads", type=int, help="torch CPU threads.")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--fresh", action="store_true",
+                   help="Start from step 0 even though OUT_DIR has checkpoints (they are replaced as training goes).")
     add_verbose_arg(p)
     return p
 
@@ -63,9 +65,10 @@ def main(argv=None) -> None:
 
         if args["threads"]:
             torch.set_num_threads(args["threads"])
-        run = {k: args.pop(k) for k in ("in_data", "out_dir", "device", "threads", "progress")}
+        run = {k: args.pop(k) for k in ("in_data", "out_dir", "device", "threads", "progress", "fresh")}
         cfg = TrainConfig(**args)
-        result = Trainer(cfg, run["in_data"], run["out_dir"], device=run["device"], progress=run["progress"]).run()
+        result = Trainer(cfg, run["in_data"], run["out_dir"], device=run["device"], progress=run["progress"],
+                         resume=not run["fresh"]).run()
         print(json.dumps(result, indent=2))
 
     run_main(work)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from vqdiff.checkpoint import load_checkpoint, save_checkpoint
 from vqdiff.codec import TEMPLATES_FILE
+from vqdiff.errors import CheckpointError
 from vqdiff.geometry import groups_to_model, model_to_groups
 from vqdiff.models import ModelConfig, StreamlineAutoencoder
 from vqdiff.normalise import Normalisation
@@ -155,6 +156,11 @@ class Trainer:
         self.step, self.wall, self.best = 0, 0.0, math.inf
         if resume and (self.out / "last" / STATE).is_file():
             self._load_state()
+        elif resume and any((self.out / d).exists() for d in ("last", "best")):
+            raise CheckpointError(
+                f"{self.out} has checkpoints but no resumable state ({self.out / 'last' / STATE} is missing); "
+                "starting from step 0 would overwrite them: pass --fresh (resume=False) to do that on purpose, "
+                "or give another OUT_DIR")
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model)
