@@ -4,6 +4,7 @@ for this module with a random-weight model, always terminated), driven over HTTP
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -326,3 +327,26 @@ def test_healthy_after_hostile_input_and_no_temp_files_left(client, server):
     leftovers = [p for p in Path(server.tmp).rglob("*") if p.is_file()
                  and ("bentoml-request-" in str(p) or p.name.startswith(("vqdiff-", "tmp")))]
     assert leftovers == []
+
+
+def test_fuzzed_uploads_never_reach_a_5xx(client, subject_dir):
+    """Mutated real files (tests/test_fuzz.py's mutations) posted to the running service: every answer is a
+    200 or a 4xx JSON error, never a 5xx (VQDIFF_FUZZ_CASES scales it up, like the reader fuzzing)."""
+    from test_fuzz import SEED, mutations
+
+    n = max(8, int(os.environ.get("VQDIFF_FUZZ_CASES", "150")) // 10)
+    rng = np.random.default_rng([SEED, 99])
+    src = load_bundle(subject_dir / "PYT_R.trk")
+    small = Bundle(src.streamlines[:70], src.header, "trk", "PYT_R")
+    bodies = {"trk": bundle_to_bytes(small, format="trk"), "trx": bundle_to_bytes(small, format="trx")}
+    latents = _post(client, "/encode", bodies["trk"], "PYT_R.trk").content
+    statuses = []
+    for case in range(n):
+        for route, name, data, header in (("/encode", "b.trk", bodies["trk"], 1000), ("/encode", "b.trx", bodies["trx"], 400),
+                                          ("/decode", "b.vqlat", latents, 2000)):
+            r = _post(client, route, mutations(data, rng, header), name)
+            assert r.status_code < 500, f"case {case} {route} {name}: {r.status_code} {r.text[:300]}"
+            if r.status_code >= 400:
+                assert r.json()["error"] and r.json()["message"]
+            statuses.append(r.status_code)
+    assert any(s >= 400 for s in statuses) and any(s == 200 for s in statuses)

@@ -23,6 +23,7 @@ from .bundle import SpatialHeader
 from .errors import LatentsFormatError
 from .fileio import atomic_write_bytes
 from .geometry import GROUP_SIZE
+from .normalise import Normalisation
 
 FORMAT = "vqdiff-latents"
 FORMAT_VERSION = 2  # 2: + transform (4, 4) and registration; version 1 files still read (identity)
@@ -186,7 +187,8 @@ class Latents:
                 registration=json.loads(meta.get("registration", "{}")),
                 format_version=int(meta["format_version"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+            Normalisation.from_dict(obj.normalisation)  # usable for decoding, or refused here
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LatentsFormatError(f"latents metadata is incomplete or invalid: {e}") from e
         obj._check()
         return obj

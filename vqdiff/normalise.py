@@ -81,9 +81,9 @@ class Normalisation:
     def from_dict(cls, d: dict[str, Any]) -> Normalisation:
         if d.get("kind") != "minmax_isotropic":
             raise ValueError(f"unknown normalisation kind {d.get('kind')!r}; accepted: 'minmax_isotropic'")
-        return cls(
-            tuple(map(float, d["center"])),
-            float(d["scale"]),
-            tuple(map(float, d["data_min"])),
-            tuple(map(float, d["data_max"])),
-        )
+        vectors = {k: tuple(map(float, d[k])) for k in ("center", "data_min", "data_max")}
+        scale = float(d["scale"])
+        if any(len(v) != 3 for v in vectors.values()) or not np.isfinite([*sum(vectors.values(), ()), scale]).all() \
+                or not scale > 0:
+            raise ValueError(f"normalisation needs finite 3-vectors center, data_min, data_max and a scale > 0; got {d}")
+        return cls(vectors["center"], scale, vectors["data_min"], vectors["data_max"])
