@@ -83,7 +83,8 @@ def cpu_seconds(codec, tasks, model, batch_size: int, scratch: Path) -> dict[str
     from vqdiff.batch.stages import Batcher, JobSpec, engine_call, finish, prepare
     from vqdiff.batch.tasks import BatchTask
 
-    spec = JobSpec("encode", str(model), dict(codec.model_info), codec.normalisation.to_dict(), batch_size)
+    spec = JobSpec("encode", str(model), dict(codec.model_info), codec.normalisation.to_dict(), batch_size,
+                   engine=dict(codec.pipeline.provenance["engine"]))
     tasks = [BatchTask(t.input, t.rel, t.subject, t.bundle, str(scratch / t.out_rel), t.out_rel) for t in tasks]
     cpu = {}
     with single_threaded_blas():

@@ -84,7 +84,7 @@ def model_card(path: Path, engine) -> dict[str, Any]:
         import numpy as np
 
         latent_shape = list(engine.encode_groups(np.zeros((1, 3, 64, 64), np.float32)).shape[1:])
-    from vqdiff.codec import TEMPLATES_FILE
+    from vqdiff.codec import TEMPLATES_FILE, engine_provenance
 
     templates = path / TEMPLATES_FILE
     return {
@@ -96,6 +96,7 @@ def model_card(path: Path, engine) -> dict[str, Any]:
         "latent_shape": latent_shape,
         "group_shape": [3, 64, 64],
         "backend": getattr(engine, "backend", None),
+        "engine": engine_provenance(engine),  # recorded in every latents file
         "backend_name": getattr(engine, "name", None),
         "provider": getattr(engine, "provider", None),
         "fallback_reasons": list(getattr(engine, "fallback_reasons", []) or []),

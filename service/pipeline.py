@@ -133,7 +133,7 @@ class ModelView:
     @cached_property
     def pipeline(self) -> Pipeline:
         """The codec core's steps for the served model."""
-        return Pipeline(self.normalisation, self.model_info, self.templates)
+        return Pipeline(self.normalisation, self.model_info, self.templates, self.card.get("engine"))
 
     def public_card(self) -> dict[str, Any]:
         """The card as ``GET /model`` shows it (template names instead of the templates file)."""

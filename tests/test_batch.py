@@ -336,3 +336,23 @@ def test_decode_refuses_latents_of_another_model(subject_dir, ckpt, tmp_path):
     s = job.run_batch("decode", tmp_path / "lat", tmp_path / "rec", model=other_dir, progress=False)
     assert s["failed"] == 1 and s["failures"][0]["reason"] == "ModelMismatchError"
     assert "decode them with that model" in s["failures"][0]["error"] and not list((tmp_path / "rec").rglob("*.trk"))
+
+
+def test_provenance_is_recorded_and_a_changed_engine_is_not_mixed_in(subject_dir, ckpt, tmp_path):
+    """Latents record the engine and versions; rerunning with another engine variant does not skip the
+    outputs of the first (it refuses without -f instead of silently mixing a dataset)."""
+    from dataclasses import replace
+
+    tree = make_tree(tmp_path / "in", subject_dir, 1, bundles=("POPT_R",))
+    job.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
+    lat = Latents.load(tmp_path / "lat" / "sub-01" / "POPT_R.vqlat")
+    assert lat.provenance["engine"] == {"backend": "torch", "variant": "fp32"}
+    assert lat.provenance["vqdiff"] and lat.provenance["canonicalisation"] == 1
+    codec = model.load_codec(ckpt)
+    spec = stages.JobSpec("encode", str(ckpt), dict(codec.model_info), codec.normalisation.to_dict(),
+                          engine=dict(codec.pipeline.provenance["engine"]))
+    task = bt.encode_tasks(tree, tmp_path / "lat")[0]
+    assert stages.prepare(spec, task)[1] == "skipped"  # same engine: up to date
+    other = replace(spec, engine={"backend": "onnxruntime", "variant": "int8"})
+    rec, outcome = stages.prepare(other, task)
+    assert outcome == "failed" and "was made by" in rec["error"] and "-f" in rec["error"]

@@ -47,6 +47,7 @@ from .errors import BundleFormatError
 from .geometry import GROUP_SIZE, NUM_POINTS  # noqa: F401 (re-exported: importable from here too)
 from .pca import BLOCK_ROWS, pc1_projections, signed, sorted_by_own_pc1
 
+CANONICAL_VERSION = 1  # bump when a rule of the module doc changes (recorded in every latents file)
 _SOLVE_GROUPS = 16  # groups per batched eigen-solve (its temporaries stay small)
 
 

@@ -71,6 +71,21 @@ def to_input_space(streamlines: list[np.ndarray], matrix: np.ndarray) -> list[np
     return Registration(np.asarray(matrix, np.float64), None, float("nan"), "recorded").invert(streamlines)
 
 
+def engine_provenance(engine) -> dict[str, Any]:
+    """What made the numbers: the engine's backend and its variant / precision (fp32, int8, fp16...)."""
+    return {"backend": getattr(engine, "backend", None) or "unknown",
+            "variant": getattr(engine, "variant", None) or getattr(engine, "precision", None) or "fp32"}
+
+
+def provenance(engine_info: dict[str, Any]) -> dict[str, Any]:
+    """The provenance every latents file records: the engine, and the versions of vqdiff and of the
+    canonicalisation rules. Batch encoding re-encodes a file when any of it changes."""
+    from . import __version__
+    from .canonical import CANONICAL_VERSION
+
+    return {"engine": dict(engine_info), "vqdiff": __version__, "canonicalisation": CANONICAL_VERSION}
+
+
 def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:
     """The one model-identity check: refuse latents ``made_by`` another model than ``model_info``
     (compared by the sha256 of the weights, the same for every backend of one model)."""
@@ -151,10 +166,12 @@ class Pipeline:
         subject and space are registered into model space and recognised before encoding.
     """
 
-    def __init__(self, normalisation: Normalisation, model_info: dict[str, Any], templates=None):
+    def __init__(self, normalisation: Normalisation, model_info: dict[str, Any], templates=None,
+                 engine_info: dict[str, Any] | None = None):
         self.normalisation = normalisation
         self.model_info = dict(model_info)
         self.templates = templates
+        self.provenance = provenance(engine_info or {"backend": "unknown", "variant": "unknown"})
 
     def register(self, bundle: Bundle, mode: str = "auto"):
         """The bundle's `vqdiff.registration.Registration` into model space (None when the model has no
@@ -207,7 +224,7 @@ class Pipeline:
         return Latents(latents=latents, order=state.order, pad_mask=state.pad_mask, flipped=state.flipped,
                        n_points=state.n_points, header=state.header, model=self.model_info,
                        normalisation=self.normalisation.to_dict(), source=state.source, indices=indices,
-                       transform=state.transform, registration=state.registration)
+                       transform=state.transform, registration=state.registration, provenance=self.provenance)
 
     def prepare_decode(self, latents: Latents, *, strict: bool = True) -> np.ndarray:
         """The engine input of a decode (the latents), after the model-identity check (``strict``)."""
@@ -251,7 +268,7 @@ class Codec:
 
     def __init__(self, engine: Engine, normalisation: Normalisation, model_info: dict[str, Any], templates=None):
         self.engine = engine
-        self.pipeline = Pipeline(normalisation, model_info, templates)
+        self.pipeline = Pipeline(normalisation, model_info, templates, engine_provenance(engine))
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:

@@ -5,7 +5,8 @@ A latents file holds the tensors ``latents`` (G, D, 16, 16) float32, ``order`` a
 per position), ``transform`` (4, 4) float64 (input RAS mm -> model space; the identity when the
 bundle was encoded as given), and a JSON header in the safetensors metadata: format name and
 version, the model (id, kind, sha256), the normalisation, the input's spatial header, the source
-(format, name, sha256 of the file) and the registration (recognised bundle, residual, method).
+(format, name, sha256 of the file), the registration (recognised bundle, residual, method) and the
+provenance (engine backend and variant, vqdiff and canonicalisation versions).
 Readers refuse other formats and unknown versions; version 1 files (no transform) read as identity.
 """
 
@@ -47,6 +48,7 @@ class Latents:
     indices: np.ndarray | None = None  # (G, 16, 16) int64
     transform: np.ndarray | None = None  # (4, 4) float64 input RAS mm -> model space; None: identity
     registration: dict[str, Any] = field(default_factory=dict)  # {"template", "residual_mm", "method", ...}
+    provenance: dict[str, Any] = field(default_factory=dict)  # {"engine": {"backend", "variant"}, "vqdiff", ...}
     format_version: int = FORMAT_VERSION
 
     @property
@@ -129,6 +131,7 @@ class Latents:
             "header": json.dumps(self.header.to_dict()),
             "source": json.dumps(self.source),
             "registration": json.dumps(self.registration),
+            "provenance": json.dumps(self.provenance),
         }
 
     def to_bytes(self) -> bytes:
@@ -185,6 +188,7 @@ class Latents:
                 indices=tensors.get("indices"),
                 transform=tensors.get("transform"),
                 registration=json.loads(meta.get("registration", "{}")),
+                provenance=json.loads(meta.get("provenance", "{}")),
                 format_version=int(meta["format_version"]),
             )
             Normalisation.from_dict(obj.normalisation)  # usable for decoding, or refused here

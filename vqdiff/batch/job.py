@@ -67,7 +67,8 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     codec = load_codec(model_dir, backend=backend, device=None if ray else device, threads=threads,
                        batch_size=batch_size)
     spec = JobSpec(kind, str(model_dir), dict(codec.model_info), codec.normalisation.to_dict(), batch_size,
-                   backend, device, threads, overwrite, reference, format, restore_points, throttle)
+                   backend, device, threads, overwrite, reference, format, restore_points, throttle,
+                   engine=dict(codec.pipeline.provenance["engine"]))
 
     records: dict[str, dict] = {}
     counts = {"done": 0, "skipped": 0, "failed": 0}

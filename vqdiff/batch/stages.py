@@ -61,6 +61,7 @@ class JobSpec:
     format: str = "trk"  # decode: output format
     restore_points: bool = True  # decode: resample to the original point counts
     throttle: float = 0.0  # seconds slept after each written file (lets tests kill a run mid-way)
+    engine: dict | None = None  # {"backend", "variant"} of the engine that runs the job (provenance)
 
     @cached_property
     def pipeline(self):
@@ -68,7 +69,8 @@ class JobSpec:
         from vqdiff.codec import Pipeline, load_templates
         from vqdiff.normalise import Normalisation
 
-        return Pipeline(Normalisation.from_dict(self.normalisation), self.model_info, load_templates(self.model))
+        return Pipeline(Normalisation.from_dict(self.normalisation), self.model_info, load_templates(self.model),
+                        self.engine)
 
     def __getstate__(self) -> dict:  # the cached pipeline is rebuilt on the other side
         return {k: v for k, v in self.__dict__.items() if k != "pipeline"}
@@ -197,6 +199,9 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
             theirs = (json.loads(meta["source"]).get("input_sha256"), json.loads(meta["model"]).get("sha256"))
             if theirs != (sha, spec.model_info.get("sha256")):
                 return None, f"it records input {str(theirs[0])[:12]} / model {str(theirs[1])[:12]}"
+            made = json.loads(meta.get("provenance", "{}"))
+            if made != spec.pipeline.provenance:
+                return None, f"it was made by {made or 'an older vqdiff'}, not {spec.pipeline.provenance}"
             return record(spec, task, input_sha256=sha, output_sha256=file_sha256(out),
                           streamlines=header["flipped"]["shape"][0], groups=header["latents"]["shape"][0],
                           registration=registration_summary(json.loads(meta.get("registration", "{}")))), ""
