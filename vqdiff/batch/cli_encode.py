@@ -41,7 +41,7 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                    help="Groups per engine call, concatenated across files [%(default)s].")
     p.add_argument("--workers", type=int, default=2, help="Threads reading and canonicalising files [%(default)s].")
     p.add_argument("--shard", default="0/1", metavar="K/N",
-                   help="Process shard K of N (0 <= K < N) of the sorted file list, e.g. "
+                   help="Process shard K of N (0 <= K < N): the files whose path hashes to K (stable as files are added), e.g. "
                         "$SLURM_ARRAY_TASK_ID/N or $JOB_COMPLETION_INDEX/N [%(default)s].")
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="Run on Ray Data: no value joins $RAY_ADDRESS or a running local cluster (else "

@@ -7,6 +7,7 @@ A job is the sorted list of `BatchTask` (one input file -> one output file) of o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -44,9 +45,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def shard_of(rel: str, n: int) -> int:
+    """The shard (of ``n``) an input path belongs to: a stable hash of the path alone, so adding or
+    removing files between array tasks never moves the other files to another shard."""
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") % n
+
+
 def shard_tasks(tasks: Iterable[BatchTask], k: int, n: int) -> list[BatchTask]:
-    """Shard ``k`` of ``n``: every n-th task of the list sorted by input path, starting at k."""
-    return [t for i, t in enumerate(sorted(tasks, key=lambda t: t.rel)) if i % n == k]
+    """Shard ``k`` of ``n`` (by `shard_of` of the input path), sorted by input path."""
+    return sorted((t for t in tasks if shard_of(t.rel, n) == k), key=lambda t: t.rel)
 
 
 def _tasks(pairs, in_dir: Path, out_dir: Path) -> list[BatchTask]:
