@@ -131,17 +131,36 @@ def test_training_state_is_atomic_with_the_checkpoint_and_never_silently_restart
     shutil.rmtree(out)
 
 
-def test_ddp_two_gloo_processes(dataset, tmp_path):
+def _ddp(dataset, out, *extra):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "vqdiff.training.cli_train", str(dataset), str(tmp_path / "ddp"), "--model", TINY_MODEL,
-         "--bottleneck", TINY_CODES, "--steps", "3", "--eval-every", "3", "--batch-size", "2",
-         "--threads", "1", "--no-progress", "--device", "cpu"],
+         "-m", "vqdiff.training.cli_train", str(dataset), str(out), "--model", TINY_MODEL,
+         "--bottleneck", TINY_CODES, "--batch-size", "2", "--threads", "1", "--no-progress", "--device", "cpu",
+         *extra],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_two_gloo_processes(dataset, tmp_path):
+    _ddp(dataset, tmp_path / "ddp", "--steps", "3", "--eval-every", "3")
     ck = load_checkpoint(tmp_path / "ddp" / "last")
     assert ck.info["training"]["world_size"] == 2 and ck.info["training"]["steps_done"] == 3
+    state = torch.load(tmp_path / "ddp" / "last" / "train_state.pt", weights_only=True)
+    assert len(state["ranks"]) == 2 and state["ranks"][0]["sampler_rng"] != state["ranks"][1]["sampler_rng"]
+
+
+def test_ddp_resume_is_exact_per_rank(dataset, tmp_path):
+    """Each rank restores its own sampler and RNG state, and the time limit stops every rank at once."""
+    _ddp(dataset, tmp_path / "straight", "--steps", "4", "--eval-every", "4")
+    _ddp(dataset, tmp_path / "resumed", "--steps", "4", "--eval-every", "4", "--time-limit", "0")
+    assert load_checkpoint(tmp_path / "resumed" / "last").info["training"]["steps_done"] == 1
+    _ddp(dataset, tmp_path / "resumed", "--steps", "4", "--eval-every", "4")
+    a = load_checkpoint(tmp_path / "straight" / "last").model.state_dict()
+    b = load_checkpoint(tmp_path / "resumed" / "last").model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after a DDP resume")
 
 
 def test_evaluate_outputs_present_and_sane(dataset, tmp_path, subject_dir):

@@ -177,16 +177,40 @@ class Trainer:
             "metrics": metrics or {},
         }
 
-    def save(self, metrics: dict | None = None, *, best: bool = False) -> None:
+    def _rank_state(self) -> dict:
+        """This process's random state: torch (CPU and, when used, CUDA) and the group sampler."""
+        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda, "sampler_rng": json.dumps(self.sampler.state())}
+
+    def _gather_rank_states(self) -> list[dict]:
+        """Every rank's random state, in rank order (a collective: every rank calls it at the same step)."""
+        mine = self._rank_state()
+        if self.world == 1:
+            return [mine]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, mine)
+        return out
+
+    def _agree(self, flag: bool) -> bool:
+        """One decision for all ranks (any rank's True wins), so that collectives never desynchronise."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def save(self, metrics: dict | None = None, *, best: bool = False, ranks: list[dict] | None = None) -> None:
         if self.rank != 0:
             return
         name = "best" if best else "last"
         files = {TEMPLATES_FILE: self.templates}
         if not best:  # the resume state is written inside the same atomic swap as the weights
+            ranks = ranks or [self._rank_state()]
             state = {
                 "step": self.step, "wall": self.wall, "best": self.best,
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "torch_rng": torch.get_rng_state(), "sampler_rng": json.dumps(self.sampler.state()),
+                "torch_rng": ranks[0]["torch_rng"], "sampler_rng": ranks[0]["sampler_rng"],
+                "ranks": ranks, "world_size": self.world,
             }
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -201,8 +225,16 @@ class Trainer:
         state = torch.load(self.out / "last" / STATE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.sampler.set_state(json.loads(state["sampler_rng"]))
+        ranks = state.get("ranks") or [{"torch_rng": state["torch_rng"], "sampler_rng": state["sampler_rng"]}]
+        if len(ranks) != self.world:
+            log.warning("the run was saved with %d process(es) and resumes with %d: random streams are re-seeded "
+                        "per rank from rank 0's, so the resumed run is not the one an uninterrupted run would give",
+                        len(ranks), self.world)
+        mine = ranks[self.rank] if self.rank < len(ranks) else ranks[0]
+        torch.set_rng_state(mine["torch_rng"])
+        if mine.get("cuda_rng") and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        self.sampler.set_state(json.loads(mine["sampler_rng"]))
         self.step, self.wall, self.best = int(state["step"]), float(state["wall"]), float(state["best"])
         log.info("resumed from %s at step %d (%.0f s trained)", self.out / "last", self.step, self.wall)
 
@@ -253,7 +285,7 @@ class Trainer:
             if self.step % 50 == 0:
                 self._log({"step": self.step, "wall_s": round(self.wall, 1), "lr": self.sched.get_last_lr()[0], **rec})
             last = self.step == cfg.steps
-            out_of_time = cfg.time_limit_s is not None and time.perf_counter() - started > cfg.time_limit_s
+            out_of_time = cfg.time_limit_s is not None and self._agree(time.perf_counter() - started > cfg.time_limit_s)
             if self.step % cfg.eval_every == 0 or last or out_of_time:
                 metrics = self.evaluate_and_save()
             if out_of_time and not last:
@@ -266,6 +298,7 @@ class Trainer:
 
     def evaluate_and_save(self) -> dict:
         metrics = {}
+        ranks = self._gather_rank_states()  # every rank's random state goes into last/
         if self.rank == 0:
             metrics = validate(self.model, self.norm, self.val_groups, self.device)
             metrics["train_wall_s"] = round(self.wall, 1)
@@ -276,7 +309,7 @@ class Trainer:
             if score < self.best:
                 self.best = score
                 self.save(metrics, best=True)
-            self.save(metrics)
+            self.save(metrics, ranks=ranks)
         if self.world > 1:
             torch.distributed.barrier()
         return metrics
