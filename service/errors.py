@@ -33,9 +33,11 @@ _BUNDLE_STATUS = {
 class ApiError(Exception):
     """A request the service refuses: ``status`` (4xx), ``reason`` tag, message, what is accepted."""
 
-    def __init__(self, status: int, reason: str, message: str, accepted: str | None = None, **extra):
+    def __init__(self, status: int, reason: str, message: str, accepted: str | None = None, *,
+                 headers: dict[str, str] | None = None, **extra):
         super().__init__(message)
         self.status, self.reason, self.message, self.accepted, self.extra = status, reason, message, accepted, extra
+        self.headers = dict(headers or {})
 
     def body(self) -> dict:
         out = {"error": self.reason, "message": self.message, "status": self.status}
@@ -50,8 +52,8 @@ class ApiError(Exception):
     def to_response(self):
         from starlette.responses import JSONResponse
 
-        headers = {"WWW-Authenticate": 'Bearer realm="vqdiff"'} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": 'Bearer realm="vqdiff"'} if self.status == 401 else {}
+        return JSONResponse(self.body(), status_code=self.status, headers={**headers, **self.headers} or None)
 
 
 def from_bundle_error(exc) -> ApiError:

@@ -96,7 +96,7 @@ def _unlink(*paths: Path | None) -> None:
 @bentoml.service(
     name="vqdiff",
     workers=SETTINGS.gateway_workers,
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is the guard's (503 + Retry-After)
 )
 class Gateway:
     model = bentoml.depends(VQDiffModel)
@@ -279,4 +279,5 @@ async def _model_card(request: Request) -> Response:
 
 
 Gateway.mount_asgi_app(Starlette(routes=[Route("/model", _model_card, methods=["GET"])]), path="/")
-Gateway.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token)
+Gateway.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token,
+                            max_in_flight=-(-SETTINGS.max_concurrency // SETTINGS.gateway_workers))

@@ -49,28 +49,47 @@ async def _send_error(err: ApiError, scope, receive, send) -> None:
     await err.to_response()(scope, receive, send)
 
 
+RETRY_AFTER_S = 1
+
+
 class RequestGuard:
-    def __init__(self, app, *, max_upload_bytes: int, api_token: str | None = None):
+    """Auth, body size and multipart checks, and the overload limit: past ``max_in_flight`` API requests
+    in this process, a new one gets a 503 with ``Retry-After`` at once instead of a place in a queue
+    that would wait out the latency budget."""
+
+    def __init__(self, app, *, max_upload_bytes: int, api_token: str | None = None, max_in_flight: int | None = None):
         self.app = app
         self.max_bytes = int(max_upload_bytes)
         self.token = api_token.encode() if api_token else None
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
         headers = Headers(scope=scope)
-        try:
-            if self.token is not None and path not in OPEN_PATHS:
-                self._check_auth(headers)
-            if path in ROUTES and scope["method"] == "POST":
-                fields, accepted = ROUTES[path]
-                body = await self._read_body(headers, receive, accepted)
-                await self._check_form(scope, body, fields, accepted)
-                receive = _replay(body, receive)
-        except ApiError as err:
+        counted = path in ROUTES and scope["method"] == "POST"
+        if counted and self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            err = ApiError(503, "overloaded", f"this server is busy ({self.in_flight} requests in flight in this "
+                           f"worker, limit {self.max_in_flight}); retry after {RETRY_AFTER_S} s",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
             return await _send_error(err, scope, receive, send)
-        await self.app(scope, receive, send)
+        self.in_flight += counted
+        try:
+            try:
+                if self.token is not None and path not in OPEN_PATHS:
+                    self._check_auth(headers)
+                if counted:
+                    fields, accepted = ROUTES[path]
+                    body = await self._read_body(headers, receive, accepted)
+                    await self._check_form(scope, body, fields, accepted)
+                    receive = _replay(body, receive)
+            except ApiError as err:
+                return await _send_error(err, scope, receive, send)
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= counted
 
     def _check_auth(self, headers: Headers) -> None:
         scheme, _, token = headers.get("authorization", "").partition(" ")

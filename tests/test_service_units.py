@@ -183,3 +183,43 @@ def test_batch_wait_is_capped():
         assert opt.wait == 0.01 and Optimizer.trigger_refresh.__wrapped__ is original
     finally:
         Optimizer.trigger_refresh = original
+
+
+def test_guard_refuses_past_the_concurrency_limit_at_once():
+    """Past max_in_flight requests in flight, a new one gets a 503 with Retry-After immediately; the
+    counter comes back down when requests finish (and after refusals)."""
+    import asyncio
+    import time
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    gate = asyncio.Event()
+
+    async def slow(request):
+        await request.body()
+        await gate.wait()
+        return PlainTextResponse("ok")
+
+    guard = RequestGuard(Starlette(routes=[Route("/encode", slow, methods=["POST"])]), max_upload_bytes=10_000,
+                         max_in_flight=2)
+    import httpx
+
+    async def main():
+        transport = httpx.ASGITransport(app=guard)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            files = {"file": ("a.trk", b"TRACK" + b"x" * 100)}
+            held = [asyncio.create_task(c.post("/encode", files=files)) for _ in range(2)]
+            while guard.in_flight < 2:
+                await asyncio.sleep(0.01)
+            t0 = time.perf_counter()
+            r = await c.post("/encode", files=files)
+            refused_in = time.perf_counter() - t0
+            gate.set()
+            done = await asyncio.gather(*held)
+            return r, refused_in, done
+
+    r, refused_in, done = asyncio.run(main())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"] == "overloaded"
+    assert refused_in < 1.0 and [d.status_code for d in done] == [200, 200] and guard.in_flight == 0
