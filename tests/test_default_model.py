@@ -75,3 +75,27 @@ def test_default_model_registers_other_subjects_and_keeps_its_own_exactly(subjec
     back = Latents.from_bytes(lat.to_bytes())  # the transform travels in the file
     np.testing.assert_array_equal(back.matrix, lat.matrix)
     assert abs(error(back) - registered) < 1e-6
+
+
+@needs_model
+def test_cross_subject_evaluation_mode(subject_dir, tmp_path):
+    """`vqdiff-evaluate --cross-subject`: per bundle, recognised template, residual, MDF as given and registered."""
+    import subprocess
+    import sys
+
+    afq = subject_dir.parent / "crosssubject" / "afq_browser"
+    if not afq.is_dir():
+        pytest.skip(f"cross-subject data not found at {afq}")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("Left_ILF", "Right_IFOF"):
+        (folder / f"{name}.trk").symlink_to(afq / f"{name}.trk")
+    proc = subprocess.run([sys.executable, "-m", "vqdiff.training.cli_evaluate", str(MODEL), str(folder),
+                           str(tmp_path / "out"), "--cross-subject"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "out" / "cross_subject.json").read_text())
+    assert out["data_role"] == "cross-subject validation" and set(out["bundles"]) == {"Left_ILF", "Right_IFOF"}
+    for name, template in (("Left_ILF", "ILF_L"), ("Right_IFOF", "IFOF_R")):
+        row = out["bundles"][name]
+        assert row["template"] == template and row["registered_mean_mm"] < row["as_is_mean_mm"]
+    assert "| Right_IFOF | IFOF_R |" in (tmp_path / "out" / "cross_subject.md").read_text()
