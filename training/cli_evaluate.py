@@ -25,8 +25,7 @@ from vqdiff.cli.common import add_overwrite_arg, add_verbose_arg, check_outputs,
 
 def _build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("in_checkpoint", help="Checkpoint directory (model.safetensors + config.json); with "
-                   "--cross-subject also an export directory.")
+    p.add_argument("in_checkpoint", help="Checkpoint directory (model.safetensors + config.json).")
     p.add_argument("in_data", help="Dataset folder written by vqdiff-prepare (with --cross-subject: a folder of "
                    "bundle files).")
     p.add_argument("out_dir", help="Output folder for metrics.json, table.md and figures.")

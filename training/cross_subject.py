@@ -27,14 +27,13 @@ def _errors(codec, bundle, register: str) -> tuple[np.ndarray, dict]:
     return mdf(resample(bundle.streamlines)[None], resample(recon.streamlines)[None])[0], lat.registration
 
 
-def evaluate_cross_subject(model: str | Path, folder: str | Path, out_dir: str | Path | None = None,
-                           *, backend: str = "auto") -> dict[str, Any]:
-    """Per-bundle figures of ``model`` (checkpoint or export dir) on every .trk/.trx/.tck-free bundle of
-    ``folder``; written to ``out_dir/cross_subject.json`` and ``.md`` when given."""
-    from vqdiff.export.runtime import make_codec
+def evaluate_cross_subject(model: str | Path, folder: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Per-bundle figures of checkpoint ``model`` on every .trk / .trx bundle of ``folder``; written to
+    ``out_dir/cross_subject.json`` and ``.md`` when given."""
+    from vqdiff.codec import Codec
     from vqdiff.io import load_bundle
 
-    codec = make_codec(model, backend=backend)
+    codec = Codec.from_checkpoint(model)
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".trk", ".trx"))
     if not paths:
         raise FileNotFoundError(f"no .trk or .trx bundles in {folder}")
