@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vqdiff.bundle import Bundle
+from vqdiff.bundle import Bundle, SpatialHeader
 from vqdiff.canonical import zero_length_streamlines
 from vqdiff.codec import REGISTER_MODES, EncodeState, Pipeline
 from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
@@ -266,12 +266,11 @@ def warm_up_registration(view: ModelView) -> None:
         return
     rng = np.random.default_rng(0)
     lines = list(np.cumsum(rng.normal(0.0, 1.0, (40, 20, 3)), axis=1).astype(np.float32))
-    view.pipeline.register(Bundle(streamlines=lines, header=None, source_format="memory", name=""))
+    view.pipeline.register(Bundle(streamlines=lines, header=SpatialHeader.identity(), source_format="memory", name=""))
 
 
 def warm_up() -> float:
     """Exercise parsing, the codec core's CPU steps, writing and the metrics once (imports, caches); seconds."""
-    from vqdiff.bundle import SpatialHeader
     from vqdiff.geometry import groups_to_model, model_to_groups
     from vqdiff.quality import reconstruction_quality
 

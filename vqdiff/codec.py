@@ -66,9 +66,9 @@ def to_input_space(streamlines: list[np.ndarray], matrix: np.ndarray) -> list[np
     """Model space -> the input's space: the inverse of the recorded input -> model ``matrix``."""
     if np.array_equal(matrix, np.eye(4)):
         return streamlines
-    from .registration import Registration
+    from .registration import transform
 
-    return Registration(np.asarray(matrix, np.float64), None, float("nan"), "recorded").invert(streamlines)
+    return transform(streamlines, np.linalg.inv(np.asarray(matrix, np.float64)))
 
 
 def engine_provenance(engine) -> dict[str, Any]:

@@ -89,11 +89,11 @@ class Registration:
 
     def apply(self, streamlines: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Input space -> model space (the same arrays when the matrix is the identity)."""
-        return _transform(streamlines, self.matrix) if not self.is_identity else list(streamlines)
+        return transform(streamlines, self.matrix) if not self.is_identity else list(streamlines)
 
     def invert(self, streamlines: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Model space -> input space."""
-        return _transform(streamlines, self.inverse) if not self.is_identity else list(streamlines)
+        return transform(streamlines, self.inverse) if not self.is_identity else list(streamlines)
 
     def warning(self) -> dict[str, Any] | None:
         """A warning with the numbers when the bundle is not one the model knows (else None)."""
@@ -142,7 +142,8 @@ def _f(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _transform(streamlines: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
+def transform(streamlines: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
+    """``streamlines`` mapped by the 4x4 ``matrix`` (float64 arithmetic, the input's dtype kept)."""
     lin, off = matrix[:3, :3], matrix[:3, 3]
     return [(np.asarray(s, dtype=np.float64) @ lin.T + off).astype(np.asarray(s).dtype, copy=False)
             for s in streamlines]
