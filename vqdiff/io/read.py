@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,8 @@ from .trk import read_trk
 from .trx import read_trx
 
 
-def _load(path: Path, fmt: str, reference, name: str | None, where: str | None, **limits) -> Bundle:
-    """Read ``path``; every failure of the file's content ends in `BundleFormatError` (whatever nibabel,
+def _load(path: Path | bytes, fmt: str, reference, name: str | None, where: str | None, **limits) -> Bundle:
+    """Read ``path`` (or the file's bytes); every failure of the file's content ends in `BundleFormatError` (whatever nibabel,
     zipfile or numpy raised: its message is kept), never in a foreign exception."""
     try:
         return _read(path, fmt, reference, name, where, **limits)
@@ -31,28 +30,33 @@ def _load(path: Path, fmt: str, reference, name: str | None, where: str | None, 
                    "unreadable", where) from exc
 
 
-def _read(path: Path, fmt: str, reference, name: str | None, where: str | None, *,
+def _read(source: Path | bytes, fmt: str, reference, name: str | None, where: str | None, *,
           max_streamlines: int | None = None, max_points: int | None = None) -> Bundle:
-    if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, "tractogram file not found", str(path))
-    with open(path, "rb") as fh:
-        head = fh.read(16)
+    if isinstance(source, Path):
+        if not source.exists():
+            raise FileNotFoundError(errno.ENOENT, "tractogram file not found", str(source))
+        with open(source, "rb") as fh:
+            head = fh.read(16)
+        # TRK and TCK are parsed from their bytes; a TRX archive is read member by member from its file
+        source = source if fmt == "trx" else source.read_bytes()
+    else:
+        head = bytes(source[:16])
     if not head:
         raise fail(f"file is empty (0 bytes); expected a {NAMES[fmt]} file with at least 1 streamline",
                    "empty", where)
     check_magic(head, fmt, where)
     if fmt == "tck":
         spatial = resolve_reference(reference, where)
-        data, lengths = read_tck(path, where)
+        data, lengths = read_tck(source, where)
     elif fmt == "trk":
-        spatial, data, lengths = read_trk(path, where)
+        spatial, data, lengths = read_trk(source, where)
     else:
-        spatial, data, lengths = read_trx(path, where, max_streamlines=max_streamlines, max_points=max_points)
+        spatial, data, lengths = read_trx(source, where, max_streamlines=max_streamlines, max_points=max_points)
     offsets = check_flat(data, lengths, where)
     data = np.ascontiguousarray(data, dtype=np.float32)
     bounds = offsets.tolist()  # slicing views from a list of ints is ~5x faster than np.split
     streamlines = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return Bundle(streamlines, spatial, source_format=fmt, name=path.stem if name is None else name)
+    return Bundle(streamlines, spatial, source_format=fmt, name=name or "")
 
 
 def load_bundle(path, *, reference=None, name: str | None = None, max_streamlines: int | None = None,
@@ -86,8 +90,8 @@ def load_bundle(path, *, reference=None, name: str | None = None, max_streamline
         If ``path`` does not exist.
     """
     path = Path(path)
-    return _load(path, format_from_path(path), reference, name, str(path), max_streamlines=max_streamlines,
-                 max_points=max_points)
+    return _load(path, format_from_path(path), reference, path.stem if name is None else name, str(path),
+                 max_streamlines=max_streamlines, max_points=max_points)
 
 
 def load_bundle_bytes(data: bytes, *, format: str, reference=None, name: str = "", max_streamlines: int | None = None,
@@ -106,7 +110,7 @@ def load_bundle_bytes(data: bytes, *, format: str, reference=None, name: str = "
     Returns
     -------
     Bundle
-        As `load_bundle`. The temporary file is removed in every case.
+        As `load_bundle`. Parsed in memory: no temporary file.
     """
     where = name or None
     fmt = normalise_format(format, where)
@@ -114,14 +118,7 @@ def load_bundle_bytes(data: bytes, *, format: str, reference=None, name: str = "
         raise fail(f"upload is empty (0 bytes); expected a {NAMES[fmt]} file with at least 1 streamline",
                    "empty", where)
     check_magic(bytes(data[:16]), fmt, where)
-    tmp = tempfile.NamedTemporaryFile(prefix="vqdiff-upload-", suffix="." + fmt, delete=False)
-    try:
-        with tmp:
-            tmp.write(data)
-        return _load(Path(tmp.name), fmt, reference, name, where, max_streamlines=max_streamlines,
-                     max_points=max_points)
-    finally:
-        Path(tmp.name).unlink(missing_ok=True)
+    return _load(bytes(data), fmt, reference, name, where, max_streamlines=max_streamlines, max_points=max_points)
 
 
 def file_order_groups(paths) -> np.ndarray:

@@ -13,9 +13,9 @@ from nibabel.streamlines.tractogram_file import HeaderError
 from .common import cut, fail
 
 
-def read_tck(path: Path, where: str | None):
+def read_tck(source: Path | bytes, where: str | None):
     """(points (M, 3) float32 in RAS mm, lengths (S,) int64) of a ``.tck`` file (it stores no space)."""
-    buf = path.read_bytes()
+    buf = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
     expected = ("expected 'mrtrix tracks', text 'key: value' lines with 'datatype: Float32LE|BE', "
                 "'file: . <offset>' and an integer 'count', then 'END'")
     try:

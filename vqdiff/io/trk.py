@@ -86,9 +86,9 @@ def _records(buf: bytes, off: int, e: str, stride: int, nprop: int, where: str |
     return np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
 
 
-def read_trk(path: Path, where: str | None):
+def read_trk(source: Path | bytes, where: str | None):
     """(SpatialHeader, points (M, 3) float32 in RAS mm, lengths (S,) int64) of a ``.trk`` file."""
-    buf = path.read_bytes()
+    buf = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
     if len(buf) < 1000:
         raise cut(f"file has {len(buf)} bytes but a TRK header alone is 1000 bytes", "trk", where)
     hdr, spatial = trk_header(buf, where, "unreadable")

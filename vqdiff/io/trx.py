@@ -4,6 +4,7 @@ read-write memory maps and temporary folders, so trx is never imported."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
@@ -39,17 +40,22 @@ def _check_member(zf: zipfile.ZipFile, name: str, expected: int, where: str | No
                    "zip directory and header.json to agree", "count_mismatch", where)
 
 
-def read_trx(path: Path, where: str | None, *, max_streamlines: int | None = None, max_points: int | None = None):
+def read_trx(source: Path | bytes, where: str | None, *, max_streamlines: int | None = None,
+             max_points: int | None = None):
     """(SpatialHeader, points (M, 3) float32 in RAS mm, lengths (S,)) of a ``.trx`` archive.
 
     The header's counts are checked against ``max_streamlines`` / ``max_points`` and the members'
     declared sizes against the counts before anything is inflated (zip-bomb guard)."""
+    in_memory = isinstance(source, bytes | bytearray | memoryview)
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(io.BytesIO(source) if in_memory else source)
     except zipfile.BadZipFile as exc:
-        with open(path, "rb") as fh:  # a complete zip ends with its end-of-central-directory record
-            fh.seek(max(0, path.stat().st_size - 65557))
-            tail = fh.read()
+        if in_memory:  # a complete zip ends with its end-of-central-directory record
+            tail = bytes(source[-65557:])
+        else:
+            with open(source, "rb") as fh:
+                fh.seek(max(0, Path(source).stat().st_size - 65557))
+                tail = fh.read()
         rec = tail[tail.rfind(b"PK\x05\x06"):] if b"PK\x05\x06" in tail else b""
         if len(rec) < 22 or len(rec) < 22 + struct.unpack_from("<H", rec, 20)[0]:
             raise cut(f"zip archive has no complete central directory ({exc})", "trx", where) from exc
