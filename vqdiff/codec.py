@@ -195,7 +195,8 @@ class Pipeline:
         as the readers', plus ``degenerate_bundle`` and ``coordinates_too_large``) and ValueError for
         an unknown ``register``.
         """
-        validate_streamlines(bundle.streamlines)
+        if self.templates is not None and register != "off":  # registration needs valid input first;
+            validate_streamlines(bundle.streamlines)  # otherwise canonicalisation validates it
         reg = self.register(bundle, register)
         streamlines = bundle.streamlines if reg is None else reg.apply(bundle.streamlines)
         try:
