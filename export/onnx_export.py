@@ -70,7 +70,7 @@ def _manifest(checkpoint: Path, ckpt: Checkpoint, graphs: dict[str, Any], parity
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"id": ckpt.model_id, "kind": model.kind, "sha256": ckpt.model_hash,
+        "model": {**ckpt.model_info,
                   "config": model.config.to_dict()},
         "source": {
             "checkpoint": str(checkpoint.resolve()),

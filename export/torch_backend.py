@@ -34,7 +34,7 @@ class TorchBackendEngine(_GroupEngine):
             )
         if threads:
             torch.set_num_threads(int(threads))
-        info = {"id": ckpt.model_id, "kind": ckpt.model.kind, "sha256": ckpt.model_hash}
+        info = ckpt.model_info
         super().__init__(normalisation=ckpt.normalisation, model_info=info, manifest=manifest,
                          batch_size=batch_size)
         self.inner = TorchEngine(ckpt.model, device=device, batch_size=batch_size)

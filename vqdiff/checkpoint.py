@@ -133,11 +133,3 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu") -> Checkpoi
     model.to(device).eval()
     return Checkpoint(model, normalisation, str(config.get("model_id", path.name)), file_sha256(path / WEIGHTS), config,
                       path)
-
-
-def model_info_from_config(path: str | os.PathLike) -> dict[str, str]:
-    """``{"id", "kind", "sha256"}`` of checkpoint ``path`` without loading the weights (torch-free)."""
-    path = Path(path)
-    config = read_config(path)
-    return {"id": str(config.get("model_id", path.name)), "kind": str(config["model"]["kind"]),
-            "sha256": file_sha256(path / WEIGHTS)}
