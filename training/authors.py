@@ -130,7 +130,10 @@ def convert(state: dict, kind: str):
         raise AuthorsWeightsError(f"the file's layers are those of {implied!r}, not {kind!r}")
     if implied is None and kind not in ("vq", "vq_diff"):
         raise AuthorsWeightsError(f"the file's layers are those of 'vq' or 'vq_diff', not {kind!r}")
-    model = StreamlineAutoencoder.from_config(ModelConfig.for_kind(kind, bottleneck=BOTTLENECK[kind]))
+    # Their residual block starts with nn.ReLU(inplace=True), which rectifies the skip input too:
+    # the block computes relu(x) + block(x). Without this the released reconstructions are not reproduced.
+    model = StreamlineAutoencoder.from_config(
+        ModelConfig.for_kind(kind, bottleneck=BOTTLENECK[kind], residual_skip="relu"))
     ours = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for name, t in state.items():

@@ -33,6 +33,13 @@ class ModelConfig:
     residual_hidden: int = 32
     residual_layers: int = 2
     embedding_dim: int = 64
+    # "identity": x + block(x) (van den Oord et al.); "relu": relu(x) + block(x), what the authors' code
+    # computes (its residual block starts with an in-place ReLU that also rectifies the skip input).
+    residual_skip: str = "identity"
+
+    def __post_init__(self) -> None:
+        if self.residual_skip not in RESIDUAL_SKIPS:
+            raise ValueError(f"residual_skip {self.residual_skip!r}; select one of {list(RESIDUAL_SKIPS)}")
 
     @property
     def kind(self) -> str:
@@ -50,6 +57,7 @@ class ModelConfig:
             "residual_hidden": self.residual_hidden,
             "residual_layers": self.residual_layers,
             "embedding_dim": self.embedding_dim,
+            "residual_skip": self.residual_skip,
             "bottleneck": bottleneck_config_to_dict(self.bottleneck),
         }
 
@@ -61,9 +69,13 @@ class ModelConfig:
         return cls(bottleneck=bottleneck, **d)
 
 
+RESIDUAL_SKIPS = ("identity", "relu")
+
+
 class Residual(nn.Module):
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, skip: str = "identity"):
         super().__init__()
+        self.relu_skip = skip == "relu"
         self.block = nn.Sequential(
             nn.ReLU(),
             nn.Conv2d(channels, hidden, kernel_size=3, padding=1, bias=False),
@@ -72,13 +84,13 @@ class Residual(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+        return (torch.relu(x) if self.relu_skip else x) + self.block(x)
 
 
 class ResidualStack(nn.Module):
-    def __init__(self, channels: int, hidden: int, layers: int):
+    def __init__(self, channels: int, hidden: int, layers: int, skip: str = "identity"):
         super().__init__()
-        self.layers = nn.Sequential(*[Residual(channels, hidden) for _ in range(layers)])
+        self.layers = nn.Sequential(*[Residual(channels, hidden, skip) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.layers(x))
@@ -96,7 +108,7 @@ class Encoder(nn.Module):
             nn.Conv2d(h // 2, h, kernel_size=4, stride=2, padding=1),  # (B, h, 16, 16)
             nn.ReLU(),
             nn.Conv2d(h, h, kernel_size=3, padding=1),
-            ResidualStack(h, cfg.residual_hidden, cfg.residual_layers),
+            ResidualStack(h, cfg.residual_hidden, cfg.residual_layers, cfg.residual_skip),
             nn.Conv2d(h, cfg.embedding_dim, kernel_size=1),  # (B, D, 16, 16)
         )
 
@@ -112,7 +124,7 @@ class Decoder(nn.Module):
         h = cfg.hidden
         self.net = nn.Sequential(
             nn.Conv2d(cfg.embedding_dim, h, kernel_size=3, padding=1),
-            ResidualStack(h, cfg.residual_hidden, cfg.residual_layers),
+            ResidualStack(h, cfg.residual_hidden, cfg.residual_layers, cfg.residual_skip),
             nn.ConvTranspose2d(h, h // 2, kernel_size=4, stride=2, padding=1),  # (B, h/2, 32, 32)
             nn.ReLU(),
             nn.ConvTranspose2d(h // 2, cfg.in_channels, kernel_size=4, stride=2, padding=1),  # (B, C, 64, 64)
