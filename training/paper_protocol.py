@@ -32,6 +32,7 @@ from vqdiff.canonical import GROUP_SIZE, canonical_order, reflect_pad, resample
 
 log = logging.getLogger(__name__)
 GROUPINGS = ("file", "canonical")
+GUMBEL = "file_gumbel"  # VQ-Diff only: file order with the authors' noisy (Gumbel) inference
 
 
 def file_order_groups(streamlines) -> np.ndarray:
@@ -62,8 +63,10 @@ def group_bundle(streamlines, grouping: str) -> np.ndarray:
     raise ValueError(f"unknown grouping {grouping!r}; select one of {GROUPINGS}")
 
 
-def score_groups(checkpoint, groups_mm: np.ndarray, *, threshold: float = 5.0) -> dict:
-    """Deterministic reconstruction of ``groups_mm`` by a loaded checkpoint; per-group arrays."""
+def score_groups(checkpoint, groups_mm: np.ndarray, *, threshold: float = 5.0, gumbel: bool = False) -> dict:
+    """Reconstruction of ``groups_mm`` by a loaded checkpoint; per-group arrays. Deterministic, or
+    with ``gumbel`` the VQ-Diff bottleneck in training mode (Gumbel noise, as the authors evaluated;
+    seeded)."""
     import torch
 
     from vqdiff.geometry import groups_to_model, model_to_groups
@@ -71,8 +74,14 @@ def score_groups(checkpoint, groups_mm: np.ndarray, *, threshold: float = 5.0) -
 
     model, norm = checkpoint.model.eval(), checkpoint.normalisation
     x = torch.from_numpy(groups_to_model(norm.apply(groups_mm)))
-    with torch.no_grad():
-        rec = torch.cat([model(x[i : i + 64]).reconstruction for i in range(0, len(x), 64)])
+    if gumbel:
+        model.bottleneck.train()
+        torch.manual_seed(1337)
+    try:
+        with torch.no_grad():
+            rec = torch.cat([model(x[i : i + 64]).reconstruction for i in range(0, len(x), 64)])
+    finally:
+        model.eval()
     rec_mm = norm.invert(model_to_groups(rec.numpy()))
     return {"buan": buan_score(groups_mm, rec_mm, threshold=threshold), "mdf": mean_mdf(groups_mm, rec_mm),
             "mse": ((rec - x) ** 2).mean(dim=(1, 2, 3)).numpy()}
@@ -96,10 +105,10 @@ def evaluate_models(data_dir: str | Path, checkpoints: list[str | Path], *, thre
     for path in checkpoints:
         ck = load_checkpoint(path)
         entry = {"kind": ck.model.kind, "sha256": ck.model_hash, "path": str(path)}
-        for g in GROUPINGS:
+        for g in GROUPINGS + ((GUMBEL,) if ck.model.kind == "vq_diff" else ()):
             per_bundle, all_ = {}, {"buan": [], "mdf": [], "mse": []}
-            for bundle, gr in sorted(groups[g].items()):
-                s = score_groups(ck, gr, threshold=threshold)
+            for bundle, gr in sorted(groups[g.split("_")[0]].items()):
+                s = score_groups(ck, gr, threshold=threshold, gumbel=g == GUMBEL)
                 per_bundle[bundle] = {"groups": len(gr), "buan_mean": float(s["buan"].mean()),
                                       "buan_std": float(s["buan"].std()), "mdf_mm": float(s["mdf"].mean()),
                                       "mse": float(s["mse"].mean())}
@@ -115,27 +124,54 @@ def evaluate_models(data_dir: str | Path, checkpoints: list[str | Path], *, thre
             "models": results}
 
 
+def _short(cell: str) -> str:
+    """'0.999978 ± 0.000412' -> '0.9999 ± 0.0004' (anything else unchanged)."""
+    try:
+        mean, std = (float(v) for v in cell.split("±"))
+    except ValueError:
+        return cell
+    return f"{mean:.4f} ± {std:.4f}"
+
+
 def markdown(results: dict, paper_table: str | Path | None = None) -> str:
+    """One BUAN table (paper | file order | canonical per model) and one mean-MDF table."""
     from .evaluate import PAPER_COLUMNS, read_paper_table
 
     paper = read_paper_table(paper_table) if paper_table else {}
     models = results["models"]
     bundles = sorted(next(iter(models.values()))["file"]["per_bundle"])
-    lines = []
-    for mid, m in models.items():
-        col = PAPER_COLUMNS.get(m["kind"])
-        lines.append(f"\n**{mid}** ({m['kind']}, weights `{m['sha256'][:12]}`): BUAN at T = {results['threshold']} "
-                     f"(mean ± std over groups), mean MDF in subject01 units\n\n")
-        lines.append("| Bundle | groups (file / canonical) | BUAN paper (Table 1) | BUAN file order | "
-                     "BUAN canonical | MDF file order | MDF canonical |\n|---|---|---|---|---|---|---|\n")
-        for b in bundles + ["all"]:
+    names = {mid: PAPER_COLUMNS.get(m["kind"], m["kind"]) for mid, m in models.items()}
+    head = "| Bundle | groups | " + " | ".join(f"{n} paper | {n} file | {n} canonical" for n in names.values()) + " |\n"
+    lines = [f"BUAN at T = {results['threshold']} (mean ± std over groups of 64); paper = the paper's Table 1, "
+             "file = the paper's grouping, canonical = the product's\n\n", head,
+             "|---|---|" + "---|---|---|" * len(models) + "\n"]
+    for b in bundles + ["all"]:
+        first = next(iter(models.values()))
+        groups = first["file"]["groups"] if b == "all" else first["file"]["per_bundle"][b]["groups"]
+        cells = []
+        for m in models.values():
             f = m["file"] if b == "all" else m["file"]["per_bundle"][b]
             c = m["canonical"] if b == "all" else m["canonical"]["per_bundle"][b]
-            ref = paper.get(b, {}).get(col, "–") if col else "–"
-            name = "**all**" if b == "all" else b
-            lines.append(f"| {name} | {f['groups']} / {c['groups']} | {ref if b != 'all' else ''} | "
-                         f"{f['buan_mean']:.4f} ± {f['buan_std']:.4f} | {c['buan_mean']:.4f} ± {c['buan_std']:.4f} | "
-                         f"{f['mdf_mm']:.3f} | {c['mdf_mm']:.3f} |\n")
+            ref = paper.get(b, {}).get(PAPER_COLUMNS.get(m["kind"], ""), "–") if b != "all" else ""
+            ref = _short(ref)
+            cells += [ref, f"{f['buan_mean']:.4f} ± {f['buan_std']:.4f}", f"{c['buan_mean']:.4f} ± {c['buan_std']:.4f}"]
+        lines.append(f"| {'**all**' if b == 'all' else b} | {groups} | " + " | ".join(cells) + " |\n")
+    lines.append("\nMean MDF (subject01 units; file order / canonical)\n\n| Bundle | "
+                 + " | ".join(names.values()) + " |\n|---|" + "---|" * len(models) + "\n")
+    for b in bundles + ["all"]:
+        cells = []
+        for m in models.values():
+            f = m["file"] if b == "all" else m["file"]["per_bundle"][b]
+            c = m["canonical"] if b == "all" else m["canonical"]["per_bundle"][b]
+            cells.append(f"{f['mdf_mm']:.3f} / {c['mdf_mm']:.3f}")
+        lines.append(f"| {'**all**' if b == 'all' else b} | " + " | ".join(cells) + " |\n")
+    for mid, m in models.items():
+        if GUMBEL in m:
+            lines.append(f"\n{mid} with the authors' noisy inference (Gumbel softmax at evaluation, file order, "
+                         f"seed 1337): BUAN {m[GUMBEL]['buan_mean']:.4f} ± {m[GUMBEL]['buan_std']:.4f}, "
+                         f"mean MDF {m[GUMBEL]['mdf_mm']:.3f} (deterministic: {m['file']['buan_mean']:.4f}, "
+                         f"{m['file']['mdf_mm']:.3f})\n")
+    lines.append("\nModels: " + ", ".join(f"{mid} (`{m['sha256'][:12]}`)" for mid, m in models.items()) + "\n")
     return "".join(lines)
 
 
