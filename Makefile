@@ -7,7 +7,7 @@ OUT    ?= out
 # The CPU build of torch (a local wheel on our machines); GPU users install their own torch first.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install serve run test lint default-model table1 wheel bento bento-gpu bench-service clean
+.PHONY: install serve run test lint default-model table1 authors table1-authors wheel bento bento-gpu bench-service clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,20 @@ table1: install
 	    --paper-table $(SHARED)/paper_buan_table.csv || exit 1; \
 	done
 	$(BIN)/python -m vqdiff.training.table1 runs/table1 docs/table1.md --paper-table $(SHARED)/paper_buan_table.csv
+
+# The paper authors' released weights as checkpoints (../shared/authors; MIT, see their MODEL_CARD.md).
+AUTHORS ?= ../shared/authors
+authors: install
+	for k in ae vq vq_ema vq_diff; do \
+	  $(BIN)/vqdiff-import-authors $(AUTHORS)/$$k.pt $(OUT)/authors-$$k --kind $$k --templates $(SHARED)/subject01 -f \
+	    > /dev/null || exit 1; \
+	done
+
+# Table 1 with the authors' weights on subject01, paper protocol beside ours (docs/table1.md, part 1).
+table1-authors: authors
+	$(BIN)/python -m vqdiff.training.paper_protocol $(SHARED)/subject01 $(OUT)/table1-authors \
+	  $(OUT)/authors-ae $(OUT)/authors-vq $(OUT)/authors-vq_ema $(OUT)/authors-vq_diff \
+	  --paper-table $(SHARED)/paper_buan_table.csv
 
 clean:
 	rm -rf $(OUT) runs dist .pytest_cache .ruff_cache
