@@ -37,6 +37,12 @@ bento-gpu: wheel
 bench-service: install
 	$(BIN)/python benchmarks/bench_service.py --threads 1
 
+# The GPU check (docs/engines.md): `make gpu-check` on a CUDA machine (after `scripts/gpu-check.sh
+# --fetch-wheels` where pip reaches PyPI); GPU_CHECK_ARGS=--dry-run runs it on the CPU, as CI does.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash scripts/gpu-check.sh $(GPU_CHECK_ARGS)
+
 # Encode -> decode round trip of a real bundle with the bundled default model.
 run: install
 	mkdir -p $(OUT)
@@ -51,9 +57,12 @@ lint: install
 # Rebuild the bundled default model from ../shared/data/subject01 (see models/default/MODEL_CARD.md).
 # Re-running resumes the training run in runs/default where it stopped.
 DEFAULT_TRAIN_ARGS ?= --kind vq_diff --steps 12500 --batch-size 32 --lr 2e-3 --eval-every 500 --seed 0
+# 0: the bundled model's split (validation only, from before the test split); 0.1 (with a fresh runs/default-data
+# and runs/default) retrains it with a within-subject test split that vqdiff-evaluate then reports.
+DEFAULT_TEST_FRACTION ?= 0
 default-model: install
 	test -f runs/default-data/manifest.json || \
-	  $(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --seed 0
+	  $(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --test-fraction $(DEFAULT_TEST_FRACTION) --seed 0
 	$(BIN)/vqdiff-train runs/default-data runs/default $(DEFAULT_TRAIN_ARGS)
 	$(BIN)/vqdiff-evaluate runs/default/best runs/default-data runs/default-eval -f \
 	  --paper-table $(SHARED)/paper_buan_table.csv
@@ -63,7 +72,7 @@ default-model: install
 TABLE1_ARGS ?= --steps 1500 --batch-size 32 --lr 2e-3 --eval-every 1500 --seed 0
 table1: install
 	test -f runs/default-data/manifest.json || \
-	  $(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --seed 0
+	  $(BIN)/vqdiff-prepare $(SHARED)/subject01 runs/default-data --val-fraction 0.1 --test-fraction $(DEFAULT_TEST_FRACTION) --seed 0
 	for k in ae vae vq vq_ema vq_diff; do \
 	  $(BIN)/vqdiff-train runs/default-data runs/table1/$$k --kind $$k $(TABLE1_ARGS) --no-progress && \
 	  $(BIN)/vqdiff-evaluate runs/table1/$$k/last runs/default-data runs/table1/$$k-eval -f --no-figures \

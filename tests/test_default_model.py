@@ -28,7 +28,8 @@ def test_evaluate_reproduces_model_card(subject_dir, tmp_path):
     from vqdiff.training.evaluate import evaluate
 
     card = json.loads((MODEL / "metrics.json").read_text())
-    manifest = prepare_dataset(subject_dir, tmp_path / "data", val_fraction=0.1, seed=0)
+    # the card's split: validation only (made before the test split; format 1's split and hash)
+    manifest = prepare_dataset(subject_dir, tmp_path / "data", val_fraction=0.1, test_fraction=0.0, seed=0)
     assert manifest["sha256"] == card["data_manifest_sha256"], "the split differs from the one the card used"
     got = evaluate(MODEL, tmp_path / "data", tmp_path / "eval", figures=False)
     assert got["groups"] == card["groups"]

@@ -1,4 +1,10 @@
-"""The paper's evaluation protocol on a prepared dataset's held-out groups.
+"""The paper's evaluation protocol on a prepared dataset's held-out groups of one split.
+
+Split (``split=``): ``"test"`` -- groups never seen in training nor in model selection (the
+default when the dataset has a test split) -- or ``"val"`` -- the validation groups that selected
+``best/`` (optimistic for a ``best/`` checkpoint; the only choice for format-1 datasets, and then
+the default). ``metrics.json`` records ``"split"`` and a human ``"split_label"`` ("within-subject
+test", "held-out-subject test", "validation (selection)"); table.md says it in its first line.
 
 Per bundle: BUAN (dipy's ``bundle_shape_similarity(x, x_recon, rng, clust_thr=[0], threshold=T)``,
 computed exactly by `vqdiff.metrics.buan_score`) on each held-out group of 64, plus MSE in model
@@ -28,6 +34,32 @@ from vqdiff.geometry import groups_to_model, model_to_groups
 from vqdiff.metrics import buan_score, mean_mdf, mean_pointwise_distance
 
 from .data import load_dataset
+
+SPLITS = ("test", "val")
+
+
+def split_label(split: str, split_by: str | None = "group") -> str:
+    """What the groups of ``split`` are, for tables and model cards."""
+    if split == "test":
+        return "held-out-subject test" if split_by == "subject" else "within-subject test"
+    return "validation (selection)"
+
+
+def resolve_split(split: str | None, bundles) -> tuple[str, str | None]:
+    """(split, note): ``split`` checked against the data, or the default (test when there is one)."""
+    has_test = any(len(b.test_groups) for b in bundles)
+    if split is None:
+        if has_test:
+            return "test", "no split given: evaluating on the test split (never seen in training or selection)"
+        return "val", ("the dataset has no test split (prepared without --test-fraction, or format 1): evaluating "
+                       "on the validation split, which selected best/ -- optimistic for that checkpoint")
+    if split == "validation":
+        split = "val"
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; select one of {SPLITS}")
+    if split == "test" and not has_test:
+        raise ValueError("the dataset has no test split; prepare it with --test-fraction > 0, or pass --split val")
+    return split, None
 
 log = logging.getLogger(__name__)
 EPSILONS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -63,38 +95,52 @@ def robustness(model, norm, x: torch.Tensor, *, threshold: float, n_dirs: int = 
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, *, threshold: float = 5.0,
-             paper_table: str | Path | None = None, figures: bool = True, n_dirs: int = 2) -> dict:
-    """Evaluate ``checkpoint`` on the held-out groups of ``data_dir``; write results to ``out_dir``."""
+             paper_table: str | Path | None = None, figures: bool = True, n_dirs: int = 2,
+             split: str | None = None) -> dict:
+    """Evaluate ``checkpoint`` on the held-out groups of ``split`` of ``data_dir`` (default: test when the
+    dataset has one, else validation; ``summary["split_note"]`` says so); write results to ``out_dir``."""
+    import dataclasses
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(checkpoint)
     model, norm = ck.model.eval(), ck.normalisation
     manifest, bundles = load_dataset(data_dir)
+    split, note = resolve_split(split, bundles)
+    if note:
+        log.warning("%s", note)
+    # the figures take the groups of the chosen split where they read held-out groups
+    bundles = [dataclasses.replace(b, val_groups=b.held_out(split)) for b in bundles]
     per_bundle, all_x, all_rec = {}, [], []
     for b in bundles:
-        if len(b.val_groups) == 0:
+        groups = b.val_groups
+        if len(groups) == 0:
             continue
-        x = torch.from_numpy(groups_to_model(norm.apply(b.val_groups)))
+        x = torch.from_numpy(groups_to_model(norm.apply(groups)))
         _, rec = _reconstruct(model, x)
         rec_mm = norm.invert(model_to_groups(rec.numpy()))
-        buan = buan_score(b.val_groups, rec_mm, threshold=threshold)
+        buan = buan_score(groups, rec_mm, threshold=threshold)
         per_bundle[b.bundle] = {
-            "groups": len(b.val_groups),
+            "groups": len(groups),
             "buan_mean": float(np.mean(buan)),
             "buan_std": float(np.std(buan)),
             "mse": float(torch.mean((rec - x) ** 2)),
-            "mdf_mm": float(np.mean(mean_mdf(b.val_groups, rec_mm))),
-            "pointwise_mm": float(np.mean(mean_pointwise_distance(b.val_groups, rec_mm))),
+            "mdf_mm": float(np.mean(mean_mdf(groups, rec_mm))),
+            "pointwise_mm": float(np.mean(mean_pointwise_distance(groups, rec_mm))),
         }
-        all_x.append(b.val_groups)
+        all_x.append(groups)
         all_rec.append(rec_mm)
     if not per_bundle:
-        raise ValueError(f"{data_dir} has no held-out groups; prepare it with --val-fraction > 0")
+        raise ValueError(f"{data_dir} has no {split} groups; prepare it with --val-fraction / --test-fraction > 0")
     x_all, rec_all = np.concatenate(all_x), np.concatenate(all_rec)
     buan_all = buan_score(x_all, rec_all, threshold=threshold)
     x_t = torch.from_numpy(groups_to_model(norm.apply(x_all)))
     summary = {
         "model": {"id": ck.model_id, "kind": model.kind, "sha256": ck.model_hash},
+        "split": split,
+        "split_label": split_label(split, manifest.get("split_by")),
+        "split_note": note,
+        "data_split": {k: manifest.get(k) for k in ("split_by", "val_fraction", "test_fraction", "seed")},
         "data_manifest_sha256": manifest.get("sha256"),
         "threshold": threshold,
         "groups": int(len(x_all)),
@@ -130,7 +176,8 @@ def markdown_table(summary: dict, paper_table: str | Path | None = None) -> str:
     paper = read_paper_table(paper_table) if paper_table else {}
     col = PAPER_COLUMNS.get(summary["model"]["kind"])
     head = "| Bundle | groups | BUAN (ours) | paper BUAN | mean MDF (mm) | point-wise (mm) | MSE |\n"
-    lines = [f"BUAN at threshold {summary['threshold']} on held-out groups; model {summary['model']['id']} "
+    where = summary.get("split_label", split_label("val"))  # (metrics of before the test split: validation)
+    lines = [f"BUAN at threshold {summary['threshold']} on the {where} groups; model {summary['model']['id']} "
              f"({summary['model']['kind']}, {summary['model']['sha256'][:12]})\n\n", head,
              "|---|---|---|---|---|---|---|\n"]
     for name, m in summary["per_bundle"].items():

@@ -2,8 +2,11 @@
 
 ``python -m vqdiff.training.model_card RUN_DIR EVAL_DIR OUT_MODEL_DIR`` copies ``RUN_DIR/best``
 (weights + config) into ``OUT_MODEL_DIR`` and writes ``MODEL_CARD.md``, ``metrics.json`` and
-``learning_curve.png`` (held-out BUAN and mean MDF against training wall time, from
-``RUN_DIR/log.jsonl``), so the published model documents how it was made.
+``learning_curve.png`` (validation BUAN and mean MDF against training wall time, from
+``RUN_DIR/log.jsonl``), so the published model documents how it was made. Every number says which
+split it comes from: "within-subject test" (groups never seen in training nor in selection) or
+"validation (selection)" (the groups that picked ``best/``; evaluations of datasets without a test
+split, and the learning curve).
 """
 
 from __future__ import annotations
@@ -32,14 +35,28 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
     ax1.plot(t, [r["val_buan"] for r in curve], "o-", color="tab:blue", ms=3)
     ax1.set_xlabel("training wall time (min)")
-    ax1.set_ylabel("held-out BUAN (T = 5)", color="tab:blue")
+    ax1.set_ylabel("validation BUAN (T = 5)", color="tab:blue")
     ax2 = ax1.twinx()
     ax2.plot(t, [r["val_mdf"] for r in curve], "s-", color="tab:red", ms=3)
-    ax2.set_ylabel("held-out mean MDF (units)", color="tab:red")
+    ax2.set_ylabel("validation mean MDF (units)", color="tab:red")
     ax2.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def split_rows(metrics: dict) -> tuple[str, str]:
+    """(the split row of the card, the label of the evaluated groups) from an evaluation's metrics."""
+    label = metrics.get("split_label", "validation (selection)")  # metrics of before the test split: validation
+    ds = metrics.get("data_split")
+    if not ds:
+        return ("by canonical group of 64, fixed seed, 10% of each bundle's groups held out for validation "
+                "(selection; >= 1 per bundle), no test split"), label
+    unit = "subject" if ds.get("split_by") == "subject" else "canonical group of 64"
+    test = (f", test {ds.get('test_fraction', 0):.0%} (never seen in training or selection)"
+            if ds.get("test_fraction") else ", no test split")
+    return (f"by {unit}, seed {ds.get('seed')}: validation {ds.get('val_fraction', 0):.0%} (selection: best/, "
+            f"early stopping){test}"), label
 
 
 def write_card(run_dir: Path, eval_dir: Path, out: Path, *, command: str) -> Path:
@@ -57,6 +74,7 @@ def write_card(run_dir: Path, eval_dir: Path, out: Path, *, command: str) -> Pat
     if curve:
         plot_curve(curve, out / "learning_curve.png")
     tr = cfg.get("training", {})
+    split_row, label = split_rows(metrics)
     table = (eval_dir / "table.md").read_text() if (eval_dir / "table.md").is_file() else ""
     curve_md = "\n".join(
         f"| {r['step']} | {r['wall_s'] / 60:.1f} | {r['val_buan']:.4f} | {r['val_mdf']:.3f} | {r['val_mse']:.2e} |"
@@ -71,21 +89,21 @@ subject as released by the VQ-Diff authors, coordinates = the authors' [-1, 1] s
 |---|---|
 | weights sha256 | `{ck.model_hash}` |
 | data manifest sha256 | `{cfg.get('data_manifest_sha256')}` |
-| split | by canonical group of 64, fixed seed, 10% of each bundle's groups held out (>= 1 per bundle) |
+| split | {split_row} |
 | steps | {tr.get('steps_done')} of {tr.get('steps')} (batch {tr.get('batch_size')}, lr {tr.get('lr')}, {tr.get('schedule')}) |
 | training wall time | {tr.get('wall_time_s', 0) / 60:.1f} min on `{tr.get('device')}` (torch {tr.get('torch')}, precision {tr.get('precision')}) |
 | normalisation | center {[round(c, 3) for c in ck.normalisation.center]}, scale {ck.normalisation.scale:.4f} |
-| held-out BUAN (T = 5) | **{metrics['buan_mean']:.4f} ± {metrics['buan_std']:.4f}** over {metrics['groups']} groups |
-| held-out mean MDF | **{metrics['mdf_mm']:.3f}** units; point-wise {metrics['pointwise_mm']:.3f}; MSE {metrics['mse']:.2e} |
-| robustness AUC | {metrics['robustness']['auc']:.4f} |
+| {label} BUAN (T = 5) | **{metrics['buan_mean']:.4f} ± {metrics['buan_std']:.4f}** over {metrics['groups']} groups |
+| {label} mean MDF | **{metrics['mdf_mm']:.3f}** units; point-wise {metrics['pointwise_mm']:.3f}; MSE {metrics['mse']:.2e} |
+| robustness AUC ({label}) | {metrics['robustness']['auc']:.4f} |
 
 Rebuild: `{command}`
 
-## Per bundle (held-out groups)
+## Per bundle ({label} groups)
 
 {table}
 
-## Learning curve (held-out)
+## Learning curve (validation (selection) groups)
 
 | step | wall (min) | BUAN | mean MDF | MSE |
 |---|---|---|---|---|

@@ -3,6 +3,13 @@
 Outputs in ``out_dir``: ``last/`` and ``best/`` checkpoints (``model.safetensors`` +
 ``config.json``; ``last/`` also ``train_state.pt`` for exact resume: optimizer, scheduler,
 step, RNG states, wall time), and ``log.jsonl`` (one line per log / validation event).
+
+Splits: training groups come from the dataset's training split only; the validation split selects
+``best/`` (lowest validation mean MDF) and stops early with ``patience``; the test split
+(`BundleData.test_groups`) is never read here. ``init_from`` (fine-tuning) starts from another
+checkpoint's weights and adopts its architecture and normalisation (no refit); it is recorded as
+``training.init_from`` (path, model id, weights sha256, kind) in every checkpoint written.
+Augmentations (`vqdiff.training.augment`, all off by default) are applied by the group sampler.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vqdiff.bottlenecks import bottleneck_config_from_dict, bottleneck_config_to_dict
 from vqdiff.checkpoint import load_checkpoint, save_checkpoint
 from vqdiff.codec import TEMPLATES_FILE
 from vqdiff.errors import CheckpointError
@@ -28,6 +36,7 @@ from vqdiff.models import ModelConfig, StreamlineAutoencoder
 from vqdiff.normalise import Normalisation
 from vqdiff.templates import Templates
 
+from .augment import Augmentation
 from .data import GroupSampler, load_dataset
 
 log = logging.getLogger(__name__)
@@ -60,14 +69,51 @@ class TrainConfig:
     compile: bool = False
     balance: bool = False
     max_extra: int = 32
-    rotate_deg: float = 0.0
-    translate_mm: float = 0.0
+    # augmentations (vqdiff.training.augment; all off by default)
+    rotate_deg: float = 0.0  # uniform in +- this about each axis (<= vqdiff.templates.ROTATION_DEG)
+    translate_mm: float = 0.0  # uniform in +- this per axis (<= vqdiff.templates.TRANSLATION_MM)
+    scale_range: tuple[float, float] = (1.0, 1.0)  # isotropic scale, log-uniform (within vqdiff.templates.SCALE_RANGE)
+    aniso_scale: float = 0.0  # per-axis scale exp(U(+-this))
+    shear: float = 0.0  # upper off-diagonal terms U(+-this)
+    mirror_prob: float = 0.0  # x -> 2 cx - x about the subject's mid-sagittal plane, with this probability
+    mirror_x: float | None = None  # that plane's x (default: from each subject's left/right bundle pairs)
+    elastic_mm: float = 0.0  # smooth displacement field, |u| <= this
+    elastic_wavelength_mm: float = 80.0  # shortest wavelength of the field
+    jitter_mm: float = 0.0  # Gaussian noise per point (std)
     eval_every: int = 250
+    patience: int = 0  # stop after this many validations without a better validation MDF (0: never)
     seed: int = 0
     time_limit_s: float | None = None  # stop (and checkpoint) after this much wall time in this run
+    init_from: str | None = None  # fine-tune: a checkpoint directory whose weights, architecture, normalisation start the run
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.for_kind(self.kind, bottleneck=self.bottleneck, **self.model)
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation.from_config(self)
+
+
+def init_model_config(cfg: TrainConfig, init) -> ModelConfig:
+    """The architecture of a fine-tuning run: ``init``'s (a `Checkpoint`), with ``cfg.bottleneck``'s
+    training options (tau, commitment cost, ...) on top; a different kind or ``cfg.model`` is refused."""
+    path = cfg.init_from
+    if init.model.kind != cfg.kind:
+        raise CheckpointError(f"--init-from {path} is a {init.model.kind!r} model but --kind is {cfg.kind!r}; "
+                              "leave --kind out to adopt the checkpoint's kind")
+    if cfg.model:
+        raise CheckpointError(f"--model {cfg.model} cannot change the architecture of --init-from {path}: "
+                              "a fine-tuning run adopts it")
+    mc = init.model.config
+    if cfg.bottleneck:
+        try:
+            b = bottleneck_config_from_dict({**bottleneck_config_to_dict(mc.bottleneck), **cfg.bottleneck})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"--bottleneck {cfg.bottleneck}: {e}") from e
+        mc = ModelConfig.from_dict({**mc.to_dict(), "bottleneck": bottleneck_config_to_dict(b)})
+    return mc
 
 
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -139,21 +185,38 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress and self.rank == 0
         self.manifest, bundles = load_dataset(data_dir)
+        # validation groups select the model; the test groups (b.test_groups) are never read in training
         self.val_groups = np.concatenate([b.val_groups for b in bundles]) if bundles else np.zeros((0,))
         self.val_labels = np.concatenate([[b.label] * len(b.val_groups) for b in bundles]).astype(int)
         train_points = np.concatenate([b.train for b in bundles if len(b.train)])
         torch.manual_seed(cfg.seed)
+        self.init_info = None
+        if cfg.init_from:  # fine-tuning: the checkpoint's weights, architecture and normalisation
+            init = load_checkpoint(cfg.init_from)
+            self.model = StreamlineAutoencoder.from_config(init_model_config(cfg, init))
+            try:
+                self.model.load_state_dict(init.model.state_dict())
+            except RuntimeError as e:
+                raise CheckpointError(f"--bottleneck {cfg.bottleneck} changes the shape of --init-from's weights: {e}") from e
+            self.model.to(self.device)
+            self.norm = init.normalisation
+            self.init_info = {"path": str(cfg.init_from), "model_id": init.model_id, "sha256": init.model_hash,
+                              "kind": init.model.kind}
+            far = self.norm.out_of_range(train_points)
+            if far:
+                log.warning("the training data leaves the range of --init-from's normalisation: %s", far)
+        else:
+            self.model = StreamlineAutoencoder.from_config(cfg.model_config()).to(self.device)
+            self.norm = Normalisation.fit(train_points)
         self.sampler = GroupSampler(bundles, balance=cfg.balance or self.manifest.get("balance", False),
-                                    max_extra=cfg.max_extra, rotate_deg=cfg.rotate_deg,
-                                    translate_mm=cfg.translate_mm, seed=cfg.seed + 1000 * self.rank)
-        self.model = StreamlineAutoencoder.from_config(cfg.model_config()).to(self.device)
-        self.norm = Normalisation.fit(train_points)
+                                    max_extra=cfg.max_extra, augment=cfg.augmentation(), mirror_x=cfg.mirror_x,
+                                    seed=cfg.seed + 1000 * self.rank)
         self.templates = training_templates(bundles).to_bytes() if self.rank == 0 else b""
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
-        self.step, self.wall, self.best = 0, 0.0, math.inf
+        self.step, self.wall, self.best, self.stale = 0, 0.0, math.inf, 0
         if resume and (self.out / "last" / STATE).is_file():
             self._load_state()
         elif resume and any((self.out / d).exists() for d in ("last", "best")):
@@ -170,9 +233,12 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _extra(self, metrics: dict | None = None) -> dict:
         return {
-            "training": {**asdict(self.cfg), "steps_done": self.step, "wall_time_s": round(self.wall, 1),
-                         "world_size": self.world, "device": str(self.device), "torch": torch.__version__},
+            "training": {**asdict(self.cfg), "init_from": self.init_info, "steps_done": self.step,
+                         "wall_time_s": round(self.wall, 1), "world_size": self.world, "device": str(self.device),
+                         "torch": torch.__version__, "selection_split": "validation",
+                         **({"mirror_planes_x": self.sampler.mirror_planes} if self.sampler.mirror_planes else {})},
             "data_manifest_sha256": self.manifest.get("sha256"),
+            "data_split": {k: self.manifest.get(k) for k in ("split_by", "val_fraction", "test_fraction", "seed")},
             "bundles": self.manifest.get("bundles"),
             "metrics": metrics or {},
         }
@@ -207,7 +273,7 @@ class Trainer:
         if not best:  # the resume state is written inside the same atomic swap as the weights
             ranks = ranks or [self._rank_state()]
             state = {
-                "step": self.step, "wall": self.wall, "best": self.best,
+                "step": self.step, "wall": self.wall, "best": self.best, "stale": self.stale,
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "torch_rng": ranks[0]["torch_rng"], "sampler_rng": ranks[0]["sampler_rng"],
                 "ranks": ranks, "world_size": self.world,
@@ -220,6 +286,13 @@ class Trainer:
 
     def _load_state(self) -> None:
         ck = load_checkpoint(self.out / "last", device=self.device)
+        saved = ck.info.get("training", {}).get("init_from")
+        if (saved or {}).get("sha256") != (self.init_info or {}).get("sha256"):
+            was = f"fine-tuned from {saved['path']} (weights {saved['sha256'][:12]})" if saved else "trained from scratch"
+            now = (f"--init-from {self.init_info['path']} (weights {self.init_info['sha256'][:12]})" if self.init_info
+                   else "no --init-from")
+            raise CheckpointError(f"{self.out / 'last'} was {was}; resuming it with {now} would mix two runs: "
+                                  "give the same --init-from, or --fresh, or another OUT_DIR")
         self.model.load_state_dict(ck.model.state_dict())
         self.norm = ck.normalisation
         state = torch.load(self.out / "last" / STATE, map_location="cpu", weights_only=True)
@@ -236,6 +309,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(mine["cuda_rng"])
         self.sampler.set_state(json.loads(mine["sampler_rng"]))
         self.step, self.wall, self.best = int(state["step"]), float(state["wall"]), float(state["best"])
+        self.stale = int(state.get("stale", 0))
         log.info("resumed from %s at step %d (%.0f s trained)", self.out / "last", self.step, self.wall)
 
     def _log(self, record: dict) -> None:
@@ -275,8 +349,11 @@ class Trainer:
         started = time.perf_counter()
         wall0 = self.wall
         metrics: dict = {}
-        stopped_early = False
+        stopped_early, stop_reason = False, None
         while self.step < cfg.steps:
+            if cfg.patience and self.stale >= cfg.patience:  # (a resumed run that had stopped early)
+                stopped_early, stop_reason = True, "patience"
+                break
             rec = self.train_step(self.sampler.sample(cfg.batch_size))
             self.step += 1
             self.wall = wall0 + time.perf_counter() - started
@@ -288,13 +365,18 @@ class Trainer:
             out_of_time = cfg.time_limit_s is not None and self._agree(time.perf_counter() - started > cfg.time_limit_s)
             if self.step % cfg.eval_every == 0 or last or out_of_time:
                 metrics = self.evaluate_and_save()
+                if cfg.patience and not last and self._agree(self.stale >= cfg.patience):
+                    stopped_early, stop_reason = True, "patience"
+                    log.info("no better validation MDF in %d validations: stopping at step %d", self.stale, self.step)
+                    break
             if out_of_time and not last:
-                stopped_early = True
+                stopped_early, stop_reason = True, "time_limit"
                 break
         bar.close()
         if self.world > 1:
             torch.distributed.barrier()
-        return {"step": self.step, "wall_time_s": self.wall, "stopped_early": stopped_early, **metrics}
+        return {"step": self.step, "wall_time_s": self.wall, "stopped_early": stopped_early,
+                "stop_reason": stop_reason, "selection_split": "validation", **metrics}
 
     def evaluate_and_save(self) -> dict:
         metrics = {}
@@ -307,8 +389,10 @@ class Trainer:
             log.info("step %d: %s", self.step, {k: round(v, 5) for k, v in metrics.items()})
             score = metrics.get("val_mdf", math.inf)
             if score < self.best:
-                self.best = score
+                self.best, self.stale = score, 0
                 self.save(metrics, best=True)
+            elif math.isfinite(score):  # (no validation groups: nothing to be patient about)
+                self.stale += 1
             self.save(metrics, ranks=ranks)
         if self.world > 1:
             torch.distributed.barrier()
