@@ -150,9 +150,13 @@ def convert(state: dict, kind: str):
     missing = sorted(set(ours) - set(mapped))
     if any(n in params for n in missing):
         raise AuthorsWeightsError(f"the file lacks weights for {[n for n in missing if n in params]}")
-    if missing:  # bottleneck state of ours the authors' code does not keep (e.g. EMA step counters)
-        log.info("keeping vqdiff's initial values for %s (not in the authors' file)", missing)
-    model.load_state_dict({**ours, **mapped}, strict=True)
+    if missing:  # bottleneck state the authors' code does not keep (the EMA step counter): the module's
+        # loader fills it from the statistics it is given (trained EMA statistics -> a warmed counter)
+        log.info("%s not in the authors' file: filled by the model's loader", missing)
+    try:
+        model.load_state_dict(mapped, strict=True)
+    except RuntimeError as e:
+        raise AuthorsWeightsError(f"the authors' weights do not fill a {kind!r} model: {e}") from e
     if kind == "vq_ema":
         _align_ema(model, state)
     return model.eval()

@@ -70,3 +70,43 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['template']} | {r['known']} | {r['residual_mm']} | {r['as_is_mean_mm']} | "
                      f"{r['as_is_p95_mm']} | {r['registered_mean_mm']} | {r['registered_p95_mm']} |")
     return "\n".join(lines) + "\n"
+
+
+# The AFQ bundles with a counterpart in subject01 (PYT, IFOF, ILF): the figures the default model is held to.
+TARGET_BUNDLES = ("Left_Corticospinal", "Right_Corticospinal", "Left_IFOF", "Right_IFOF", "Left_ILF", "Right_ILF")
+
+
+def best_of(row: dict[str, Any]) -> float:
+    """A model's figure on a bundle: the better of as-is and registered mean MDF (mm)."""
+    return min(row["as_is_mean_mm"], row["registered_mean_mm"])
+
+
+def target_summary(summary: dict[str, Any], bundles=TARGET_BUNDLES) -> dict[str, Any]:
+    """Median / max over ``bundles`` of the registered and best-of mean MDF (mm)."""
+    rows = [summary["bundles"][b] for b in bundles if b in summary["bundles"]]
+    if not rows:
+        return {"bundles": 0}
+    reg = [r["registered_mean_mm"] for r in rows]
+    best = [best_of(r) for r in rows]
+    return {"bundles": len(rows), "median_registered_mm": round(float(np.median(reg)), 3),
+            "max_registered_mm": round(float(np.max(reg)), 3), "median_best_mm": round(float(np.median(best)), 3),
+            "max_best_mm": round(float(np.max(best)), 3)}
+
+
+def comparison_markdown(summaries: dict[str, dict[str, Any]], bundles=TARGET_BUNDLES) -> str:
+    """One table: per bundle, every model's as-is / registered mean MDF (mm), then the medians."""
+    names = list(summaries)
+    lines = ["| AFQ bundle | " + " | ".join(f"{n} as-is / registered" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for b in bundles:
+        cells = []
+        for n in names:
+            r = summaries[n]["bundles"].get(b)
+            cells.append(f"{r['as_is_mean_mm']:.2f} / {r['registered_mean_mm']:.2f}" if r else "–")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    t = {n: target_summary(s, bundles) for n, s in summaries.items()}
+    lines.append("| **median (max), registered** | " + " | ".join(
+        f"{t[n]['median_registered_mm']:.2f} ({t[n]['max_registered_mm']:.2f})" for n in names) + " |")
+    lines.append("| **median (max), better of the two** | " + " | ".join(
+        f"{t[n]['median_best_mm']:.2f} ({t[n]['max_best_mm']:.2f})" for n in names) + " |")
+    return "\n".join(lines) + "\n"

@@ -59,13 +59,42 @@ def split_rows(metrics: dict) -> tuple[str, str]:
             f"early stopping){test}"), label
 
 
-def write_card(run_dir: Path, eval_dir: Path, out: Path, *, command: str) -> Path:
+def cross_subject_section(cross: Path | None, compare: dict[str, Path], model_id: str, selection: str) -> str:
+    """The card's cross-subject section: this model beside others on the same bundles (validation data)."""
+    if cross is None:
+        return ""
+    from .cross_subject import comparison_markdown, markdown
+
+    mine = json.loads((cross / "cross_subject.json").read_text())
+    summaries = {model_id: mine, **{n: json.loads((d / "cross_subject.json").read_text()) for n, d in compare.items()}}
+    return f"""
+## Cross-subject ({mine.get('data_role', 'cross-subject validation')})
+
+Real bundles of another subject in its own space (`{Path(mine['data']).name}`), never trained on.
+{selection}
+Mean MDF over the streamlines in the input's mm, encoded as given (`register="off"`) and registered
+into the model's space (`register="auto"`, decoded back): AFQ's Corticospinal / IFOF / ILF, the
+bundles with a counterpart in subject01. Reproduce: `vqdiff-evaluate MODEL {mine['data']} OUT --cross-subject`.
+
+{comparison_markdown(summaries)}
+All bundles of that subject with this model:
+
+{markdown(mine)}"""
+
+
+def write_card(run_dir: Path, eval_dir: Path, out: Path, *, command: str, cross: Path | None = None,
+               compare: dict[str, Path] | None = None, selection: str = "") -> Path:
     cfg = read_config(run_dir / "best")
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     ck = load_checkpoint(run_dir / "best")
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy2(run_dir / "best" / name, out / name)
+    for name in ("model.safetensors", "config.json", "templates.safetensors"):
+        if (run_dir / "best" / name).is_file():
+            shutil.copy2(run_dir / "best" / name, out / name)
+    init = cfg.get("training", {}).get("init_from") or {}
+    licence = Path(init.get("path", "")) / "LICENSE-authors.txt" if init.get("path") else None
+    if licence is not None and licence.is_file():  # weights derived from the authors' keep their licence
+        shutil.copy2(licence, out / licence.name)
     shutil.copy2(eval_dir / "metrics.json", out / "metrics.json")
     for png in ("reconstructions.png", "latent_tsne.png", "perturbation.png"):
         if (eval_dir / png).is_file():
@@ -80,9 +109,12 @@ def write_card(run_dir: Path, eval_dir: Path, out: Path, *, command: str) -> Pat
         f"| {r['step']} | {r['wall_s'] / 60:.1f} | {r['val_buan']:.4f} | {r['val_mdf']:.3f} | {r['val_mse']:.2e} |"
         for r in curve
     )
+    init = tr.get("init_from")
+    origin = (f"fine-tuned from `{init.get('model_id')}` (weights `{str(init.get('sha256'))[:12]}`, {init.get('path')}) on"
+              if init else "trained on")
     text = f"""# Model card: {cfg.get('model_id')}
 
-VQ-Diff ({ck.model.kind}) trained on the 12 bundles of `../shared/data/subject01` (one TractoInferno
+{ck.model.kind} {origin} the 12 bundles of `../shared/data/subject01` (one TractoInferno
 subject as released by the VQ-Diff authors, coordinates = the authors' [-1, 1] space x 100).
 
 | | |
@@ -112,6 +144,7 @@ Rebuild: `{command}`
 ![learning curve](learning_curve.png) ![reconstructions](reconstructions.png)
 ![latent t-SNE](latent_tsne.png) ![perturbation](perturbation.png)
 
+{cross_subject_section(cross, compare or {}, cfg.get('model_id'), selection)}
 ## Training configuration
 
 ```json
@@ -128,12 +161,19 @@ def main(argv=None) -> None:
     p.add_argument("in_eval", help="Folder written by vqdiff-evaluate for RUN/best.")
     p.add_argument("out_model", help="Model folder to publish (e.g. models/default).")
     p.add_argument("--command", default="make default-model", help="The command that rebuilds this model.")
+    p.add_argument("--cross-subject", help="Folder with this model's cross_subject.json (vqdiff-evaluate --cross-subject).")
+    p.add_argument("--compare", nargs="*", default=[], metavar="NAME=DIR",
+                   help="Other models' cross-subject folders to show beside this one.")
+    p.add_argument("--selection", default="", help="How the model was chosen (a sentence for the card).")
     add_overwrite_arg(p)
     args = p.parse_args(argv)
 
     def work():
         check_outputs(p, [args.out_model], args.overwrite, remove=True)
-        print(write_card(Path(args.in_run), Path(args.in_eval), Path(args.out_model), command=args.command))
+        compare = dict(c.split("=", 1) for c in args.compare)
+        print(write_card(Path(args.in_run), Path(args.in_eval), Path(args.out_model), command=args.command,
+                         cross=Path(args.cross_subject) if args.cross_subject else None,
+                         compare={k: Path(v) for k, v in compare.items()}, selection=args.selection))
 
     run_main(work)
 

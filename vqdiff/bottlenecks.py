@@ -11,14 +11,23 @@ Kinds
 ``vq``       VQ-VAE (van den Oord et al. 2017): nearest code, straight-through gradient,
              codebook + commitment loss.
 ``vq_ema``   VQ-VAE whose codebook follows exponential moving averages of the assigned
-             encodings (buffers updated in place, never re-created).
+             encodings (van den Oord et al. 2017, appendix; Razavi et al. 2019): bias-corrected
+             EMA statistics, Laplace smoothing, and restart of dead codes to encoder outputs of
+             the current batch (Dhariwal et al. 2020, Jukebox). Buffers are updated in place,
+             never re-created.
 ``vq_diff``  VQ-Diff (this paper): codebook initialised N(0, sigma^2); weights
              w = gumbel_softmax(-||z - e||^2, tau) during training (gradients reach the codebook),
              w = softmax(-||z - e||^2 / tau) at inference (deterministic, no noise); s = w @ E.
+
+The codebook kinds (vq, vq_ema, vq_diff) compute in float32 even under autocast (distances,
+argmin, soft weights, the codebook product, EMA statistics): ``z`` is cast to float32 and their
+latents are float32 under autocast (the decoder's first conv casts them back), ``z``'s dtype otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -59,7 +68,10 @@ class VQEMAConfig:
     num_codes: int = 512
     commitment_cost: float = 0.25
     decay: float = 0.99
-    epsilon: float = 1e-5
+    epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
+    # a code whose bias-corrected EMA usage (encodings assigned per training step, summed over the
+    # ranks) falls below this is restarted at an encoder output of the current batch; 0 disables
+    dead_code_threshold: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,23 @@ def _flatten(z: torch.Tensor) -> torch.Tensor:
 def _unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     b, d, h, w = like.shape
     return flat.reshape(b, h, w, d).permute(0, 3, 1, 2)
+
+
+def _full_precision(z: torch.Tensor):
+    """A context in which ops run at their input precision: autocast off where it is on, else nothing
+    (so that exported / traced graphs are unchanged)."""
+    if torch.is_autocast_enabled(z.device.type):
+        return torch.autocast(device_type=z.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _out_dtype(z: torch.Tensor) -> torch.dtype:
+    """float32 under autocast (the decoder's autocast conv accepts it), else the input's own dtype."""
+    return torch.float32 if torch.is_autocast_enabled(z.device.type) else z.dtype
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _perplexity(probs: torch.Tensor) -> torch.Tensor:
@@ -134,15 +163,19 @@ class VQBottleneck(nn.Module):
         return self.codebook
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
-        flat = _flatten(z)
-        codebook = self._codebook()
-        indices = squared_distances(flat, codebook).argmin(dim=1)  # (N,)
-        quantized = _unflatten(codebook[indices], z)
-        one_hot = F.one_hot(indices, codebook.shape[0])
-        loss = self._loss(z, quantized, flat, one_hot)
-        quantized = z + (quantized - z).detach()  # straight-through estimator
+        out_dtype = _out_dtype(z)
+        with _full_precision(z):
+            z = z.float()
+            flat = _flatten(z)
+            codebook = self._codebook().float()
+            indices = squared_distances(flat, codebook).argmin(dim=1)  # (N,)
+            quantized = _unflatten(codebook[indices], z)
+            one_hot = F.one_hot(indices, codebook.shape[0])
+            loss = self._loss(z, quantized, flat, one_hot)
+            quantized = z + (quantized - z).detach()  # straight-through estimator
+            perplexity = _perplexity(one_hot)
         b, _, h, w = z.shape
-        return BottleneckOutput(quantized, loss, indices.reshape(b, h, w), _perplexity(one_hot))
+        return BottleneckOutput(quantized.to(out_dtype), loss, indices.reshape(b, h, w), perplexity)
 
     def _loss(self, z, quantized, flat, one_hot) -> torch.Tensor:
         codebook_loss = F.mse_loss(quantized, z.detach())
@@ -151,35 +184,93 @@ class VQBottleneck(nn.Module):
 
 
 class VQEMABottleneck(VQBottleneck):
-    """VQ with an EMA codebook: the codebook is a buffer, updated in place under no_grad."""
+    """VQ with an EMA codebook: the codebook is a buffer, updated in place under no_grad.
+
+    Per training step t, with n_k encodings assigned to code k and s_k their sum (summed over the
+    ranks under torch.distributed), the raw EMAs are ``N_k <- d N_k + (1 - d) n_k`` and
+    ``m_k <- d m_k + (1 - d) s_k`` from zero (buffers ``ema_cluster_size``, ``ema_weight``; step
+    counter ``ema_steps``). They are bias-corrected, ``N^_k = N_k / (1 - d^t)`` (likewise m^), so the
+    first step already holds the batch's own statistics, and ``e_k = m^_k / N~_k`` with the
+    Laplace-smoothed size ``N~_k = (N^_k + eps) / (sum N^ + K eps) * sum N^``.
+    A code whose usage N^_k falls below ``dead_code_threshold`` is restarted at a random encoder
+    output of the current batch (distinct rows, drawn with the torch RNG; under torch.distributed
+    rank 0's draw is broadcast, so every rank restarts the same codes at the same vectors), and its
+    statistics restart as ``dead_code_threshold`` pseudo-assignments at that vector.
+    """
 
     def __init__(self, dim: int, config: VQEMAConfig):
         nn.Module.__init__(self)
         self.config = config
-        init = torch.randn(config.num_codes, dim)
-        self.register_buffer("codebook", init.clone())
+        self.register_buffer("codebook", torch.randn(config.num_codes, dim))
         self.register_buffer("ema_cluster_size", torch.zeros(config.num_codes))
-        self.register_buffer("ema_weight", init.clone())
+        self.register_buffer("ema_weight", torch.zeros(config.num_codes, dim))
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
 
     def _loss(self, z, quantized, flat, one_hot) -> torch.Tensor:
         if self.training:
             self._ema_update(flat.detach(), one_hot)
         return self.config.commitment_cost * F.mse_loss(z, quantized.detach())
 
+    def _warm_steps(self) -> int:
+        """The number of steps after which 1 - decay^t is 1 in float32."""
+        d = self.config.decay
+        return max(1, math.ceil(math.log(2.0**-24) / math.log(d))) if 0.0 < d < 1.0 else 1
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "ema_steps"
+        if key not in state_dict:
+            # a checkpoint from before the step counter (its statistics have no bias correction): a
+            # trained one counts as warmed up (1 - decay^t = 1), an untrained one as step 0
+            sizes = state_dict.get(prefix + "ema_cluster_size")
+            trained = sizes is not None and sizes.device.type != "meta" and bool(sizes.sum() > 0)
+            state_dict[key] = torch.tensor(self._warm_steps() if trained else 0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, one_hot: torch.Tensor) -> None:
         cfg = self.config
+        flat = flat.float()
         one_hot = one_hot.to(flat.dtype)
         counts = one_hot.sum(dim=0)  # (K,)
         sums = one_hot.t() @ flat  # (K, D)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
             torch.distributed.all_reduce(counts)
             torch.distributed.all_reduce(sums)
-        self.ema_cluster_size.mul_(cfg.decay).add_(counts.float(), alpha=1 - cfg.decay)
-        self.ema_weight.mul_(cfg.decay).add_(sums.float(), alpha=1 - cfg.decay)
-        n = self.ema_cluster_size.sum()
-        size = (self.ema_cluster_size + cfg.epsilon) / (n + cfg.num_codes * cfg.epsilon) * n  # Laplace
-        self.codebook.copy_(self.ema_weight / size.unsqueeze(1))
+        # at step 0 whatever the buffers hold is dropped (the EMAs start from zero)
+        keep = cfg.decay * (self.ema_steps > 0).to(flat.dtype)
+        self.ema_cluster_size.mul_(keep).add_(counts.to(self.ema_cluster_size.dtype), alpha=1 - cfg.decay)
+        self.ema_weight.mul_(keep).add_(sums.to(self.ema_weight.dtype), alpha=1 - cfg.decay)
+        self.ema_steps.add_(1)
+        correction = 1.0 - cfg.decay ** self.ema_steps.to(flat.dtype)  # 1 - decay^t, a 0-d tensor
+        size = self.ema_cluster_size.float() / correction  # (K,) bias-corrected usage
+        weight = self.ema_weight.float() / correction  # (K, D)
+        n = size.sum()
+        smoothed = (size + cfg.epsilon) / (n + cfg.num_codes * cfg.epsilon) * n  # Laplace
+        codebook = weight / smoothed.unsqueeze(1)
+        codebook = torch.where((size > 0).unsqueeze(1), codebook, self.codebook.float())  # never assigned: kept
+        if cfg.dead_code_threshold > 0:
+            dead = size < cfg.dead_code_threshold  # (K,)
+            candidates = self._restart_candidates(flat)  # (K, D)
+            codebook = torch.where(dead.unsqueeze(1), candidates, codebook)
+            pseudo = cfg.dead_code_threshold * correction  # raw EMA value whose corrected usage is the threshold
+            self.ema_cluster_size.copy_(torch.where(dead, pseudo, self.ema_cluster_size.float()))
+            self.ema_weight.copy_(torch.where(dead.unsqueeze(1), candidates * pseudo, self.ema_weight.float()))
+        self.codebook.copy_(codebook)
+
+    def _restart_candidates(self, flat: torch.Tensor) -> torch.Tensor:
+        """(K, D) encoder outputs of this batch, one per code, distinct rows where the batch has enough;
+        the same on every rank (rank 0's). Drawn every step, so the RNG stream does not depend on usage."""
+        n, k = flat.shape[0], self.config.num_codes
+        if n >= k:
+            idx = torch.randperm(n, device=flat.device)[:k]
+        else:
+            idx = torch.randint(n, (k,), device=flat.device)
+        candidates = flat[idx].contiguous()
+        if _distributed():
+            torch.distributed.broadcast(candidates, src=0)
+        return candidates
 
 
 class VQDiffBottleneck(nn.Module):
@@ -189,18 +280,22 @@ class VQDiffBottleneck(nn.Module):
         self.codebook = nn.Parameter(torch.randn(config.num_codes, dim) * config.init_std)
 
     def code_weights(self, z: torch.Tensor) -> torch.Tensor:
-        """Soft assignment weights (B*H*W, K); Gumbel noise in training only."""
-        logits = -squared_distances(_flatten(z).float(), self.codebook.float())  # (N, K)
-        if self.training:
-            return F.gumbel_softmax(logits, tau=self.config.tau, hard=False, dim=-1)
-        return torch.softmax(logits / self.config.tau, dim=-1)
+        """Soft assignment weights (B*H*W, K), float32 even under autocast; Gumbel noise in training only."""
+        with _full_precision(z):
+            logits = -squared_distances(_flatten(z).float(), self.codebook.float())  # (N, K)
+            if self.training:
+                return F.gumbel_softmax(logits, tau=self.config.tau, hard=False, dim=-1)
+            return torch.softmax(logits / self.config.tau, dim=-1)
 
     def forward(self, z: torch.Tensor) -> BottleneckOutput:
-        weights = self.code_weights(z)  # (N, K)
-        s = _unflatten(weights @ self.codebook.float(), z).to(z.dtype)  # (B, D, H, W)
-        b, _, h, w = z.shape
-        indices = weights.argmax(dim=1).reshape(b, h, w)
-        return BottleneckOutput(s, z.new_zeros(()), indices, _perplexity(weights.detach()))
+        out_dtype = _out_dtype(z)
+        with _full_precision(z):
+            weights = self.code_weights(z)  # (N, K)
+            s = _unflatten(weights @ self.codebook.float(), z).to(out_dtype)  # (B, D, H, W)
+            b, _, h, w = z.shape
+            indices = weights.argmax(dim=1).reshape(b, h, w)
+            perplexity = _perplexity(weights.detach())
+        return BottleneckOutput(s, weights.new_zeros(()), indices, perplexity)
 
 
 # ----------------------------------------------------------------------------- registry
