@@ -94,6 +94,18 @@ def robustness(model, norm, x: torch.Tensor, *, threshold: float, n_dirs: int = 
     return {"epsilons": list(epsilons), "buan": curve, "auc": auc, "directions": n_dirs}
 
 
+@torch.no_grad()
+def codes_in_use(model, x: torch.Tensor) -> int | None:
+    """Distinct codes chosen (argmax / argmin per latent position) over ``x``; None without a codebook."""
+    used = set()
+    for i in range(0, len(x), 64):
+        idx = model.encode(x[i : i + 64]).indices
+        if idx is None:
+            return None
+        used.update(idx.unique().tolist())
+    return len(used)
+
+
 def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, *, threshold: float = 5.0,
              paper_table: str | Path | None = None, figures: bool = True, n_dirs: int = 2,
              split: str | None = None) -> dict:
@@ -150,6 +162,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, 
         "mdf_mm": float(np.mean(mean_mdf(x_all, rec_all))),
         "pointwise_mm": float(np.mean(mean_pointwise_distance(x_all, rec_all))),
         "robustness": robustness(model, norm, x_t, threshold=threshold, n_dirs=n_dirs),
+        "codes_in_use": codes_in_use(model, x_t),
         "per_bundle": per_bundle,
         "training": ck.info.get("training", {}),
     }

@@ -34,14 +34,18 @@ def build_table(runs: Path, paper_table: str | None) -> str:
             cells.append(f"{m['buan_mean']:.4f} ± {m['buan_std']:.4f}" if m else "–")
             cells.append(paper.get(b, {}).get(PAPER_COLUMNS[k], "–"))
         lines.append(f"| {b} | " + " | ".join(cells) + " |\n")
-    lines.append("\n| kind | held-out BUAN | mean MDF (units) | point-wise (units) | MSE | robustness AUC | steps | "
-                 "wall (min) |\n|---|---|---|---|---|---|---|---|\n")
+    label = next(iter(found.values())).get("split_label", "validation (selection)")
+    lines.insert(0, f"BUAN at T = 5 on the {label} groups (mean ± std over groups)\n\n")
+    lines.append(f"\n| kind | {label} BUAN | mean MDF (units) | point-wise (units) | MSE | robustness AUC | "
+                 "codes in use | steps (best) | wall (min) |\n|---|---|---|---|---|---|---|---|---|\n")
     for k in kinds:
         m = found[k]
         tr = m.get("training", {})
+        codes = m.get("codes_in_use")
         lines.append(f"| {k} | {m['buan_mean']:.4f} ± {m['buan_std']:.4f} | {m['mdf_mm']:.3f} | "
                      f"{m['pointwise_mm']:.3f} | {m['mse']:.2e} | {m['robustness']['auc']:.4f} | "
-                     f"{tr.get('steps_done', '?')} | {tr.get('wall_time_s', 0) / 60:.1f} |\n")
+                     f"{codes if codes is not None else '–'} | {tr.get('steps_done', '?')} | "
+                     f"{tr.get('wall_time_s', 0) / 60:.1f} |\n")
     return "".join(lines)
 
 
