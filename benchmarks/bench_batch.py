@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import LoadWatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             prepared = [codec.pipeline.prepare_encode(load_bundle(t.input)) for t in tasks]
         inputs = [x for x, _ in prepared]
         n_sl, n_groups = sum(st.n_streamlines for _, st in prepared), sum(len(x) for x in inputs)
-        load_before = os.getloadavg()
+        watch = LoadWatch(os.cpu_count())
+        load_before = watch.before
         engine_only(codec, inputs[:1], args.batch_size)  # warm-up
         print(f"{len(tasks)} files ({args.subjects} subjects), {n_sl} streamlines, {n_groups} groups; "
               f"model: {model_label}; engine {codec.engine.backend}/{codec.engine.provider}, "
@@ -186,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                   "cpu_bound_ceiling": round(ceiling, 3), "prepare_cpu_ms_per_group": round(1e3 * cpu["prepare"] / n_groups, 3),
                   "engine_cpu_ms_per_group": round(1e3 * cpu["engine"] / n_groups, 3),
                   "prepare_over_engine_cpu": round(prep_ratio, 3), "prepare_goal": 0.25,
-                  "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+                  "engine": f"{codec.engine.backend}/{getattr(codec.engine, 'variant_name', None) or codec.engine.provider}"}
+        load = watch.finish()
+        result.update({"load_average_before_after": [load_before[0], load["load_avg_after"][0]],
+                       "contended": load["contended"]})
         print(json.dumps(result))
     return 0
 

@@ -12,12 +12,14 @@ speed-up and the largest absolute difference of the scores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import LoadWatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     x = load_groups(args.data, args.groups)
     G = len(x)
     rng = np.random.default_rng(args.seed)
+    watch = LoadWatch(1)  # both versions run on one core (numpy, no threads)
     buan_score(x[:1], x[:1], threshold=args.threshold)  # warm-up (imports, allocations)
+    buan_score_dipy(x[:1], x[:1], threshold=args.threshold)  # the baseline too
     print(f"{G} groups of {x.shape[1]} streamlines x {x.shape[2]} points, threshold {args.threshold} mm")
     header = (
         f"{'sigma':>6} {'mean BA':>8} {'dipy ms/group':>14} {'fast ms/group':>14} "
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ratio:8.1f}x {diff:11.2e}"
         )
     print(f"min speed-up {worst_ratio:.1f}x, max |fast - dipy| {worst_diff:.2e}")
+    load = watch.finish()
+    print(json.dumps({"groups": G, "min_speedup": round(worst_ratio, 2), "max_abs_diff": worst_diff, **load}))
     return 0
 
 

@@ -9,8 +9,11 @@ thread CPU time and numpy's BLAS limited to one thread:
 - normalise: ``Normalisation.apply(groups)`` (a fixed isotropic map, as at inference);
 
 each the best (minimum) and the median of ``--repeats`` runs per file, summed over the files of a
-data set and divided by its number of canonical groups. Prints the CPU model and the SIMD flags that matter
-(avx2, avx512*, amx*), the load average before and after, and a final JSON line.
+data set and divided by its number of canonical groups, beside a baseline timed in the same run
+(nibabel's load + dipy's resampling to 64 points: the floor any preparation pays), after an untimed
+warm-up. Prints the CPU model and the ISA flags that matter (avx2, avx512*, amx*), the load average
+before and after (a WARNING and ``"contended": true`` when it exceeded the one core used), and a
+final JSON line.
 
     python benchmarks/bench_prepare.py [--data ../shared/data] [--repeats 7]
 
@@ -23,37 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from _common import LoadWatch, cpu_summary
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("parse", "canonicalise", "normalise")
-
-
-def cpu_summary() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    simd = sorted(f for f in flags if f in ("avx", "avx2", "fma") or f.startswith(("avx512", "amx")))
-    return {"model": model, "cores": os.cpu_count(), "simd": simd,
-            "avx512": any(f.startswith("avx512") for f in flags), "amx": any(f.startswith("amx") for f in flags)}
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def cpu_ms(fn, repeats: int):
@@ -64,6 +45,19 @@ def cpu_ms(fn, repeats: int):
         out = fn()
         times.append(time.thread_time() - t0)
     return min(times) * 1e3, statistics.median(times) * 1e3, out
+
+
+def baseline_files(files: list[Path], repeats: int) -> dict:
+    """The floor any preparation pays: nibabel's TRK load and dipy's resampling to 64 points."""
+    import nibabel as nib
+    from dipy.tracking.streamline import set_number_of_points
+
+    total, groups = 0.0, 0
+    for path in files:
+        best, _, sl = cpu_ms(lambda p=path: set_number_of_points(nib.streamlines.load(str(p)).streamlines, 64), repeats)
+        total += best
+        groups += -(-len(sl) // 64)
+    return {"ms_per_group": round(total / groups, 4), "groups": groups}
 
 
 def bench_files(files: list[Path], repeats: int) -> dict:
@@ -108,10 +102,11 @@ def main(argv=None) -> int:
 
     import vqdiff
 
-    cpu, load_before = cpu_summary(), load_average()
-    print(f"CPU: {cpu['model']} ({cpu['cores']} cores); SIMD: {' '.join(cpu['simd']) or 'none listed'}; "
+    cpu = cpu_summary()
+    print(f"CPU: {cpu['model']} ({cpu['cores']} cores); ISA: {' '.join(cpu['isa']) or 'none listed'}; "
           f"avx512: {'yes' if cpu['avx512'] else 'no'}, amx: {'yes' if cpu['amx'] else 'no'}")
-    print(f"vqdiff from {Path(vqdiff.__file__).parent}; load average before: {load_before}")
+    print(f"vqdiff from {Path(vqdiff.__file__).parent}")
+    watch = LoadWatch(1)  # one thread: BLAS limited below
     sets = {"subject01": sorted((args.data / "subject01").glob("*.trk")),
             "crosssubject": sorted((args.data / "crosssubject").glob("*/*.trk"))}
     results = {}
@@ -120,17 +115,21 @@ def main(argv=None) -> int:
             if not files:
                 print(f"{label}: no .trk files under {args.data}, skipped", file=sys.stderr)
                 continue
+            bench_files(files[:1], 1)  # warm-up (imports, caches), untimed
             r = results[label] = bench_files(files, args.repeats)
+            r["baseline"] = baseline_files(files, args.repeats)
             pts = r["points_per_streamline"]
             print(f"{label}: {r['files']} files, {r['streamlines']} streamlines, {r['groups']} groups, "
                   f"points {pts[:3]}{'...' if len(pts) > 3 else ''}")
             for kind in ("ms_per_group", "ms_per_group_median"):
                 print(f"  CPU ms/group ({'best' if kind == 'ms_per_group' else 'median'} of {args.repeats}): "
                       + ", ".join(f"{k} {v:.3f}" for k, v in r[kind].items()))
-    load_after = load_average()
-    print(f"load average after: {load_after}")
-    print(json.dumps({"cpu": cpu, "load_before": load_before, "load_after": load_after,
-                      "repeats": args.repeats, "results": results}))
+            b = r["baseline"]["ms_per_group"]
+            print(f"  baseline in the same run (nibabel load + dipy set_number_of_points, nothing else): "
+                  f"{b:.3f} ms/group; vqdiff's whole preparation is {r['ms_per_group']['total'] / b:.2f}x it")
+    load = watch.finish()
+    print(json.dumps({"cpu": cpu, "load_before": load["load_avg_before"], "load_after": load["load_avg_after"],
+                      "contended": load["contended"], "repeats": args.repeats, "results": results}))
     return 0 if results else 1
 
 

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import LoadWatch
 
 REPO = Path(__file__).resolve().parents[1]
 AFQ_KNOWN = {"Left_Corticospinal": "PYT_L", "Right_Corticospinal": "PYT_R", "Left_IFOF": "IFOF_L",
@@ -55,13 +56,6 @@ def cpu_summary() -> dict:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count()}
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def random_similarity(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -262,8 +256,9 @@ def main(argv=None) -> int:
     from vqdiff.io import load_bundle
     from vqdiff.templates import Templates
 
-    cpu, load_before = cpu_summary(), load_average()
-    print(f"CPU: {cpu['model']} ({cpu['cores']} cores); load average before: {load_before}")
+    cpu = cpu_summary()
+    print(f"CPU: {cpu['model']} ({cpu['cores']} cores)")
+    watch = LoadWatch(os.cpu_count())  # the encodes use every core; register one
     subj_dir, afq_dir = args.data / "subject01", args.data / "crosssubject" / "afq_browser"
     if not subj_dir.is_dir() or not afq_dir.is_dir():
         print(f"no data under {args.data}", file=sys.stderr)
@@ -294,9 +289,9 @@ def main(argv=None) -> int:
         results["reconstruction"] = reconstruction(templates, afq, codec)
         results["time"] = timing(templates, subject, args.repeats, codec)
     results["tracks300"] = voxel_like(templates, codec)
-    load_after = load_average()
-    print(f"load average after: {load_after}")
-    print(json.dumps({"cpu": cpu, "load_before": load_before, "load_after": load_after, **results}))
+    load = watch.finish()
+    print(json.dumps({"cpu": cpu, "load_before": load["load_avg_before"], "load_after": load["load_avg_after"],
+                      "contended": load["contended"], **results}))
     return 0
 
 

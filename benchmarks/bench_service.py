@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the serve-process helper of the tests
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import LoadWatch  # noqa: E402
 from serving import ServeProcess, make_dev_model  # noqa: E402
 
 
@@ -67,6 +68,11 @@ def offline(model_dir: Path, payloads, endpoint: str, backend: str, threads: int
     threadpool_limits(limits=1, user_api="blas")  # as in the gateway: numpy's BLAS single-threaded
     codec = make_codec(model_dir, backend=backend, threads=threads)  # with the model's templates, as served
     engine = codec.engine
+    name, data, _ = payloads[0]  # warm-up (kernels, allocations), untimed
+    if endpoint == "encode":
+        codec.encode(load_bundle_bytes(data, format="trk", name=name))
+    else:
+        codec.decode(Latents.from_bytes(data))
     n_req = n_sl = n_groups = 0
     engine_s = 0.0
     t0 = time.perf_counter()
@@ -167,6 +173,7 @@ def main(argv=None) -> int:
     results = {"model": str(model_dir), "endpoint": args.endpoint, "bundles": len(payloads),
                "streamlines_per_round": sum(p[2] for p in payloads), "cpus": os.cpu_count(), "levels": []}
 
+    watch = LoadWatch(os.cpu_count())  # server, gateway workers and clients share the machine
     off = [offline(model_dir, payloads, args.endpoint, args.backend, args.threads, args.seconds)]
     env = {"VQDIFF_MODEL": str(model_dir), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
            "VQDIFF_BACKEND": args.backend, "VQDIFF_THREADS": str(args.threads),
@@ -186,7 +193,9 @@ def main(argv=None) -> int:
     results["offline"] = {"req_per_s": rq, "streamlines_per_s": sl, "engine_groups_per_s": statistics.mean(eng) if eng
                           else None, "backend": off[0]["backend"], "provider": off[0]["provider"]}
     results["server_backend"] = f"{card.get('backend')}/{card.get('provider')}"
+    results["server_engine"] = {"variant": card.get("engine_variant"), "selection": (card.get("selection") or {}).get("reason")}
     print(_table(results))
+    results.update(watch.finish())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))

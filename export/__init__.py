@@ -3,7 +3,8 @@ interface over TensorRT -> ONNX Runtime CUDA -> ONNX Runtime CPU -> torch.
 
 ``vqdiff.export.onnx_export.export_checkpoint``  checkpoint -> export directory (``vqdiff-export``)
 ``vqdiff.export.runtime.load_engine``            export / checkpoint directory -> Engine
-``vqdiff.export.runtime.make_codec``             ... -> `vqdiff.codec.Codec`
+``vqdiff.export.runtime.make_codec``             ... -> `vqdiff.codec.Codec` (auto: ``select_engine``)
+``vqdiff.export.select.select_engine``           the fastest variant that passes the quality gate here
 ``vqdiff.export.tensorrt_build``                 TensorRT engines of an export
 ``vqdiff.export.quantize``                       int8 CPU variant, kept only when it wins
 ``vqdiff.export.bento_store``                    BentoML model store registration
@@ -12,17 +13,21 @@ Modules, each importing only those listed before it (no cycles)::
 
     manifest          the export directory contract (file names, manifest.json, checks)
     data              real groups for parity, calibration and benchmarks
-    engine_base       BackendUnavailable and the batching base of every engine
+    engine_base       BackendUnavailable, the batching base of every engine, the batch buckets
     ort_backend       ONNX Runtime sessions and OrtEngine (torch-free)
-    torch_backend     TorchBackendEngine (torch)
+    torch_backend     TorchBackendEngine (torch; fp32 / bf16 autocast + channels_last)
+    torch_cuda        CudaGraphEngine: autocast, channels_last, CUDA graphs, pinned overlapped copies
     tensorrt_runtime  TensorRTEngine and the TensorRT version policy (tensorrt, torch CUDA)
-    runtime           backend selection: load_engine, make_codec (torch-free for ONNX Runtime)
     onnx_tools        check / describe / fp16-convert ONNX files (onnx)
     parity            a backend against torch on real groups
     graphs            encoder / decoder graphs and their torch.onnx export (torch)
     quantize          the int8 CPU variant
     tensorrt_build    TensorRT engine builds, checked by parity
     onnx_export       export_checkpoint: the whole export
+    engine_cache      where a selection is kept (key: model x CPU flags x library versions)
+    variants          the engine variants, how each opens, the quality gate, export / int8 artefacts
+    select            select_engine: measure, gate, choose, cache; VQDIFF_ENGINE forces a variant
+    runtime           backend selection: load_engine, make_codec (torch-free for ONNX Runtime)
     cli_export, bento_store
 
 Submodules are imported lazily (``import vqdiff.export`` loads neither torch nor onnxruntime), and
@@ -34,6 +39,7 @@ from __future__ import annotations
 _LAZY = {
     "export_checkpoint": "vqdiff.export.onnx_export",
     "load_engine": "vqdiff.export.runtime",
+    "select_engine": "vqdiff.export.select",
     "make_codec": "vqdiff.export.runtime",
     "BackendUnavailable": "vqdiff.export.runtime",
     "read_manifest": "vqdiff.export.manifest",

@@ -13,10 +13,43 @@ import numpy as np
 from vqdiff.errors import VQDiffError
 
 DEFAULT_BATCH = 256  # groups per run, except ONNX Runtime on the CPU (see `ort_backend.ORT_CPU_BATCH`)
+DEFAULT_BUCKETS = (1, 8, 64, 512)  # batch sizes a CUDA graph engine captures (`torch_cuda`)
 
 
 class BackendUnavailable(VQDiffError, RuntimeError):
     """The backend asked for cannot run here (package, device, files or provider missing)."""
+
+
+def check_buckets(buckets) -> tuple[int, ...]:
+    """Sorted, distinct, positive batch sizes (the shapes a CUDA graph engine captures)."""
+    out = tuple(sorted({int(b) for b in buckets}))
+    if not out or out[0] < 1:
+        raise ValueError(f"buckets must be positive batch sizes, got {buckets!r}")
+    return out
+
+
+def bucket_for(n: int, buckets) -> int:
+    """The smallest bucket that holds ``n`` groups (``n`` <= the largest bucket)."""
+    buckets = check_buckets(buckets)
+    if not 1 <= n <= buckets[-1]:
+        raise ValueError(f"{n} groups do not fit the buckets {buckets}")
+    return next(b for b in buckets if b >= n)
+
+
+def bucket_chunks(n: int, buckets) -> list[tuple[int, int, int]]:
+    """How ``n`` groups run on fixed-shape graphs: ``(start, stop, bucket)`` per chunk.
+
+    Full chunks of the largest bucket, then the rest padded to the next bucket up; so at most
+    ``bucket - (stop - start)`` padded groups are computed and thrown away, in the last chunk only.
+    """
+    buckets = check_buckets(buckets)
+    top, out, start = buckets[-1], [], 0
+    while n - start > top:
+        out.append((start, start + top, top))
+        start += top
+    if n > start:
+        out.append((start, n, bucket_for(n - start, buckets)))
+    return out
 
 
 class _GroupEngine:

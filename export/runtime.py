@@ -37,7 +37,8 @@ __all__ = ["BACKENDS", "DEFAULT_BATCH", "ORT_CPU_BATCH", "BackendUnavailable", "
 log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu", "torch")  # the auto order
-_OPTIONS = {"ort": {"level", "variant", "inter_threads", "spinning"}, "tensorrt": {"precision"}, "torch": set()}
+_OPTIONS = {"ort": {"level", "variant", "inter_threads", "spinning"}, "tensorrt": {"precision"},
+            "torch": {"precision", "channels_last", "graphs", "buckets"}}
 
 
 def _cuda_device(device: str | None) -> str | None:
@@ -68,7 +69,7 @@ def _build(name: str, path: Path, manifest: dict | None, device: str | None, thr
     if name == "torch":
         from .torch_backend import open_torch_engine
 
-        return open_torch_engine(path, manifest, device, threads, batch_size)
+        return open_torch_engine(path, manifest, device, threads, batch_size, **kw)
     if manifest is None:
         raise BackendUnavailable(
             f"{path} is a checkpoint directory: backend {name!r} needs an export directory "
@@ -117,7 +118,9 @@ def load_engine(path: str | os.PathLike, *, backend: str = "auto", device: str |
         engine runs them in chunks of this size; default 8 for ONNX Runtime on the CPU, 256 otherwise);
         ONNX Runtime: ``level`` ("disable", "basic", "extended", "all"; default "all"), ``variant`` (e.g.
         "int8" if the export kept it), ``inter_threads``, ``spinning`` (default off on the CPU);
-        TensorRT: ``precision`` ("fp32", "fp16"). Options of other backends are ignored.
+        TensorRT: ``precision`` ("fp32", "fp16"); torch: ``precision`` ("fp32", "bf16", "fp16" autocast),
+        ``channels_last``, and on CUDA ``graphs`` (default True: `torch_cuda.CudaGraphEngine`) and
+        ``buckets`` (its captured batch sizes). Options of other backends are ignored.
 
     Raises
     ------
@@ -159,9 +162,21 @@ def load_engine(path: str | os.PathLike, *, backend: str = "auto", device: str |
     return engine
 
 
-def make_codec(path: str | os.PathLike, **kwargs: Any):
-    """A `vqdiff.codec.Codec` over ``load_engine(path, **kwargs)`` (torch-free unless the engine is torch)."""
+def make_codec(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any):
+    """A `vqdiff.codec.Codec` on the engine batch encoding and the API run (torch-free unless it is torch).
+
+    ``backend="auto"``: the fastest variant that passes the quality gate on this machine, chosen once
+    and cached (`vqdiff.export.select.select_engine`; ``$VQDIFF_ENGINE`` forces one); each variant
+    runs at the chunk size it was measured with, so ``batch_size`` does not apply. Another
+    ``backend``: ``load_engine(path, backend=backend, **kwargs)``.
+    """
     from vqdiff.codec import Codec, load_templates
 
-    engine = load_engine(path, **kwargs)
+    if backend == "auto":
+        from .select import select_engine
+
+        _check_options({k: v for k, v in kwargs.items() if k not in ("device", "threads", "warmup")})
+        engine = select_engine(path, device=kwargs.get("device"), threads=kwargs.get("threads"))
+    else:
+        engine = load_engine(path, backend=backend, **kwargs)
     return Codec(engine, engine.normalisation, engine.model_info, load_templates(path))

@@ -38,7 +38,19 @@ def resolve_model_dir(model_path: str | None, bento_model: Any = None) -> Path:
 
 
 def open_engine(path: Path, *, backend: str = "auto", device: str | None = None, threads: int | None = None):
-    """An engine with ``.normalisation``, ``.model_info``, ``.backend`` and ``.provider``, warmed up."""
+    """An engine with ``.normalisation``, ``.model_info``, ``.backend`` and ``.provider``, warmed up.
+
+    ``backend="auto"`` (``VQDIFF_BACKEND`` unset): the fastest engine variant that passes the quality
+    gate on this machine, chosen at the first start and cached (`vqdiff.export.select`;
+    ``VQDIFF_ENGINE=torch-fp32|torch-bf16|ort-fp32|ort-int8|...`` forces one). Another backend name
+    opens that backend as `vqdiff.export.runtime.load_engine` does.
+    """
+    if backend == "auto":
+        from vqdiff.export.select import select_engine
+
+        engine = select_engine(path, device=device, threads=threads)
+        engine.warmup()
+        return engine
     from vqdiff.export.runtime import load_engine
 
     return load_engine(path, backend=backend, device=device, threads=threads, warmup=True)
@@ -99,9 +111,20 @@ def model_card(path: Path, engine) -> dict[str, Any]:
         "engine": engine_provenance(engine),  # recorded in every latents file
         "backend_name": getattr(engine, "name", None),
         "provider": getattr(engine, "provider", None),
+        # which variant runs, in what precision, and why (every candidate's groups/s and gate result)
+        "engine_variant": getattr(engine, "variant_name", None),
+        "precision": getattr(engine, "precision", None) or getattr(engine, "variant", None),
+        "selection": _selection(engine),
         "fallback_reasons": list(getattr(engine, "fallback_reasons", []) or []),
         "config": config,
         "card": card.read_text(errors="replace")[:_CARD_LIMIT] if card else None,
         "versions": _versions(),
         "pid": os.getpid(),
     }
+
+
+def _selection(engine) -> dict[str, Any] | None:
+    sel = getattr(engine, "selection", None)
+    if not isinstance(sel, dict):
+        return None
+    return {k: v for k, v in sel.items() if k not in ("summary", "key", "cache_dir")}

@@ -97,8 +97,10 @@ class VQDiffModel:
                             "max_batch_wait_ms": SETTINGS.max_batch_wait_ms}
         self.card_json = json.dumps(card)
         self.ready = True
-        log.info("model %s (%s) ready on %s/%s in %.1f s", card["model"].get("id"), self.path,
-                 card["backend"], card["provider"], time.perf_counter() - t0)
+        log.info("model %s (%s) ready on %s/%s, engine %s, in %.1f s%s", card["model"].get("id"), self.path,
+                 card["backend"], card["provider"], card.get("engine_variant") or card["backend_name"],
+                 time.perf_counter() - t0,
+                 f" ({card['selection']['reason']})" if card.get("selection") else "")
 
     def __is_ready__(self) -> bool:
         return self.ready

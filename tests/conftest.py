@@ -10,6 +10,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests compare bytes across code paths: they pin the reference engine unless they set one themselves.
+# The measured choice ("auto", what `make serve` and batch encoding use) has its own tests.
+os.environ.setdefault("VQDIFF_ENGINE", "torch-fp32")
 
 
 def shared_data_dir() -> Path:

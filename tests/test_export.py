@@ -694,3 +694,191 @@ def test_templates_travel_with_the_export(small_exports, real_groups, subject_di
     assert codec.pipeline.templates.names == ["PYT_L", "PYT_R"]
     lat = codec.encode(load_bundle(subject_dir / "PYT_R.trk"))
     assert lat.registration["template"] == "PYT_R" and lat.registration["method"] == "identity"
+
+
+# ----------------------------------------------------------------------------- batch buckets (CUDA graphs)
+def test_bucket_chunks_pad_only_the_last_chunk_to_the_next_bucket():
+    from vqdiff.export.engine_base import DEFAULT_BUCKETS, bucket_chunks, bucket_for, check_buckets
+
+    b = (1, 8, 64, 512)
+    assert bucket_chunks(1, b) == [(0, 1, 1)] and bucket_chunks(8, b) == [(0, 8, 8)]
+    assert bucket_chunks(9, b) == [(0, 9, 64)] and bucket_chunks(512, b) == [(0, 512, 512)]
+    assert bucket_chunks(1100, b) == [(0, 512, 512), (512, 1024, 512), (1024, 1100, 512)]
+    assert bucket_chunks(0, b) == [] and bucket_for(65, (64, 8, 512, 1)) == 512
+    assert check_buckets([64, 1, 64, 8]) == (1, 8, 64) and DEFAULT_BUCKETS == check_buckets(DEFAULT_BUCKETS)
+    for n in range(1, 1600, 7):
+        chunks = bucket_chunks(n, DEFAULT_BUCKETS)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n
+        assert all(a[1] == c[0] for a, c in zip(chunks, chunks[1:], strict=False))  # contiguous, in order
+        assert all(e - s == top for s, e, top in chunks[:-1])  # full chunks of the largest bucket first
+        s, e, bucket = chunks[-1]
+        assert bucket == min(x for x in DEFAULT_BUCKETS if x >= e - s)  # the rest: the next bucket up
+    for bad in ([], [0, 8], [-1]):
+        with pytest.raises(ValueError):
+            check_buckets(bad)
+    with pytest.raises(ValueError, match="do not fit"):
+        bucket_for(513, b)
+
+
+def test_torch_engine_precisions(full_export, real_groups, normalisation):
+    from vqdiff.torch_engine import TorchEngine
+
+    ck, _ = full_export
+    x = _x(real_groups[:6], normalisation)
+    model = load_checkpoint(ck).model
+    with torch.no_grad():
+        ref = model.encode(torch.from_numpy(x))
+        ref_rec = model.decode(torch.from_numpy(ref.latents.numpy().copy())).numpy()  # as the engine's input is laid out
+    plain = TorchEngine(load_checkpoint(ck).model)
+    lat, idx = plain.encode_with_indices(x)
+    assert np.array_equal(lat, ref.latents.numpy()) and np.array_equal(idx, ref.indices.numpy())  # bit for bit
+    assert np.array_equal(plain.decode_groups(lat), ref_rec)
+    nhwc = TorchEngine(load_checkpoint(ck).model, channels_last=True)
+    assert np.abs(nhwc.encode_groups(x) - lat).max() <= 1e-4 and np.abs(nhwc.decode_groups(lat) - ref_rec).max() <= 1e-4
+    bf16 = TorchEngine(load_checkpoint(ck).model, precision="bf16", channels_last=True)
+    lb, ib = bf16.encode_with_indices(x)
+    assert lb.dtype == np.float32 and np.abs(lb - lat).max() < 0.1 and (ib == idx).mean() > 0.8
+    assert np.abs(bf16.decode_groups(lat) - ref_rec).max() < 0.05
+    with pytest.raises(ValueError, match="precision"):
+        TorchEngine(model, precision="int4")
+    tb = load_engine(ck, backend="torch", precision="bf16", warmup=False)
+    assert tb.precision == "bf16" and tb.channels_last and tb.inner.precision == "bf16"
+
+
+# ----------------------------------------------------------------------------- engine selection
+@pytest.fixture(scope="module")
+def selected(small_exports, subject_dir, tmp_path_factory):
+    from vqdiff.export.select import select_engine
+
+    ck, _ = small_exports("vq_diff")
+    cache = tmp_path_factory.mktemp("engines")
+    return ck, cache, select_engine(ck, engine="auto", cache_dir=cache, gate_data=subject_dir, threads=1)
+
+
+def test_selection_measures_gates_chooses_and_caches(selected, subject_dir):
+    from vqdiff.engine import engine_info
+    from vqdiff.export.select import select_engine
+    from vqdiff.export.variants import CANDIDATES, MAX_BUAN_CHANGE, MAX_MDF_CHANGE_MM
+
+    ck, cache, eng = selected
+    sel = eng.selection
+    assert sel["mode"] == "auto" and sel["cache"] == "miss" and sel["variant"] == eng.variant_name
+    assert set(sel["candidates"]) == set(CANDIDATES["cpu"])
+    avail = {n: c for n, c in sel["candidates"].items() if c["available"]}
+    assert {"torch-fp32", "torch-bf16", "ort-fp32", "ort-int8"} <= set(avail)
+    for c in avail.values():
+        g = c["gate"]
+        assert c["groups_per_s"] > 0 and 0 <= g["buan"] <= 1 and g["mean_mdf_mm"] >= 0
+        assert g["passed"] == (abs(g["mdf_change_mm"]) <= MAX_MDF_CHANGE_MM and abs(g["buan_change"]) <= MAX_BUAN_CHANGE)
+    assert avail["torch-fp32"]["gate"]["mdf_change_mm"] == 0.0  # the reference
+    assert abs(avail["ort-fp32"]["gate"]["mdf_change_mm"]) < 1e-3  # parity-checked fp32 graphs
+    passing = [n for n, c in avail.items() if c["gate"]["passed"]]
+    assert sel["variant"] == max(passing, key=lambda n: avail[n]["groups_per_s"])  # the fastest that passed
+    assert sel["gate"]["groups"] > 0 and sel["gate"]["reference"] == "torch-fp32"
+    t = sel["timing"]
+    assert isinstance(t["contended"], bool) and t["load_avg_before"] >= 0 and t["cores"] == os.cpu_count()
+    entry = Path(sel["cache_dir"])
+    assert entry.parent == cache and (entry / "decision.json").is_file() and (entry / "check.npz").is_file()
+    decision = json.loads((entry / "decision.json").read_text())
+    assert decision["variant"] == sel["variant"] and decision["key_fields"]["model_sha256"] == eng.model_info["sha256"]
+    assert decision["key_fields"]["cpu"]["cores"] == os.cpu_count() and "torch" in decision["key_fields"]["versions"]
+    info = engine_info(eng)  # what latents record: backend, variant (precision) and why
+    assert info["backend"] == eng.backend and info["selection"]["variant"] == sel["variant"]
+    assert set(info["selection"]["candidates"]) == set(avail)
+    again = select_engine(ck, engine="auto", cache_dir=cache, gate_data=subject_dir, threads=1)
+    assert again.selection["cache"] == "hit" and again.variant_name == eng.variant_name
+    assert again.selection["start_s"] < sel["start_s"]
+    x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(again.encode_groups(x), eng.encode_groups(x), atol=1e-5)
+
+
+def test_a_stale_cached_choice_is_selected_again(selected, subject_dir, caplog):
+    from vqdiff.export.select import select_engine
+
+    ck, cache, eng = selected
+    check = Path(eng.selection["cache_dir"]) / "check.npz"
+    with np.load(check) as c:
+        data = dict(c)
+    np.savez(check, **{**data, "latents": data["latents"] + 1.0})  # the engine no longer reproduces it
+    with caplog.at_level("WARNING", logger="vqdiff.export.select"):
+        e = select_engine(ck, engine="auto", cache_dir=cache, gate_data=subject_dir, threads=1)
+    assert e.selection["cache"] == "miss" and "no longer reproduces" in caplog.text
+
+
+def test_forced_engines_and_fallbacks(selected, subject_dir, monkeypatch, caplog):
+    from vqdiff.engine import engine_info
+    from vqdiff.export import data as export_data
+    from vqdiff.export.select import select_engine
+
+    ck, cache, _ = selected
+    monkeypatch.setenv("VQDIFF_ENGINE", "ort-fp32")
+    e = select_engine(ck, cache_dir=cache, gate_data=subject_dir, threads=1)  # the selection's key: same threads
+    assert (e.variant_name, e.backend, e.selection["mode"]) == ("ort-fp32", "onnxruntime", "forced")
+    assert "VQDIFF_ENGINE=ort-fp32" in e.selection["reason"] and e.selection["candidates"]  # the measured numbers
+    assert engine_info(e) == {"backend": "onnxruntime", "variant": "fp32"}  # asked for by name: no selection
+    monkeypatch.setenv("VQDIFF_ENGINE", "torch-bf16")
+    e = select_engine(ck, cache_dir=cache)
+    assert (e.backend, e.precision, engine_info(e)) == ("torch", "bf16", {"backend": "torch", "variant": "bf16"})
+    monkeypatch.setenv("VQDIFF_ENGINE", "onnx")
+    with pytest.raises(ValueError, match="accepted: auto, torch-fp32"):
+        select_engine(ck, cache_dir=cache)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("VQDIFF_ENGINE", "cuda-bf16")
+        with caplog.at_level("WARNING", logger="vqdiff.export.select"):
+            e = select_engine(ck, cache_dir=cache)
+        assert e.variant_name == "torch-fp32" and e.selection["mode"] == "fallback"
+        assert "cuda-bf16 failed" in e.selection["reason"] and "falling back" in caplog.text
+        assert engine_info(e)["selection"]["mode"] == "fallback"
+    # no real groups to gate on: the fp32 reference, with the reason
+    monkeypatch.setenv("VQDIFF_ENGINE", "auto")
+    monkeypatch.delenv("VQDIFF_GATE_DATA", raising=False)
+    monkeypatch.setattr(export_data, "default_data_dir", lambda: Path("/nonexistent/subject01"))
+    with caplog.at_level("WARNING", logger="vqdiff.export.select"):
+        e = select_engine(ck, cache_dir=cache.parent / "empty-cache")
+    assert e.variant_name == "torch-fp32" and e.selection["mode"] == "fallback"
+    assert "no real groups" in e.selection["reason"]
+
+
+def test_forced_int8_on_an_export_builds_it_in_the_cache(small_exports, subject_dir, tmp_path):
+    from vqdiff.export.select import select_engine
+
+    _, ex = small_exports("vq_diff")
+    before = sorted(p.name for p in ex.iterdir())
+    e = select_engine(ex, engine="ort-int8", cache_dir=tmp_path, gate_data=subject_dir, threads=1)
+    assert e.variant_name == "ort-int8" and e.variant == "int8" and e.backend == "onnxruntime"
+    assert sorted(p.name for p in ex.iterdir()) == before  # the model's own export is left alone
+    cached = Path(e.selection["cache_dir"]) / "export"
+    v = read_manifest(cached)["variants"]
+    assert v["int8"]["kept"] and (cached / "encoder.int8.onnx").is_file()
+
+
+def test_make_codec_and_the_service_use_the_selection(selected, monkeypatch):
+    from vqdiff.export.runtime import make_codec
+    from vqdiff.service.backend import model_card, open_engine
+
+    ck, cache, eng = selected
+    monkeypatch.setenv("VQDIFF_ENGINE_CACHE", str(cache))
+    monkeypatch.setenv("VQDIFF_ENGINE", "auto")
+    codec = make_codec(ck, threads=1)
+    decided = json.loads((Path(eng.selection["cache_dir"]) / "decision.json").read_text())["variant"]
+    assert codec.engine.variant_name == decided and codec.engine.selection["mode"] == "auto"
+    assert codec.engine.selection["cache"] == "hit"
+    served = open_engine(ck, backend="auto", threads=1)
+    card = model_card(ck, served)
+    assert card["engine_variant"] == served.variant_name and card["selection"]["variant"] == served.variant_name
+    assert card["selection"]["candidates"] and card["precision"] in ("fp32", "bf16", "int8")
+    assert open_engine(ck, backend="torch").backend == "torch"  # a named backend: no selection
+
+
+def test_gpu_variants_say_why_they_cannot_run_here(small_exports):
+    from vqdiff.export.variants import CANDIDATES, VARIANTS, model_source, open_variant
+
+    assert set(CANDIDATES["cpu"]) | set(CANDIDATES["cuda"]) <= set(VARIANTS)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    ck, ex = small_exports("vq_diff")
+    for name in ("cuda-bf16", "cuda-fp32"):
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            open_variant(name, model_source(ck), ex)
+    with pytest.raises(ValueError, match="unknown engine variant"):
+        open_variant("cuda-int2", model_source(ck), ex)

@@ -72,9 +72,11 @@ def to_input_space(streamlines: list[np.ndarray], matrix: np.ndarray) -> list[np
 
 
 def engine_provenance(engine) -> dict[str, Any]:
-    """What made the numbers: the engine's backend and its variant / precision (fp32, int8, fp16...)."""
-    return {"backend": getattr(engine, "backend", None) or "unknown",
-            "variant": getattr(engine, "variant", None) or getattr(engine, "precision", None) or "fp32"}
+    """What made the numbers: the engine's backend, its variant / precision (fp32, int8, fp16...) and,
+    for an engine chosen by measurement, why (`vqdiff.engine.engine_info`)."""
+    from .engine import engine_info
+
+    return engine_info(engine)
 
 
 def provenance(engine_info: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +86,17 @@ def provenance(engine_info: dict[str, Any]) -> dict[str, Any]:
     from .canonical import CANONICAL_VERSION
 
     return {"engine": dict(engine_info), "vqdiff": __version__, "canonicalisation": CANONICAL_VERSION}
+
+
+def same_provenance(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two provenances describe the same numbers: equal except for the measured ``selection`` figures
+    (groups/s vary from start to start; the backend and variant they chose are compared)."""
+    def key(p: dict[str, Any]) -> dict[str, Any]:
+        p = dict(p)
+        p["engine"] = {k: v for k, v in dict(p.get("engine") or {}).items() if k != "selection"}
+        return p
+
+    return key(a) == key(b)
 
 
 def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:

@@ -1,11 +1,21 @@
-"""`TorchEngine`: a `StreamlineAutoencoder` behind the `vqdiff.engine.Engine` interface (imports torch)."""
+"""`TorchEngine`: a `StreamlineAutoencoder` behind the `vqdiff.engine.Engine` interface (imports torch).
+
+``precision`` "fp32" (default: the model as trained, bit for bit), "bf16" or "fp16" runs the encoder
+and the decoder under autocast; the bottleneck (codebook distances, softmax, argmax) always runs in
+fp32 on fp32 ``z``, so the codes are chosen at full precision. ``channels_last`` stores weights and
+activations NHWC (oneDNN's and cuDNN's preferred layout for these convolutions). Outputs are fp32.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 
 from .models import StreamlineAutoencoder
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchEngine:
@@ -13,16 +23,50 @@ class TorchEngine:
 
     backend = "torch"
 
-    def __init__(self, model: StreamlineAutoencoder, *, device: str | torch.device = "cpu", batch_size: int = 256):
+    def __init__(self, model: StreamlineAutoencoder, *, device: str | torch.device = "cpu", batch_size: int = 256,
+                 precision: str = "fp32", channels_last: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; accepted: {list(PRECISIONS)}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.provider = str(self.device)
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._plain = precision == "fp32" and not self.channels_last  # the trained model's own calls
+        self.autocast_cache = True  # False while CUDA graphs are captured (cached casts must not leak)
 
     def _batches(self, arr: np.ndarray):
         for start in range(0, len(arr), self.batch_size):
             yield torch.from_numpy(np.ascontiguousarray(arr[start : start + self.batch_size], np.float32)).to(
                 self.device)
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=self.autocast_cache)
+
+    def _layout(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
+
+    def encode_batch(self, b: torch.Tensor):
+        """One batch on the device -> the bottleneck output (fp32 latents, indices or None)."""
+        if self._plain:
+            return self.model.encode(b)
+        with self._autocast():
+            z = self.model.encoder(self._layout(b))
+        return self.model.bottleneck(z.float())  # codes chosen in fp32
+
+    def decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+        """One batch of latents on the device -> groups (fp32, NCHW)."""
+        if self._plain:
+            return self.model.decode(latents)
+        with self._autocast():
+            out = self.model.decoder(self._layout(latents))
+        return out.float().contiguous()
 
     @torch.inference_mode()
     def encode_groups(self, x: np.ndarray) -> np.ndarray:
@@ -30,7 +74,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def decode_groups(self, latents: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.model.decode(b).float().cpu().numpy() for b in self._batches(latents)])
+        return np.concatenate([self.decode_batch(b).float().cpu().numpy() for b in self._batches(latents)])
 
     @torch.inference_mode()
     def code_indices(self, x: np.ndarray) -> np.ndarray | None:
@@ -40,7 +84,7 @@ class TorchEngine:
     def encode_with_indices(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         lat, idx = [], []
         for b in self._batches(x):
-            out = self.model.encode(b)
+            out = self.encode_batch(b)
             lat.append(out.latents.float().cpu().numpy())
             if out.indices is not None:
                 idx.append(out.indices.cpu().numpy())

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from vqdiff.codec import same_provenance
 from vqdiff.errors import VQDiffError
 from vqdiff.fileio import TMP_MARK, atomic_write_bytes, file_sha256
 from vqdiff.latents import FORMAT, FORMAT_VERSION
@@ -200,7 +201,7 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
             if theirs != (sha, spec.model_info.get("sha256")):
                 return None, f"it records input {str(theirs[0])[:12]} / model {str(theirs[1])[:12]}"
             made = json.loads(meta.get("provenance", "{}"))
-            if made != spec.pipeline.provenance:
+            if not same_provenance(made, spec.pipeline.provenance):
                 return None, f"it was made by {made or 'an older vqdiff'}, not {spec.pipeline.provenance}"
             return record(spec, task, input_sha256=sha, output_sha256=file_sha256(out),
                           streamlines=header["flipped"]["shape"][0], groups=header["latents"]["shape"][0],
