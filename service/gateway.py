@@ -19,7 +19,9 @@
 File responses carry ``X-VQDiff-Summary`` (compact JSON: counts, model, warnings, seconds) and
 ``X-VQDiff-Warning`` when there are warnings; every response carries ``Server-Timing`` (read,
 model, write). Refusals are 4xx JSON (`service.errors`), 503 while the model service loads or is
-overloaded; `service.guard` runs first (auth, body size, multipart checks).
+overloaded; `service.guard` runs first (auth, body size, multipart checks). On SIGTERM the service
+drains (`service.lifecycle.Drain`, ``VQDIFF_DRAIN_S``): requests in flight finish, new ones get 503 +
+``Retry-After``, ``/readyz`` answers 503, and the model service stops after the gateway workers.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import ApiError
-from .guard import RequestGuard
+from .guard import ROUTES, RequestGuard
+from .lifecycle import Drain, HeapTrim
 from .model_service import VQDiffModel
 from .settings import SETTINGS
 
@@ -279,5 +282,8 @@ async def _model_card(request: Request) -> Response:
 
 
 Gateway.mount_asgi_app(Starlette(routes=[Route("/model", _model_card, methods=["GET"])]), path="/")
+# Outermost first: while draining, new API requests are refused before their body is read.
+Gateway.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, refuse=frozenset(ROUTES))
 Gateway.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token,
                             max_in_flight=-(-SETTINGS.max_concurrency // SETTINGS.gateway_workers))
+Gateway.add_asgi_middleware(HeapTrim, interval_s=SETTINGS.heap_trim_s)

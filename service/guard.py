@@ -11,18 +11,23 @@
    uploads (a text field, e.g. a URL, is a 400), part content types must be binary ones, unknown,
    duplicated or missing fields are refused; then the body is replayed to BentoML.
 
+The lifecycle middlewares (drain on SIGTERM, heap trim) are in `service.lifecycle`.
+
 `RefusePickle` (model service) refuses BentoML's pickle media type.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.requests import Request
 
 from .errors import ACCEPTED_BUNDLE, ACCEPTED_LATENTS, ApiError
+
+log = logging.getLogger("bentoml.vqdiff")
 
 PICKLE = "application/vnd.bentoml+pickle"
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
@@ -45,7 +50,7 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
-async def _send_error(err: ApiError, scope, receive, send) -> None:
+async def send_error(err: ApiError, scope, receive, send) -> None:
     await err.to_response()(scope, receive, send)
 
 
@@ -74,7 +79,7 @@ class RequestGuard:
             err = ApiError(503, "overloaded", f"this server is busy ({self.in_flight} requests in flight in this "
                            f"worker, limit {self.max_in_flight}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-            return await _send_error(err, scope, receive, send)
+            return await send_error(err, scope, receive, send)
         self.in_flight += counted
         try:
             try:
@@ -86,7 +91,7 @@ class RequestGuard:
                     await self._check_form(scope, body, fields, accepted)
                     receive = _replay(body, receive)
             except ApiError as err:
-                return await _send_error(err, scope, receive, send)
+                return await send_error(err, scope, receive, send)
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= counted
@@ -208,5 +213,5 @@ class RefusePickle:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and _media_type(Headers(scope=scope).get("content-type")) == PICKLE:
             err = ApiError(415, "pickle_refused", "pickle bodies are refused", "application/x-npy or text/plain")
-            return await _send_error(err, scope, receive, send)
+            return await send_error(err, scope, receive, send)
         await self.app(scope, receive, send)

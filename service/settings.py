@@ -22,6 +22,13 @@ VQDIFF_MAX_UPLOAD_MB           64          largest request body (413 beyond)
 VQDIFF_MAX_STREAMLINES         200000      most streamlines in one request (413 beyond)
 VQDIFF_API_TOKEN               (unset)     when set, every route but /livez, /readyz, /healthz
                                            and /metrics needs ``Authorization: Bearer <token>``
+VQDIFF_DRAIN_S                 25          graceful stop on SIGTERM: requests in flight finish,
+                                           new ones get 503 + Retry-After, /readyz 503; the
+                                           workers exit within this time (give the orchestrator
+                                           a longer grace: Kubernetes 30 s default, docker stop -t)
+VQDIFF_HEAP_TRIM_S             2           while requests come, return the heap's free pages to
+                                           the OS this often (glibc malloc_trim; 0: never): bounds
+                                           the RSS of workers serving ever-different batch sizes
 =============================  ==========  ===================================================
 """
 
@@ -46,7 +53,7 @@ def _int(name: str, default: int, *, minimum: int = 1) -> int:
     return value
 
 
-def _float(name: str, default: float) -> float:
+def _float(name: str, default: float, *, minimum: float | None = None) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -54,8 +61,10 @@ def _float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError as exc:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
-    if value <= 0:
+    if minimum is None and value <= 0:
         raise ValueError(f"environment variable {name}={value} must be > 0")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"environment variable {name}={value} must be >= {minimum}")
     return value
 
 
@@ -76,6 +85,8 @@ class Settings:
     max_upload_bytes: int
     max_streamlines: int
     api_token: str | None
+    drain_s: float = 25.0
+    heap_trim_s: float = 2.0
 
     @property
     def max_groups(self) -> int:
@@ -110,6 +121,8 @@ class Settings:
             max_upload_bytes=int(_float("VQDIFF_MAX_UPLOAD_MB", 64.0) * (1 << 20)),
             max_streamlines=_int("VQDIFF_MAX_STREAMLINES", 200_000),
             api_token=(os.environ.get("VQDIFF_API_TOKEN") or "").strip() or None,
+            drain_s=_float("VQDIFF_DRAIN_S", 25.0),
+            heap_trim_s=_float("VQDIFF_HEAP_TRIM_S", 2.0, minimum=0.0),
         )
 
     def public(self) -> dict:
@@ -123,6 +136,7 @@ class Settings:
             "timeout_s": self.timeout_s,
             "gateway_workers": self.gateway_workers,
             "gateway_threads": self.gateway_threads,
+            "drain_s": self.drain_s,
             "auth": "bearer" if self.api_token else "none",
         }
 

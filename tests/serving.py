@@ -3,7 +3,8 @@
 >>> with ServeProcess(env={"VQDIFF_MODEL": "/tmp/model"}) as server:   # free port, waits for /readyz
 ...     httpx.post(server.url + "/encode", files={"file": open("IFOF_R.trk", "rb")})
 
-The server runs in its own process group and is always terminated (SIGTERM, then SIGKILL).
+The server runs in its own process group and is always terminated (SIGTERM, then SIGKILL): on SIGTERM
+it drains (requests in flight finish) for at most ``VQDIFF_DRAIN_S`` seconds.
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ class ServeProcess:
             return self.log_path.read_bytes()[-n:].decode(errors="replace")
         return "(no log)"
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM to the whole group; SIGKILL after ``timeout`` (default: the drain time + 5 s)."""
+        if timeout is None:
+            timeout = float(self.env.get("VQDIFF_DRAIN_S") or 25) + 5
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)  # the group this process leads (start_new_session)

@@ -350,3 +350,81 @@ def test_fuzzed_uploads_never_reach_a_5xx(client, subject_dir):
                 assert r.json()["error"] and r.json()["message"]
             statuses.append(r.status_code)
     assert any(s >= 400 for s in statuses) and any(s == 200 for s in statuses)
+
+
+# ---------------------------------------------------------------------------------------------- drain
+def _slow_multipart(data: bytes, name: str, seconds: float, started, chunks: int = 30):
+    """A multipart body with one file field, streamed in ``chunks`` pieces over ``seconds`` (a slow client);
+    ``started`` is set once part of it has been sent."""
+    import time
+
+    boundary = "vqdiffdrain"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    step = -(-len(body) // chunks)
+
+    def stream():
+        for i, at in enumerate(range(0, len(body), step)):
+            yield body[at:at + step]
+            if i == 2:
+                started.set()
+            time.sleep(seconds / chunks)
+
+    return stream(), {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path, subject_dir):
+    """SIGTERM to ``bentoml serve`` (as docker / Kubernetes send it): /readyz turns 503, a new /encode gets
+    503 + Retry-After at once, the request in flight (a slow upload still arriving) gets its 200 with
+    real latents, and every process is gone well within VQDIFF_DRAIN_S."""
+    import signal
+    import threading
+    import time
+
+    drain_s = 20
+    model = make_dev_model(tmp_path / "model", subject_dir)
+    env = {"VQDIFF_MODEL": str(model), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "", "VQDIFF_GATEWAY_WORKERS": "2",
+           "VQDIFF_THREADS": "1", "VQDIFF_DRAIN_S": str(drain_s), "BENTOML_HOME": str(tmp_path / "bentoml")}
+    data = (subject_dir / "IFOF_R.trk").read_bytes()
+    with ServeProcess(env, log_path=tmp_path / "serve.log") as server:
+        started, result = threading.Event(), {}
+        content, headers = _slow_multipart(data, "IFOF_R.trk", 3.0, started)
+
+        def in_flight():
+            try:
+                r = httpx.post(server.url + "/encode", content=content, headers=headers, timeout=60)
+                result["response"] = r
+            except httpx.HTTPError as exc:
+                result["error"] = exc
+            result["at"] = time.monotonic()
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        assert started.wait(30)
+        signalled = time.monotonic()
+        os.kill(server.proc.pid, signal.SIGTERM)
+        ready = httpx.get(server.url + "/readyz", timeout=5)
+        for _ in range(20):  # the arbiter relays the signal to the workers: a moment
+            if ready.status_code == 503:
+                break
+            time.sleep(0.1)
+            ready = httpx.get(server.url + "/readyz", timeout=5)
+        t0 = time.monotonic()
+        refused = httpx.post(server.url + "/encode", files={"file": ("PYT_R.trk", (subject_dir / "PYT_R.trk").read_bytes())},
+                             timeout=10)
+        refused_in = time.monotonic() - t0
+        alive = httpx.get(server.url + "/livez", timeout=5).status_code
+        thread.join(60)
+        server.proc.wait(drain_s + 5)
+        exited_in = time.monotonic() - signalled
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+    assert ready.status_code == 503 and ready.json()["error"] == "draining"
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    assert refused.json()["error"] == "draining" and refused_in < 2.0 and alive == 200
+    assert "error" not in result, f"{result['error']!r}\n{log[-3000:]}"
+    r = result["response"]
+    assert r.status_code == 200, f"{r.status_code} {r.text[:300]}\n{log[-3000:]}"
+    assert result["at"] > signalled  # it was in flight when the signal came
+    assert Latents.from_bytes(r.content).n_streamlines == len(load_bundle(subject_dir / "IFOF_R.trk"))
+    assert server.proc.returncode == 0 and exited_in < drain_s, f"exited after {exited_in:.1f} s"
+    assert "Traceback" not in log and "Cannot connect" not in log, log[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -223,3 +224,210 @@ def test_guard_refuses_past_the_concurrency_limit_at_once():
     r, refused_in, done = asyncio.run(main())
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"] == "overloaded"
     assert refused_in < 1.0 and [d.status_code for d in done] == [200, 200] and guard.in_flight == 0
+
+
+# ---------------------------------------------------------------------------------------------- drain
+class _FakeUvicorn:
+    """Stands for uvicorn.Server: the drain hands over to its ``handle_exit`` and bounds its grace."""
+
+    def __init__(self, grace=None):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(timeout_graceful_shutdown=grace)
+        self.exits = []
+
+    def handle_exit(self, sig, frame):
+        import time
+
+        self.exits.append((sig, time.monotonic()))
+
+
+def _drained_app(gate):
+    from starlette.responses import JSONResponse
+
+    async def slow(request):
+        await request.body()
+        await gate.wait()
+        return PlainTextResponse("done")
+
+    async def ready(request):
+        return PlainTextResponse("ready")
+
+    return Starlette(routes=[Route("/encode", slow, methods=["POST"]), Route("/readyz", ready),
+                             Route("/livez", ready), Route("/model", lambda r: JSONResponse({"ok": 1}))])
+
+
+def test_drain_refuses_new_requests_and_hands_over_when_in_flight_requests_are_done():
+    """After SIGTERM (here: `begin`): /readyz and new API posts get 503 + Retry-After at once, other routes
+    and the request in flight are served, and uvicorn's handler runs only once nothing is in flight."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from vqdiff.service.lifecycle import Drain
+
+    async def main():
+        gate = asyncio.Event()
+        drain = Drain(_drained_app(gate), drain_s=10, refuse=frozenset({"/encode"}))
+        server = _FakeUvicorn()
+        drain._previous = server.handle_exit
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=drain), base_url="http://t") as c:
+            files = {"file": ("a.trk", b"TRACK" + b"x" * 100)}
+            held = asyncio.create_task(c.post("/encode", files=files))
+            while drain.in_flight < 1:
+                await asyncio.sleep(0.01)
+            assert (await c.get("/readyz")).status_code == 200 and not drain.draining
+            drain.begin()
+            drain.begin()  # a second SIGTERM (circus and a process-group kill) changes nothing
+            t0 = time.monotonic()
+            ready, refused = await c.get("/readyz"), await c.post("/encode", files=files)
+            refused_in = time.monotonic() - t0
+            others = [(await c.get(p)).status_code for p in ("/livez", "/model")]
+            await asyncio.sleep(0.3)
+            assert server.exits == [] and drain.in_flight == 1  # still waiting for the request in flight
+            gate.set()
+            done = await held
+            await asyncio.wait_for(drain.task, 5)
+        return drain, server, ready, refused, refused_in, others, done
+
+    drain, server, ready, refused, refused_in, others, done = asyncio.run(main())
+    assert ready.status_code == 503 and ready.json()["error"] == "draining"
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and refused.json()["error"] == "draining"
+    assert refused_in < 1.0 and others == [200, 200]
+    assert done.status_code == 200 and done.text == "done"
+    assert len(server.exits) == 1 and server.exits[0][0] == signal.SIGTERM
+    grace = server.config.timeout_graceful_shutdown
+    assert 0.5 <= grace <= 10 and server.exits[0][1] - drain.since < 2.0
+
+
+def test_drain_stops_at_its_deadline_and_bounds_uvicorns_grace():
+    import asyncio
+
+    from vqdiff.service.lifecycle import Drain
+
+    async def main():
+        gate = asyncio.Event()
+        drain = Drain(_drained_app(gate), drain_s=1.5, margin_s=0.5, refuse=frozenset({"/encode"}))
+        server = _FakeUvicorn(grace=300)
+        drain._previous = server.handle_exit
+        drain.in_flight = 1  # a request that will not finish in time
+        drain.begin()
+        await asyncio.wait_for(drain.task, 5)
+        return drain, server
+
+    drain, server = asyncio.run(main())
+    (sig, at), = server.exits
+    assert 0.9 <= at - drain.since <= 1.4  # drain_s - margin_s
+    assert 0.5 <= server.config.timeout_graceful_shutdown <= 0.6  # what is left of drain_s, not uvicorn's 300
+
+
+def test_drain_installs_on_lifespan_startup_and_reacts_to_the_signal():
+    """The handler is installed when the lifespan start-up completes (after uvicorn's own) and a real
+    signal starts the drain; the dependency side waits for its callers' processes (none here)."""
+    import asyncio
+    import os
+
+    from vqdiff.service.lifecycle import Drain
+
+    sig = signal.SIGUSR2  # not SIGTERM: this is the test runner's own process
+    before = signal.getsignal(sig)
+
+    async def main():
+        drain = Drain(_drained_app(asyncio.Event()), drain_s=5, callers=frozenset({"no-such-service"}), signum=sig)
+        inbox: asyncio.Queue = asyncio.Queue()
+        sent = []
+
+        async def send(message):
+            sent.append(message["type"])
+
+        await inbox.put({"type": "lifespan.startup"})
+        life = asyncio.create_task(drain({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send))
+        while "lifespan.startup.complete" not in sent:
+            await asyncio.sleep(0.01)
+        assert signal.getsignal(sig) == drain._on_signal
+        server = _FakeUvicorn()
+        drain._previous = server.handle_exit  # instead of the default action of SIGUSR2
+        os.kill(os.getpid(), sig)
+        while drain.task is None:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(drain.task, 5)
+        await inbox.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(life, 5)
+        return server, sent
+
+    try:
+        server, sent = asyncio.run(main())
+    finally:
+        signal.signal(sig, before)
+    assert [s for s, _ in server.exits] == [sig] and sent[-1] == "lifespan.shutdown.complete"
+
+
+def test_worker_service_names_and_sibling_count():
+    from vqdiff.service.lifecycle import _service_of, live_sibling_workers
+
+    cmd = ["python", "-m", "_bentoml_impl.worker.service", "svc:App", "--service-name", "vqdiff-model", "--fd", "5"]
+    assert _service_of(cmd) == "vqdiff-model"
+    assert _service_of(["python", "-m", "pytest", "--service-name", "x"]) is None
+    assert live_sibling_workers(frozenset({"vqdiff"})) == 0  # pytest's siblings are no BentoML workers
+
+
+def test_arbiter_removes_the_socket_folder_only_after_the_workers_stop(monkeypatch):
+    import contextlib
+    from unittest import mock
+
+    from bentoml._internal.utils.circus import Arbiter
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    from vqdiff.service.lifecycle import keep_sockets_until_workers_stop
+
+    assert keep_sockets_until_workers_stop() and keep_sockets_until_workers_stop()  # idempotent
+    removed = []
+    fake = mock.MagicMock(spec=["exit_stack", "ctrl", "evpub_socket", "sockets", "_running"])
+    fake.exit_stack = contextlib.ExitStack()
+    fake.exit_stack.callback(removed.append, "uds folder")
+    fake.sockets = []
+    monkeypatch.setattr(CircusArbiter, "stop", lambda self: "stopping the watchers")
+    assert Arbiter.stop(fake) == "stopping the watchers" and removed == []  # BentoML's own removed it here
+    Arbiter.stop_controller_and_close_sockets(fake)
+    assert removed == ["uds folder"] and fake.ctrl.stop.called
+
+
+def test_heap_trim_runs_while_requests_come_and_stops_with_the_lifespan():
+    import asyncio
+
+    import httpx
+
+    from vqdiff.service.lifecycle import HeapTrim, _malloc_trim
+
+    calls = []
+
+    async def main():
+        trim = HeapTrim(_drained_app(asyncio.Event()), interval_s=0.05)
+        trim._trim = calls.append  # instead of glibc's malloc_trim
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=trim), base_url="http://t") as c:
+            await asyncio.sleep(0.15)
+            assert calls == []  # nothing before the first request
+            for _ in range(3):
+                assert (await c.get("/livez")).status_code == 200
+                await asyncio.sleep(0.08)
+            await asyncio.sleep(0.2)
+            n = len(calls)
+            await asyncio.sleep(0.2)
+            assert len(calls) == n  # idle: no more trims
+        inbox: asyncio.Queue = asyncio.Queue()
+        for m in ({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}):
+            await inbox.put(m)
+        sent = []
+
+        async def send(message):
+            sent.append(message["type"])
+
+        await trim({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
+        await asyncio.sleep(0)
+        return n, trim, sent
+
+    n, trim, sent = asyncio.run(main())
+    assert 1 <= n <= 4 and calls == [0] * n and trim.task.cancelled() and "lifespan.shutdown.complete" in sent
+    assert HeapTrim(None, interval_s=0)._trim is None  # off
+    assert _malloc_trim() is None or _malloc_trim()(0) in (0, 1)

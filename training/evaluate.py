@@ -95,6 +95,28 @@ def robustness(model, norm, x: torch.Tensor, *, threshold: float, n_dirs: int = 
 
 
 @torch.no_grad()
+def validate(model, norm, groups_mm: np.ndarray, device, *, threshold: float = 5.0) -> dict:
+    """Held-out metrics: MSE (model space), mean MDF and point distance (mm), BUAN at ``threshold``."""
+    from vqdiff.metrics import buan_score, mean_mdf, mean_pointwise_distance
+
+    if len(groups_mm) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    x = torch.from_numpy(groups_to_model(norm.apply(groups_mm))).to(device)
+    recon = torch.cat([model(x[i : i + 64]).reconstruction.float() for i in range(0, len(x), 64)])
+    model.train(was_training)
+    mse = torch.mean((recon - x) ** 2).item()
+    rec_mm = norm.invert(model_to_groups(recon.cpu().numpy()))
+    return {
+        "val_mse": mse,
+        "val_mdf": float(mean_mdf(groups_mm, rec_mm).mean()),
+        "val_pointwise": float(mean_pointwise_distance(groups_mm, rec_mm).mean()),
+        "val_buan": float(np.mean(buan_score(groups_mm, rec_mm, threshold=threshold))),
+    }
+
+
+@torch.no_grad()
 def codes_in_use(model, x: torch.Tensor) -> int | None:
     """Distinct codes chosen (argmax / argmin per latent position) over ``x``; None without a codebook."""
     used = set()

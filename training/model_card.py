@@ -59,13 +59,18 @@ def split_rows(metrics: dict) -> tuple[str, str]:
             f"early stopping){test}"), label
 
 
-def cross_subject_section(cross: Path | None, compare: dict[str, Path], model_id: str, selection: str) -> str:
+def cross_subject_section(cross: Path | None, compare: dict[str, Path], model_id: str, selection: str,
+                          out_dir: Path) -> str:
     """The card's cross-subject section: this model beside others on the same bundles (validation data)."""
     if cross is None:
         return ""
     from .cross_subject import comparison_markdown, markdown
 
     mine = json.loads((cross / "cross_subject.json").read_text())
+    out = Path(out_dir)
+    (out / "cross_subject.json").write_text(json.dumps(mine, indent=2) + "\n")  # the card's figures, for tests
+    for n, d in compare.items():
+        (out / f"cross_subject_{n}.json").write_text((d / "cross_subject.json").read_text())
     summaries = {model_id: mine, **{n: json.loads((d / "cross_subject.json").read_text()) for n, d in compare.items()}}
     return f"""
 ## Cross-subject ({mine.get('data_role', 'cross-subject validation')})
@@ -144,7 +149,7 @@ Rebuild: `{command}`
 ![learning curve](learning_curve.png) ![reconstructions](reconstructions.png)
 ![latent t-SNE](latent_tsne.png) ![perturbation](perturbation.png)
 
-{cross_subject_section(cross, compare or {}, cfg.get('model_id'), selection)}
+{cross_subject_section(cross, compare or {}, cfg.get('model_id'), selection, out)}
 ## Training configuration
 
 ```json

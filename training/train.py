@@ -31,13 +31,15 @@ from vqdiff.bottlenecks import bottleneck_config_from_dict, bottleneck_config_to
 from vqdiff.checkpoint import load_checkpoint, save_checkpoint
 from vqdiff.codec import TEMPLATES_FILE
 from vqdiff.errors import CheckpointError
-from vqdiff.geometry import groups_to_model, model_to_groups
+from vqdiff.fileio import recover_replaced_dir
+from vqdiff.geometry import groups_to_model
 from vqdiff.models import ModelConfig, StreamlineAutoencoder
 from vqdiff.normalise import Normalisation
 from vqdiff.templates import Templates
 
 from .augment import Augmentation
 from .data import GroupSampler, load_dataset
+from .evaluate import validate
 
 log = logging.getLogger(__name__)
 STATE = "train_state.pt"
@@ -152,28 +154,6 @@ def _autocast(device: torch.device, precision: str):
     raise ValueError(f"unknown precision {precision!r}; select one of ['auto', 'fp32', 'bf16']")
 
 
-@torch.no_grad()
-def validate(model, norm: Normalisation, groups_mm: np.ndarray, device, *, threshold: float = 5.0) -> dict:
-    """Held-out metrics: MSE (model space), mean MDF and point distance (mm), BUAN at ``threshold``."""
-    from vqdiff.metrics import buan_score, mean_mdf, mean_pointwise_distance
-
-    if len(groups_mm) == 0:
-        return {}
-    was_training = model.training
-    model.eval()
-    x = torch.from_numpy(groups_to_model(norm.apply(groups_mm))).to(device)
-    recon = torch.cat([model(x[i : i + 64]).reconstruction.float() for i in range(0, len(x), 64)])
-    model.train(was_training)
-    mse = F.mse_loss(recon, x).item()
-    rec_mm = norm.invert(model_to_groups(recon.cpu().numpy()))
-    return {
-        "val_mse": mse,
-        "val_mdf": float(mean_mdf(groups_mm, rec_mm).mean()),
-        "val_pointwise": float(mean_pointwise_distance(groups_mm, rec_mm).mean()),
-        "val_buan": float(np.mean(buan_score(groups_mm, rec_mm, threshold=threshold))),
-    }
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, device: str | None = None,
                  resume: bool = True, progress: bool = True):
@@ -217,6 +197,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.step, self.wall, self.best, self.stale = 0, 0.0, math.inf, 0
+        if resume:
+            recover_replaced_dir(self.out / "last", STATE)
         if resume and (self.out / "last" / STATE).is_file():
             self._load_state()
         elif resume and any((self.out / d).exists() for d in ("last", "best")):

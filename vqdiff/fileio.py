@@ -66,6 +66,24 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def recover_replaced_dir(target: Path, marker: str) -> bool:
+    """Undo a `replace_dir` cut between its two renames (``target`` -> ``.target.old``, the new one ->
+    ``target``): that leaves no ``target`` but a complete ``.target.old`` (it holds ``marker``); put it
+    back. Several processes may try at once; one wins. True when it was put back."""
+    import logging
+
+    old = target.with_name(f".{target.name}.old")
+    if target.exists() or not (old / marker).is_file():
+        return False
+    try:
+        os.replace(old, target)
+    except OSError:  # another process put it back first
+        return False
+    logging.getLogger(__name__).warning("%s was being replaced when the run stopped: resuming from the "
+                                        "previous one", target)
+    return True
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished directory ``tmp`` to ``target``, replacing an existing one last-moment."""
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs are meant to be read by services
