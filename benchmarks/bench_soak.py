@@ -42,10 +42,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the serve-process helper of the tests
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import LoadWatch, cpu_summary  # noqa: E402
 from serving import ServeProcess, make_dev_model  # noqa: E402
 
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-              "amx_bf16", "amx_tile", "avx_vnni")
 BOUNDARY = "vqdiffsoak"
 
 
@@ -84,21 +83,6 @@ def _args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- machine
-def cpu_info() -> dict:
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cpus": os.cpu_count(), "simd": [f for f in SIMD_FLAGS if f in flags],
-            "flags": sorted(flags)}
-
-
 def _status(pid: int) -> dict:
     """VmRSS / RssAnon / RssFile (MB) and Threads of one process, from /proc/<pid>/status."""
     out = {}
@@ -259,10 +243,11 @@ def main(argv=None) -> int:
     result = {"mode": "overload" if args.overload else "soak", "clients": args.clients, "duration_s": args.duration,
               "backoff": args.backoff,
               "bundles": len(files), "streamlines_per_round": streamlines, "model": str(model_dir),
-              "cpu": cpu_info(), "server_env": {k: v for k, v in env.items() if not k.startswith("BENTOML_HOME")},
-              "loadavg_before": os.getloadavg()}
-    print(f"load average before: {result['loadavg_before']}; CPU {result['cpu']['model']} x{result['cpu']['cpus']}, "
-          f"SIMD {' '.join(result['cpu']['simd'])}", file=sys.stderr)
+              "cpu": cpu_summary(), "server_env": {k: v for k, v in env.items() if not k.startswith("BENTOML_HOME")}}
+    watch = LoadWatch(quiet=True)
+    result["loadavg_before"] = watch.before
+    print(f"load average before: {watch.before}; CPU {result['cpu']['model']} x{result['cpu']['cores']}, "
+          f"ISA {' '.join(result['cpu']['isa'])}", file=sys.stderr)
     with ServeProcess(env, log_path=args.log or tmp / "serve.log") as server:
         with httpx.Client(base_url=server.url) as c:
             card = c.get("/model").json()
@@ -275,7 +260,8 @@ def main(argv=None) -> int:
                                          backoff=args.backoff == "retry-after"))
         sampler.stop()
         sampler.sample()
-    result["loadavg_after"] = os.getloadavg()
+    result["machine_load"] = watch.finish(quiet=True)
+    result["loadavg_after"] = result["machine_load"]["load_avg_after"]
     result["server"] = f"{card.get('backend')}/{card.get('provider')} model {card.get('model', {}).get('id')}"
     result["load"] = summarise(records, wall)
     result["rss"] = rss_summary(sampler.samples, load_t0, args.warmup)
@@ -298,8 +284,8 @@ def report(r: dict, load_t0: float) -> str:
     if ld["p50_503_ms"] is not None:
         lines.append(f"latency of 503s: p50 {ld['p50_503_ms']} ms  p99 {ld['p99_503_ms']} ms  max {ld['max_503_ms']} ms")
     lines.append(f"load average before {tuple(round(x, 2) for x in r['loadavg_before'])}  after "
-                 f"{tuple(round(x, 2) for x in r['loadavg_after'])}; CPU {r['cpu']['model']} x{r['cpu']['cpus']} "
-                 f"[{' '.join(r['cpu']['simd'])}]")
+                 f"{tuple(round(x, 2) for x in r['loadavg_after'])}; CPU {r['cpu']['model']} x{r['cpu']['cores']} "
+                 f"[{' '.join(r['cpu']['isa'])}]")
     lines.append("RSS per process (MB): before load / after warm-up / max / end (anon+file, threads), growth end/warm")
     for label, s in r["rss"].items():
         lines.append(f"  {label:10s} pid {s['pid']:>7}: {s['before_mb']:>6} / {s['after_warmup_mb']:>6} / "

@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,17 @@ def _state(kind):
     return torch.load(AUTHORS / f"{kind}.pt", map_location="cpu", weights_only=True)
 
 
-def _authors_encoder(sd: dict, x: torch.Tensor) -> torch.Tensor:
-    """The authors' encoder (+ pre-VQ conv) and decoder written out from their tensors with torch.nn.functional."""
-    def res_stack(h, prefix):
-        for i in range(2):
-            b = f"{prefix}._residual_stack._layers.{i}._block"
-            # the authors' block starts with an in-place ReLU, which also rectifies the skip input
-            h = F.relu(h) + F.conv2d(F.relu(F.conv2d(F.relu(h), sd[f"{b}.1.weight"], padding=1)),
-                                     sd[f"{b}.3.weight"])
-        return F.relu(h)
+def _res_stack(sd: dict, h: torch.Tensor, prefix: str) -> torch.Tensor:
+    for i in range(2):
+        b = f"{prefix}._residual_stack._layers.{i}._block"
+        # the authors' block starts with an in-place ReLU, which also rectifies the skip input
+        h = F.relu(h) + F.conv2d(F.relu(F.conv2d(F.relu(h), sd[f"{b}.1.weight"], padding=1)), sd[f"{b}.3.weight"])
+    return F.relu(h)
 
+
+def _authors_encoder(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """The authors' encoder (+ pre-VQ conv) written out from their tensors with torch.nn.functional."""
+    res_stack = partial(_res_stack, sd)
     e = "_encoder"
     h = F.relu(F.conv2d(x, sd[f"{e}._conv_1.weight"], sd[f"{e}._conv_1.bias"], stride=2, padding=1))
     h = F.relu(F.conv2d(h, sd[f"{e}._conv_2.weight"], sd[f"{e}._conv_2.bias"], stride=2, padding=1))
@@ -42,14 +44,7 @@ def _authors_encoder(sd: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def _authors_decoder(sd: dict, z: torch.Tensor) -> torch.Tensor:
-    def res_stack(h, prefix):
-        for i in range(2):
-            b = f"{prefix}._residual_stack._layers.{i}._block"
-            # the authors' block starts with an in-place ReLU, which also rectifies the skip input
-            h = F.relu(h) + F.conv2d(F.relu(F.conv2d(F.relu(h), sd[f"{b}.1.weight"], padding=1)),
-                                     sd[f"{b}.3.weight"])
-        return F.relu(h)
-
+    res_stack = partial(_res_stack, sd)
     d = "_decoder"
     h = res_stack(F.conv2d(z, sd[f"{d}._conv_1.weight"], sd[f"{d}._conv_1.bias"], padding=1), d)
     h = F.relu(F.conv_transpose2d(h, sd[f"{d}._conv_trans_1.weight"], sd[f"{d}._conv_trans_1.bias"], stride=2,
