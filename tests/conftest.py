@@ -40,7 +40,9 @@ def _seed():
     yield
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _threads():
+    """Every test starts with the same torch thread count (engines opened with ``threads=`` change it
+    process-wide, and convolutions round differently with another count: byte-identity tests see it)."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
