@@ -117,7 +117,34 @@ def gate_groups(src: ModelSource, gate_data: str | os.PathLike | None = None):
             raise ValueError(f"gate data {c}: expected groups (G >= 2, 64, 64, 3) in mm, got {groups.shape}")
         calib, held = split_groups(groups, 0.5, seed=0)
         return _spread(calib, CALIB_GROUPS), _spread(held, GATE_GROUPS), f"{c} ({len(groups)} groups, half held out)"
+    groups = template_groups(src.path, CALIB_GROUPS + GATE_GROUPS)
+    if groups is not None:  # no real data here (a user's machine): bundle-like groups from the model's templates
+        return groups[:CALIB_GROUPS], groups[CALIB_GROUPS:], (f"synthetic: {len(groups)} groups drawn from the "
+                                                             "model's registration templates (no real data found)")
     return None
+
+
+def template_groups(model_dir: Path, n: int, *, seed: int = 0) -> np.ndarray | None:
+    """(n, 64, 64, 3) groups in model space built from the model's templates (QuickBundles centroids of
+    its training bundles): per group, 64 centroids of one bundle drawn with replacement, resampled to
+    64 points, each moved by a random offset (<= 2 mm) and point jitter (0.3 mm), then sorted as the
+    codec sorts a group. A stand-in for real groups where none are present; None without templates."""
+    from vqdiff.canonical import GROUP_SIZE, orientation_flips, resample, sort_group
+    from vqdiff.codec import load_templates
+
+    templates = load_templates(model_dir)
+    if templates is None or not templates.names:
+        return None
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        cents = resample(list(templates.centroids[templates.names[i % len(templates.names)]]))  # (K, 64, 3)
+        g = cents[rng.integers(0, len(cents), GROUP_SIZE)]
+        g = g + rng.uniform(-2.0, 2.0, (GROUP_SIZE, 1, 3)) + rng.normal(0.0, 0.3, g.shape)
+        flips = orientation_flips(g.astype(np.float32))
+        g[flips] = g[flips, ::-1]
+        out.append(sort_group(g.astype(np.float32)))
+    return np.stack(out)
 
 
 def _spread(groups: np.ndarray, n: int) -> np.ndarray:

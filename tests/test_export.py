@@ -882,3 +882,27 @@ def test_gpu_variants_say_why_they_cannot_run_here(small_exports):
             open_variant(name, model_source(ck), ex)
     with pytest.raises(ValueError, match="unknown engine variant"):
         open_variant("cuda-int2", model_source(ck), ex)
+
+
+def test_gate_falls_back_to_groups_from_the_models_templates(tmp_path, monkeypatch):
+    """A user's machine has no ../shared: the gate draws bundle-like groups from the model's own
+    registration templates (deterministic, finite, in the model's space), not nothing."""
+    from vqdiff.export import data as export_data
+    from vqdiff.export.variants import CALIB_GROUPS, GATE_GROUPS, gate_groups, model_source, template_groups
+
+    model = Path(__file__).resolve().parents[1] / "models" / "default"
+    if not (model / "templates.safetensors").is_file():
+        pytest.skip("the bundled model has no templates")
+    monkeypatch.delenv("VQDIFF_GATE_DATA", raising=False)
+    monkeypatch.setattr(export_data, "default_data_dir", lambda: tmp_path / "no-data")
+    calib, held, where = gate_groups(model_source(model))
+    assert where.startswith("synthetic") and calib.shape == (CALIB_GROUPS, 64, 64, 3)
+    assert held.shape == (GATE_GROUPS, 64, 64, 3) and np.isfinite(held).all()
+    np.testing.assert_array_equal(template_groups(model, 4), template_groups(model, 4))
+    from vqdiff.checkpoint import load_checkpoint
+
+    norm = load_checkpoint(model).normalisation  # inside the model's training range (its own space)
+    assert norm.out_of_range(held) is None
+    empty = tmp_path / "bare"
+    empty.mkdir()
+    assert template_groups(empty, 4) is None
