@@ -36,8 +36,6 @@ from .engine_base import BackendUnavailable, _GroupEngine
 from .engine_cache import cache_key, entry_dir, key_fields, locked, read_decision, write_decision
 from .variants import (
     CANDIDATES,
-    MAX_BUAN_CHANGE,
-    MAX_MDF_CHANGE_MM,
     REFERENCE,
     VARIANTS,
     ModelSource,
@@ -46,6 +44,7 @@ from .variants import (
     ensure_int8,
     gate,
     gate_groups,
+    gate_limits,
     model_source,
     open_variant,
 )
@@ -251,7 +250,8 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
         dt, recs[name] = _roundtrip(engines[name], x)
         times[name] = [dt]
     ref_q = gate(held_mm, recs[ref_name], norm, None)
-    gates = {n: gate(held_mm, r, norm, ref_q) if n != ref_name else ref_q for n, r in recs.items()}
+    limits = gate_limits(desc)
+    gates = {n: gate(held_mm, r, norm, ref_q, limits) if n != ref_name else ref_q for n, r in recs.items()}
     t_budget = time.perf_counter()
     for _ in range(MAX_ROUNDS - 1):
         ranked = sorted((n for n in engines if gates[n]["passed"]), key=lambda n: min(times[n]))
@@ -276,7 +276,7 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
     decision = {
         "variant": chosen, "reason": reason, "candidates": dict(sorted(cand.items())),
         "gate": {"data": desc, "groups": int(len(x)), "calibration_groups": int(len(calib_mm)),
-                 "reference": ref_name, "max_mdf_change_mm": MAX_MDF_CHANGE_MM, "max_buan_change": MAX_BUAN_CHANGE},
+                 "reference": ref_name, "max_mdf_change_mm": limits[0], "max_buan_change": limits[1]},
         "timing": {"groups_per_call": int(len(x)), "what": "encode + decode, best of the timed calls",
                    "threads": threads, "prepare_s": round(prepare_s, 2),
                    "select_s": round(time.perf_counter() - t0, 2), "load_avg_before": round(load0, 2),

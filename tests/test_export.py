@@ -906,3 +906,7 @@ def test_gate_falls_back_to_groups_from_the_models_templates(tmp_path, monkeypat
     empty = tmp_path / "bare"
     empty.mkdir()
     assert template_groups(empty, 4) is None
+    from vqdiff.export.variants import MAX_BUAN_CHANGE, MAX_MDF_CHANGE_MM, gate_limits
+
+    assert gate_limits(where) == (MAX_MDF_CHANGE_MM / 2, MAX_BUAN_CHANGE / 2)  # a stand-in judges stricter
+    assert gate_limits("/data/subject01 (194 groups, half held out)") == (MAX_MDF_CHANGE_MM, MAX_BUAN_CHANGE)
