@@ -198,6 +198,7 @@ def import_authors(weights: str | Path, out_dir: str | Path, *, kind: str | None
     """Write ``out_dir`` (checkpoint + MODEL_CARD.md + templates + licence); return a summary."""
     from vqdiff.checkpoint import file_sha256, save_checkpoint
     from vqdiff.codec import TEMPLATES_FILE
+    from vqdiff.io import load_bundle
     from vqdiff.templates import Templates
 
     weights = Path(weights)
@@ -216,10 +217,12 @@ def import_authors(weights: str | Path, out_dir: str | Path, *, kind: str | None
     tdir = Path(templates_dir) if templates_dir else default_templates_dir(weights)
     points, template_names = None, []
     if tdir is not None:
-        templates = Templates.from_folder(tdir)
+        bundles = {p.stem: list(load_bundle(p).streamlines)  # as Templates.from_folder reads them, once
+                   for p in sorted(tdir.iterdir()) if p.suffix in (".trk", ".trx")}
+        templates = Templates.from_bundles(bundles)
         files[TEMPLATES_FILE] = templates.to_bytes()
         template_names = templates.names
-        points = _folder_points(tdir)
+        points = np.concatenate([np.concatenate(s) for s in bundles.values()]) if bundles else None
     else:
         log.warning("no templates folder (subject01) found: the imported model cannot register inputs; "
                     "pass --templates DIR")
@@ -240,14 +243,6 @@ def import_authors(weights: str | Path, out_dir: str | Path, *, kind: str | None
     (out / "MODEL_CARD.md").write_text(model_card(model_id, kind, provenance, weights_sha, template_names))
     return {"checkpoint": str(out), "model_id": model_id, "kind": kind, "source_sha256": sha,
             "weights_sha256": weights_sha, "templates": template_names}
-
-
-def _folder_points(folder: Path) -> np.ndarray:
-    from vqdiff.discovery import find_bundle_files
-    from vqdiff.io import load_bundle
-
-    pts = [np.concatenate(load_bundle(f.path).streamlines) for f in find_bundle_files(folder)]
-    return np.concatenate(pts) if pts else np.zeros((0, 3))
 
 
 def model_card(model_id: str, kind: str, provenance: dict, weights_sha: str, templates: list[str]) -> str:

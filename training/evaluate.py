@@ -66,7 +66,8 @@ EPSILONS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @torch.no_grad()
-def _reconstruct(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder outputs z, reconstructions) of model-layout groups ``x``, 64 groups per call."""
     z = torch.cat([model.encoder(x[i : i + 64]) for i in range(0, len(x), 64)])
     lat = torch.cat([model.bottleneck(z[i : i + 64]).latents for i in range(0, len(z), 64)])
     rec = torch.cat([model.decoder(lat[i : i + 64]) for i in range(0, len(lat), 64)])
@@ -77,7 +78,7 @@ def _reconstruct(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def robustness(model, norm, x: torch.Tensor, *, threshold: float, n_dirs: int = 2, seed: int = 0,
                epsilons=EPSILONS) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    z, base = _reconstruct(model, x)
+    z, base = reconstruct(model, x)
     base_mm = norm.invert(model_to_groups(base.numpy()))
     curve = []
     for eps in epsilons:
@@ -97,14 +98,12 @@ def robustness(model, norm, x: torch.Tensor, *, threshold: float, n_dirs: int = 
 @torch.no_grad()
 def validate(model, norm, groups_mm: np.ndarray, device, *, threshold: float = 5.0) -> dict:
     """Held-out metrics: MSE (model space), mean MDF and point distance (mm), BUAN at ``threshold``."""
-    from vqdiff.metrics import buan_score, mean_mdf, mean_pointwise_distance
-
     if len(groups_mm) == 0:
         return {}
     was_training = model.training
     model.eval()
     x = torch.from_numpy(groups_to_model(norm.apply(groups_mm))).to(device)
-    recon = torch.cat([model(x[i : i + 64]).reconstruction.float() for i in range(0, len(x), 64)])
+    recon = reconstruct(model, x)[1].float()
     model.train(was_training)
     mse = torch.mean((recon - x) ** 2).item()
     rec_mm = norm.invert(model_to_groups(recon.cpu().numpy()))
@@ -151,7 +150,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, 
         if len(groups) == 0:
             continue
         x = torch.from_numpy(groups_to_model(norm.apply(groups)))
-        _, rec = _reconstruct(model, x)
+        _, rec = reconstruct(model, x)
         rec_mm = norm.invert(model_to_groups(rec.numpy()))
         buan = buan_score(groups, rec_mm, threshold=threshold)
         per_bundle[b.bundle] = {

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqdiff.canonical import GROUP_SIZE, canonical_order, reflect_pad, resample
+from vqdiff.canonical import GROUP_SIZE, canonicalise, resample
 
 log = logging.getLogger(__name__)
 GROUPINGS = ("file", "canonical")
@@ -43,16 +43,8 @@ def file_order_groups(streamlines) -> np.ndarray:
 
 
 def canonical_groups(streamlines) -> np.ndarray:
-    """(G, 64, 64, 3): the product's canonical groups (last one reflect-padded)."""
-    oriented, _, perm, _ = canonical_order(streamlines)
-    x = oriented[perm]
-    out = []
-    for start in range(0, len(x), GROUP_SIZE):
-        members = x[start : start + GROUP_SIZE]
-        if len(members) < GROUP_SIZE:
-            members = np.concatenate([members, members[reflect_pad(len(members), GROUP_SIZE)]])
-        out.append(members)
-    return np.stack(out)
+    """(G, 64, 64, 3): the product's canonical groups (last one reflect-padded), as the codec encodes them."""
+    return canonicalise(streamlines).groups
 
 
 def group_bundle(streamlines, grouping: str) -> np.ndarray:
@@ -72,14 +64,15 @@ def score_groups(checkpoint, groups_mm: np.ndarray, *, threshold: float = 5.0, g
     from vqdiff.geometry import groups_to_model, model_to_groups
     from vqdiff.metrics import buan_score, mean_mdf
 
+    from .evaluate import reconstruct
+
     model, norm = checkpoint.model.eval(), checkpoint.normalisation
     x = torch.from_numpy(groups_to_model(norm.apply(groups_mm)))
     if gumbel:
         model.bottleneck.train()
         torch.manual_seed(1337)
     try:
-        with torch.no_grad():
-            rec = torch.cat([model(x[i : i + 64]).reconstruction for i in range(0, len(x), 64)])
+        rec = reconstruct(model, x)[1]
     finally:
         model.eval()
     rec_mm = norm.invert(model_to_groups(rec.numpy()))
