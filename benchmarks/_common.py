@@ -14,28 +14,20 @@ Import it as ``from _common import ...`` (the script's folder is on ``sys.path``
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 ISA = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
        "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
 
 
 def cpu_summary() -> dict:
-    """CPU model, cores and the ISA flags that decide which kernels run."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA if f in flags],
+    """CPU model, cores and the ISA flags that decide which kernels run (`engine_cache.cpu_info`'s reading)."""
+    from vqdiff.export.engine_cache import cpu_info
+
+    info = cpu_info()
+    flags = set(info["flags"])
+    return {"model": info["model"], "cores": info["cores"], "isa": [f for f in ISA if f in flags],
             "avx512": any(f.startswith("avx512") for f in flags), "amx": any(f.startswith("amx") for f in flags)}
 
 

@@ -96,9 +96,11 @@ def _status(pid: int) -> dict:
 
 
 def _label(cmdline: list[str], gateway: str) -> str | None:
-    if "_bentoml_impl.worker.service" not in cmdline:
+    from vqdiff.service.lifecycle import _WORKER_MODULE, _service_of
+
+    if _WORKER_MODULE not in cmdline:
         return None
-    name = cmdline[cmdline.index("--service-name") + 1] if "--service-name" in cmdline else "?"
+    name = _service_of(cmdline) or "?"
     wid = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "?"
     return f"{'gateway' if name == gateway else 'model'}:{wid}"
 

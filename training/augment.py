@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from vqdiff.canonical import sort_group
+from vqdiff.canonical import principal_axis, sort_group
 from vqdiff.templates import ROTATION_DEG, SCALE_RANGE, TRANSLATION_MM
 
 MAX_ANISO_SCALE = 0.15  # per-axis log-scale: factors within exp(+-0.15) = 0.86-1.16
@@ -243,9 +243,7 @@ def check(a: Augmentation) -> list[str]:
 def orientation_axis(streamlines: np.ndarray) -> np.ndarray:
     """The canonical orientation axis (3,) of oriented streamlines (N, P, 3): the principal axis of
     ``last - first``, sign fixed so that its largest-magnitude component is positive (canonical rule 2)."""
-    d = np.asarray(streamlines[:, -1], np.float64) - streamlines[:, 0]
-    a = np.linalg.eigh(d.T @ d)[1][:, -1]
-    return a if a[np.argmax(np.abs(a))] >= 0 else -a
+    return principal_axis(np.asarray(streamlines[:, -1], np.float64) - streamlines[:, 0])
 
 
 def transform(group: np.ndarray, d: Draw, *, mirror_x: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

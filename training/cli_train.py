@@ -97,7 +97,6 @@ def main(argv=None) -> None:
     parser = _build_arg_parser()
     args = vars(parser.parse_args(argv))
     setup_logging(max(args.pop("verbose"), 1))
-    args["scale_range"] = tuple(args["scale_range"])
     try:
         Augmentation(**{f.name: args[f.name] for f in fields(Augmentation)})
     except ValueError as e:

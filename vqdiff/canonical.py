@@ -142,7 +142,7 @@ def resample(streamlines, num_points: int = NUM_POINTS) -> np.ndarray:
     return _resample_flat(*_flatten(streamlines), num_points)
 
 
-def _principal_axis(vectors: np.ndarray) -> np.ndarray:
+def principal_axis(vectors: np.ndarray) -> np.ndarray:
     """Unit principal eigenvector of sum v v^T, sign fixed: its largest-|.| component is > 0."""
     return signed(np.linalg.eigh(vectors.T @ vectors)[1][:, -1][None])[0]
 
@@ -186,7 +186,7 @@ def _orient(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Orient ``x`` (N, P, 3) C-contiguous **in place**: (flips (N,) bool, x with flipped rows reversed)."""
     n, p, _ = x.shape
     d = x[:, -1].astype(np.float64) - x[:, 0]  # (N, 3)
-    first = d @ _principal_axis(d) < 0
+    first = d @ principal_axis(d) < 0
     _reverse_rows(x, first)  # x is now oriented by the first pass
     centroid = x.reshape(n, -1).mean(axis=0, dtype=np.float64).reshape(p, 3)
     direct, reverse = _mean_distances(x, centroid)
