@@ -185,12 +185,17 @@ RELEASE = Path(__file__).parent / "data" / "authors_release_MCP_group0.npz"  # s
 
 @needs_authors
 @pytest.mark.parametrize("kind", ["ae", "vq"])
-def test_imported_deterministic_models_reproduce_the_released_reconstructions(kind):
+def test_imported_deterministic_models_reproduce_the_released_reconstructions(kind, subject_dir):
     """The authors' own reconstructions of subject01 MCP (run_experiments/subject_recons) come back."""
+    from vqdiff.geometry import groups_to_model
+    from vqdiff.io import load_bundle
     from vqdiff.training.authors import convert
+    from vqdiff.training.paper_protocol import file_order_groups
 
     rel = np.load(RELEASE, allow_pickle=False)
-    x = torch.from_numpy(rel["original"].reshape(-1, 64, 3, 64).transpose(0, 2, 1, 3).copy())
+    # their input: the first file-order group of subject01's MCP in their space (subject01 units / 100)
+    first = file_order_groups(load_bundle(subject_dir / "MCP.trk").streamlines)[:1] / 100.0
+    x = torch.from_numpy(groups_to_model(first.astype(np.float32)))
     ref = rel[f"recon_{kind}"].reshape(-1, 64, 3, 64).transpose(0, 2, 1, 3)
     with torch.no_grad():
         rec = convert(_state(kind), kind)(x).reconstruction.numpy()
