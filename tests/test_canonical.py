@@ -313,3 +313,36 @@ def test_top_eigvecs_agrees_with_lapack_even_on_awkward_matrices():
         assert np.isfinite(u).all()
         if mats.any():
             np.testing.assert_allclose(np.abs(np.einsum("gi,gi->g", u, ref)), 1, atol=1e-12)
+
+
+def test_restored_point_counts_keep_the_model_points_in_place():
+    """Restoring the input's point counts interpolates at the original's fractions: taken back at 64
+    fractions, a reconstruction with irregular spacing is where it was (dipy's arc-length resampling
+    would slide its points along the track)."""
+    from vqdiff.bundle import Bundle, SpatialHeader
+    from vqdiff.canonical import at_fractions, restore_point_counts
+    from vqdiff.quality import at_model_points
+
+    rng = np.random.default_rng(5)
+    t = np.linspace(0, 1, 64)
+    base = np.stack([100 * t, 20 * np.sin(3 * t), np.zeros(64)], -1)
+    x = (base[None] + rng.normal(0, 0.4, (6, 64, 3))).astype(np.float32)  # irregular spacing, like a decoder's
+    back = restore_point_counts(x, np.array([64, 100, 100, 37, 2, 100]))
+    assert [len(s) for s in back] == [64, 100, 100, 37, 2, 100]
+    assert np.array_equal(back[0], x[0])
+    for s, orig in zip(back, x, strict=True):
+        np.testing.assert_array_equal(s[[0, -1]], orig[[0, -1]])  # endpoints exactly
+    up = at_fractions(x[1:2], 127)  # every second point of 127 is one of the 64
+    np.testing.assert_allclose(up[0, ::2], x[1], atol=1e-5)
+    # the quality figures take a restored reconstruction back to (nearly) the model's own points
+    bundle = Bundle([s for s in x], SpatialHeader.identity())
+    recon = Bundle(restore_point_counts(x, np.full(6, 100)), SpatialHeader.identity())
+    _, y = at_model_points(bundle, recon)
+    from dipy.tracking.streamline import set_number_of_points
+
+    slid = np.stack(set_number_of_points([np.ascontiguousarray(s) for s in recon.streamlines], nb_points=64))
+    moved, slide = np.linalg.norm(y - x, axis=-1), np.linalg.norm(slid - x, axis=-1)
+    assert moved.mean() < 0.2 and moved.max() < 0.5  # corner cutting only (here 0.15 / 0.46 mm)
+    assert slide.mean() > 4 * moved.mean()  # arc-length resampling slides them (0.92 mm here)
+    with pytest.raises(ValueError, match="at least 2"):
+        restore_point_counts(x, np.array([64, 1, 3, 3, 3, 3]))

@@ -2,7 +2,7 @@
 
 For every bundle file of a folder: the recognised template, whether the model knows it, the
 registration residual, and the reconstruction error in the input's mm (mean and p95 MDF over the
-streamlines, both sides resampled to 64 points as `vqdiff.quality`) encoded as given
+streamlines, both sides at 64 points as `vqdiff.quality` compares them) encoded as given
 (``register="off"``) and registered (``register="auto"``, decoded back into the input's space).
 """
 
@@ -19,12 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def _errors(codec, bundle, register: str) -> tuple[np.ndarray, dict]:
-    from vqdiff.canonical import resample
-    from vqdiff.metrics import mdf
+    from vqdiff.quality import streamline_mdf
 
     lat = codec.encode(bundle, register=register)
-    recon = codec.decode(lat)
-    return mdf(resample(bundle.streamlines)[None], resample(recon.streamlines)[None])[0], lat.registration
+    return streamline_mdf(bundle, codec.decode(lat)), lat.registration
 
 
 def evaluate_cross_subject(model: str | Path, folder: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
