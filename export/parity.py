@@ -107,8 +107,9 @@ def run_parity(model, encoder_path, decoder_path, x: np.ndarray, *, atol: float 
                run_encoder=None, run_decoder=None, label: str = "onnxruntime-cpu") -> dict[str, Any]:
     """Compare a backend (default: ONNX Runtime CPU on the two graphs) with torch on groups ``x``.
 
-    ``run_encoder(batch) -> (latents, z, indices|None)`` and ``run_decoder(latents) -> groups`` may
-    be given to check another backend (TensorRT) against the same reference.
+    ``run_encoder(batch) -> (latents, z|None, indices|None)`` and ``run_decoder(latents) -> groups``
+    may be given to check another backend (TensorRT, an engine) against the same reference; a z of
+    None (an engine that does not expose the encoder output) leaves z unchecked.
     Returns a JSON-able report whose ``passed`` says whether every criterion holds.
     """
     if run_encoder is None or run_decoder is None:
@@ -119,13 +120,15 @@ def run_parity(model, encoder_path, decoder_path, x: np.ndarray, *, atol: float 
         xb = np.ascontiguousarray(x[s:e], np.float32)
         lb, zb, ib = run_encoder(xb)
         lat.append(np.asarray(lb, np.float32))
-        z.append(np.asarray(zb, np.float32))
+        if zb is not None:
+            z.append(np.asarray(zb, np.float32))
         if ib is not None:
             idx.append(np.asarray(ib))
         rec.append(np.asarray(run_decoder(np.ascontiguousarray(ref["latents"][s:e])), np.float32))
         e2e.append(np.asarray(run_decoder(np.ascontiguousarray(lat[-1])), np.float32))
         sizes.append(e - s)
-    lat, z, rec, e2e = map(np.concatenate, (lat, z, rec, e2e))
+    lat, rec, e2e = map(np.concatenate, (lat, rec, e2e))
+    z = np.concatenate(z) if z else None
     idx = np.concatenate(idx) if idx else None
 
     relative = ref["indices"] is not None and not hasattr(model.bottleneck, "code_weights")
@@ -137,7 +140,7 @@ def run_parity(model, encoder_path, decoder_path, x: np.ndarray, *, atol: float 
         lat_err = np.where(tie_mask[:, None], 0.0, lat_err)
     errors = {
         "latents": float(lat_err.max()),
-        "z": float(np.abs(z - ref["z"]).max()),
+        "z": None if z is None else float(np.abs(z - ref["z"]).max()),
         "reconstruction": float(np.abs(rec - ref["reconstruction"]).max()),
         "end_to_end": float(np.abs(e2e - ref["reconstruction"]).max()),
     }
