@@ -7,6 +7,8 @@ and after):
 1. recognition: the AFQ bundles of ``<data>/crosssubject/afq_browser`` with a counterpart (Left_/
    Right_ Corticospinal -> PYT_L/R, IFOF -> IFOF_L/R, ILF -> ILF_L/R, Callosum_Forceps_Minor ->
    CC_Fr_1; RAS: Left = _L), what it says for the other 13 AFQ bundles (``known`` should be False),
+   each twice: unnamed (the residual alone) and with its file name as the hint, as the codec runs it
+   (``afq_named`` / ``afq_other_named``: a name of a tract without template makes it unknown),
    subject01 bundles mirrored (x -> -x; expect the other side's name) and randomly transformed
    (similarity: rotations up to 15 and up to 30 degrees per axis, the registration's bound; scale
    0.7-1.4; translation up to 50 mm; expect the same name and the inverse matrix);
@@ -76,9 +78,11 @@ def recognition(templates, subject: dict, afq: dict, rng: np.random.Generator) -
 
     rows, out = [], {}
     for name, sl in afq.items():
-        reg = register(sl, templates)
         expect = AFQ_KNOWN.get(name)
-        rows.append(("afq" if expect else "afq_other", name, expect, reg, None))
+        rows.append(("afq" if expect else "afq_other", name, expect, register(sl, templates), None))
+        # as the codec runs it: the file's name is the hint (vqdiff.tract_names)
+        rows.append(("afq_named" if expect else "afq_other_named", name, expect,
+                     register(sl, templates, hint=name), None))
     for name, sl in subject.items():
         rows.append(("mirrored", name, templates.partner[name],
                      register([s * np.float32([-1, 1, 1]) for s in sl], templates), None))
@@ -113,10 +117,12 @@ def recognition(templates, subject: dict, afq: dict, rng: np.random.Generator) -
         f"{k} {v['right']}/{v['n']} right, {v['known']} known"
         + (f", transform recovered to {v['recovery_mm_median']} mm (max {v['recovery_mm_max']})"
            if "recovery_mm_median" in v else "") for k, v in out.items()))
-    out["afq_other"]["right"] = None  # no expected name
+    out["afq_other"]["right"] = out["afq_other_named"]["right"] = None  # no expected name
     out["per_afq_bundle"] = {name: {"template": reg.template, "known": reg.known, "residual_mm": round(reg.residual_mm, 3),
                                     "threshold_mm": round(reg.threshold_mm, 3)}
-                             for kind, name, _, reg, _ in rows if kind.startswith("afq")}
+                             for kind, name, _, reg, _ in rows if kind in ("afq", "afq_other")}
+    out["per_afq_bundle_named"] = {name: {"template": reg.template, "known": reg.known, "reason": reg.reason}
+                                   for kind, name, _, reg, _ in rows if kind.endswith("_named")}
     return out
 
 

@@ -207,10 +207,53 @@ def test_modes_and_hints(templates, bundles):
     assert hint_candidates("rh.ILF", templates) == ["ILF_R"]
     assert hint_candidates("IFOF", templates) == ["IFOF_L", "IFOF_R"]
     assert hint_candidates("CC_Fr_1", templates) == ["CC_Fr_1"]
-    assert hint_candidates("Right_Corticospinal", templates) == []  # no such template: no narrowing
+    assert hint_candidates("Right_Corticospinal", templates) == ["PYT_R"]  # the tract's other name (AFQ)
+    assert hint_candidates("CST_left", templates) == ["PYT_L"]  # TractSeg's
+    assert hint_candidates("Callosum_Forceps_Minor", templates) == ["CC_Fr_1"]
+    assert hint_candidates("bundle_3", templates) == [] and hint_candidates("FA", templates) == []
     assert hint_candidates(None, templates) == []
     aliased = Templates(templates.names, templates.centroids, templates.sizes, templates.partner,
                         templates.calibration, templates.params, {"PYT_R": ["Corticospinal"], "PYT_L": ["Corticospinal"]})
     assert hint_candidates("Right_Corticospinal", aliased) == ["PYT_R"]
     moved = _moved(_mirrored(bundles["PYT_L"]), compose44(np.r_[0.0, 10.0, 0, 0, 0, 0, 1.0]))
     assert register(moved, aliased, hint="Right_Corticospinal").template == "PYT_R"
+
+
+def test_a_bundle_named_for_a_tract_without_template_is_unknown(templates, bundles):
+    """The name decides what the residual cannot: an IFOF_L lies well within its template, yet a file
+    that calls it a cingulum (a tract these templates lack) is flagged; unnamed or rightly named, it
+    is known. The registration itself does not change."""
+    from vqdiff.registration import resolve_hint
+
+    assert resolve_hint("Left_Cingulum_Cingulate", templates) == ([], ("CG", "cingulum"))
+    assert resolve_hint("Callosum_Forceps_Major", templates)[1][0] == "CC_OC"
+    assert resolve_hint("Left_IFOF", templates) == (["IFOF_L"], None)
+    m = compose44(np.r_[12.0, -8.0, 5.0, 4.0, -3.0, 2.0, 1.05])
+    moved = _moved(bundles["IFOF_L"], m)
+    plain, named = register(moved, templates), register(moved, templates, hint="Left_Cingulum_Cingulate")
+    assert plain.known and plain.template == "IFOF_L"
+    assert not named.known and "cingulum" in named.reason and named.template == "IFOF_L"
+    assert np.array_equal(named.matrix, plain.matrix)
+    w = named.warning()
+    assert w["code"] == "unknown_bundle" and "no template" in w["message"]
+    assert register(moved, templates, hint="sub-07__IFOF_L").known
+    no_mcp = Templates.from_bundles({n: sl for n, sl in bundles.items() if n != "MCP"})
+    assert not register(bundles["MCP"], no_mcp, hint="MCP").known  # its family has no template here
+    assert register(moved, templates, hint="Left_IFOF", mode="IFOF_L").known  # forced: the name is not read
+
+
+def test_tract_names_of_the_field():
+    from vqdiff.tract_names import tokens, tract_family
+
+    def fam(name):
+        found = tract_family([t for t in tokens(name) if t not in {"l", "r", "left", "right", "lh", "rh"}])
+        return found and found[0]
+
+    assert tokens("sub-01__Left_IFOF") == ["sub", "01", "left", "ifof"]
+    cases = {"Left_Corticospinal": "PYT", "CST_right": "PYT", "PYT_L": "PYT", "IFO_left": "IFOF",
+             "Right_ILF": "ILF", "CC_Fr_1": "CC_FR", "Callosum_Forceps_Minor": "CC_FR", "CC_Oc": "CC_OC",
+             "Callosum_Forceps_Major": "CC_OC", "CC": "CC", "AF_L": "AF", "Left_Arcuate": "AF",
+             "SLF_III_left": "SLF", "UF_R": "UF", "Right_Uncinate": "UF", "Left_Cingulum_Hippocampus": "CG",
+             "ATR_left": "ATR", "Left_Thalamic_Radiation": "ATR", "OR_ML_L": "OR", "FX": "FX", "MCP": "MCP",
+             "MdLF_L": "MLF", "FPT_R": "FPT", "POPT_L": "POPT", "bundle_3": None, "FA": None, "tracks": None}
+    assert {n: fam(n) for n in cases} == cases

@@ -35,15 +35,15 @@ order, single-threaded kernel), so every entry point encodes the same bytes.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from .templates import SCALE_RANGE, Fit, Templates, bundle_centroids, coarse_start, fit, residual
+from .tract_names import contains_words, tokens, tract_family
 
 SHORTLIST = 3
 SHORTLIST_RATIO = 1.5
@@ -150,39 +150,54 @@ def transform(streamlines: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.
 
 
 # ---------------------------------------------------------------------------------------- hints
-def _tokens(text: str) -> list[str]:
-    parts = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", str(text))
-    return [p.lower() for p in parts]
-
-
-def _split_side(tokens: list[str]) -> tuple[list[str], str | None]:
-    left, right = any(t in _LEFT for t in tokens), any(t in _RIGHT for t in tokens)
+def _split_side(words: list[str]) -> tuple[list[str], str | None]:
+    left, right = any(t in _LEFT for t in words), any(t in _RIGHT for t in words)
     side = "L" if left and not right else "R" if right and not left else None
-    return [t for t in tokens if t not in _LEFT | _RIGHT], side
+    return [t for t in words if t not in _LEFT | _RIGHT], side
+
+
+def _template_family(name: str, templates: Templates) -> str | None:
+    for spelling in [name, *templates.aliases.get(name, [])]:
+        if (fam := tract_family(_split_side(tokens(spelling))[0])) is not None:
+            return fam[0]
+    return None
+
+
+def resolve_hint(hint: str | None, templates: Templates) -> tuple[list[str], tuple[str, str] | None]:
+    """What a bundle's name says: (the templates it names, the tract family it names that none of
+    the templates belongs to, else None).
+
+    A template is named by its own name or an alias ("IFOF_L", "sub-01__IFOF_L", "Left_IFOF", "IFOF"
+    -> both sides), else through the field's names of its tract family (`vqdiff.tract_names`:
+    "Right_Corticospinal" -> PYT_R). ``([], None)`` when the name says nothing known (it is then
+    ignored) or names a family whose templates are all of the other side.
+    """
+    if not hint:
+        return [], None
+    words, side = _split_side(tokens(hint))
+    if not words:
+        return [], None
+    found = []
+    for name in templates.names:
+        base, tside = _split_side(tokens(name))
+        spellings = [base] + [_split_side(tokens(a))[0] for a in templates.aliases.get(name, [])]
+        if tside and side and tside != side:
+            continue
+        if any(sp and contains_words(words, tuple(sp)) for sp in spellings):
+            found.append(name)
+    if found:
+        return found, None
+    family = tract_family(words)
+    if family is None:
+        return [], None
+    members = [n for n in templates.names if _template_family(n, templates) == family[0]]
+    same_side = [n for n in members if not side or _split_side(tokens(n))[1] in (None, side)]
+    return same_side, None if members else family
 
 
 def hint_candidates(hint: str | None, templates: Templates) -> list[str]:
-    """The templates a hint names ("IFOF_L", "sub-01__IFOF_L", "Left_IFOF", "IFOF" -> both sides,
-    an alias of the templates); [] when it names none (the hint is then ignored)."""
-    if not hint:
-        return []
-    words, side = _split_side(_tokens(hint))
-    if not words:
-        return []
-    found = []
-    for name in templates.names:
-        base, tside = _split_side(_tokens(name))
-        spellings = [base] + [_split_side(_tokens(a))[0] for a in templates.aliases.get(name, [])]
-        if tside and side and tside != side:
-            continue
-        if any(sp and _contains(words, sp) for sp in spellings):
-            found.append(name)
-    return found
-
-
-def _contains(words: list[str], part: list[str]) -> bool:
-    n = len(part)
-    return any(words[i:i + n] == part for i in range(len(words) - n + 1))
+    """The templates a hint names (`resolve_hint`); [] when it names none."""
+    return resolve_hint(hint, templates)[0]
 
 
 # ---------------------------------------------------------------------------------------- register
@@ -190,16 +205,27 @@ def register(streamlines: Sequence[np.ndarray], templates: Templates, *, mode: s
              hint: str | None = None) -> Registration:
     """Recognise the bundle among ``templates`` and register it into model space.
 
-    ``mode``: "auto" (recognise among all templates, or those ``hint`` names), "off" (identity, no
-    recognition) or a template name (register onto that one). Raises ValueError for an empty bundle,
+    ``mode``: "auto" (recognise among all templates, or those ``hint`` - the bundle's name - names),
+    "off" (identity, no recognition) or a template name (register onto that one). A name of a tract
+    the model has no template of (`resolve_hint`) makes the bundle unknown, whatever its residual; it
+    is still registered onto its closest template. Raises ValueError for an empty bundle,
     non-finite coordinates or an unknown mode.
     """
+    named, foreign = resolve_hint(hint, templates) if mode == "auto" else ([], None)
+    reg = _register(streamlines, templates, mode, named)
+    if foreign is not None and reg.template is not None:
+        reg = replace(reg, known=False, reason=f"its name {hint!r} says {foreign[1]}, "
+                                               "a bundle this model has no template for")
+    return reg
+
+
+def _register(streamlines: Sequence[np.ndarray], templates: Templates, mode: str, named: list[str]) -> Registration:
     t0 = time.perf_counter()
     eye = np.eye(4)
     if mode == "off":
         return Registration(eye, None, float("nan"), "identity", seconds=time.perf_counter() - t0)
     if mode == "auto":
-        names = hint_candidates(hint, templates) or list(templates.names)
+        names = named or list(templates.names)
     else:
         forced = [n for n in templates.names if n.lower() == str(mode).lower()]
         if not forced:
