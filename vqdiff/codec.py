@@ -141,9 +141,15 @@ def range_warnings(x: np.ndarray, groups: np.ndarray, normalisation: Normalisati
     if info is None:
         return []
     return [{"code": "out_of_training_range",
-             "message": f"{100 * info['fraction_points_outside']:.1f}% of the points lie outside the model's "
+             "message": f"{_percent(info['fraction_points_outside'])} of the points lie outside the model's "
                         f"training range (widened by {100 * OOD_MARGIN:.0f}% of its extent on each side); the "
                         "reconstruction may be poor. Is the bundle in RAS mm of a comparable space?", **info}]
+
+
+def _percent(fraction: float) -> str:
+    """``0.0004`` -> ``"0.04%"``: two significant digits below 1% (never a "0.0%" that still warns)."""
+    pct = 100 * float(fraction)
+    return f"{pct:.1f}%" if pct >= 1 or pct == 0 else f"{pct:.2g}%"
 
 
 @dataclass
