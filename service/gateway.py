@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 from .errors import ApiError
 from .guard import ROUTES, RequestGuard
-from .lifecycle import Drain, HeapTrim
+from .lifecycle import Drain, HeapTrim, ReleaseBody
 from .model_service import VQDiffModel
 from .settings import SETTINGS
 
@@ -287,3 +287,4 @@ Gateway.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, refuse=frozenset(RO
 Gateway.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token,
                             max_in_flight=-(-SETTINGS.max_concurrency // SETTINGS.gateway_workers))
 Gateway.add_asgi_middleware(HeapTrim, interval_s=SETTINGS.heap_trim_s)
+Gateway.add_asgi_middleware(ReleaseBody)  # innermost: finished requests let go of their (replayed) body
