@@ -211,6 +211,7 @@ def test_modes_and_hints(templates, bundles):
     assert hint_candidates("CST_left", templates) == ["PYT_L"]  # TractSeg's
     assert hint_candidates("Callosum_Forceps_Minor", templates) == ["CC_Fr_1"]
     assert hint_candidates("bundle_3", templates) == [] and hint_candidates("FA", templates) == []
+    assert hint_candidates("sub-CC110033_ses-1__IFOF_L", templates) == ["IFOF_L"]  # a Cam-CAN subject id
     assert hint_candidates(None, templates) == []
     aliased = Templates(templates.names, templates.centroids, templates.sizes, templates.partner,
                         templates.calibration, templates.params, {"PYT_R": ["Corticospinal"], "PYT_L": ["Corticospinal"]})
@@ -228,6 +229,7 @@ def test_a_bundle_named_for_a_tract_without_template_is_unknown(templates, bundl
     assert resolve_hint("Left_Cingulum_Cingulate", templates) == ([], ("CG", "cingulum"))
     assert resolve_hint("Callosum_Forceps_Major", templates)[1][0] == "CC_OC"
     assert resolve_hint("Left_IFOF", templates) == (["IFOF_L"], None)
+    assert resolve_hint("sub-CC110033_run-01_tracks", templates) == ([], None)  # identifiers say nothing
     m = compose44(np.r_[12.0, -8.0, 5.0, 4.0, -3.0, 2.0, 1.05])
     moved = _moved(bundles["IFOF_L"], m)
     plain, named = register(moved, templates), register(moved, templates, hint="Left_Cingulum_Cingulate")

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from .templates import SCALE_RANGE, Fit, Templates, bundle_centroids, coarse_start, fit, residual
-from .tract_names import contains_words, tokens, tract_family
+from .tract_names import contains_words, name_words, tokens, tract_family
 
 SHORTLIST = 3
 SHORTLIST_RATIO = 1.5
@@ -174,7 +174,7 @@ def resolve_hint(hint: str | None, templates: Templates) -> tuple[list[str], tup
     """
     if not hint:
         return [], None
-    words, side = _split_side(tokens(hint))
+    words, side = _split_side(name_words(hint))
     if not words:
         return [], None
     found = []

@@ -55,10 +55,20 @@ _SPELLINGS = sorted(((tuple(sp.split()), fam) for fam, (_, sps) in FAMILIES.item
                     key=lambda e: -len(e[0]))  # longest first: the most specific spelling wins
 
 
+_IDENTIFIERS = re.compile(r"(?<![A-Za-z0-9])(sub|ses|run|acq|rec|echo)-[A-Za-z0-9]+")
+
+
 def tokens(text: str) -> list[str]:
     """Lower-case words of a name: ``"sub-01__Left_IFOF"`` -> ``["sub", "01", "left", "ifof"]``."""
     parts = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", str(text))
     return [p.lower() for p in parts]
+
+
+def name_words(name: str) -> list[str]:
+    """`tokens` of a file name without its BIDS identifiers (``sub-``, ``ses-``, ``run-``, ``acq-``,
+    ``rec-``, ``echo-`` and their values): Cam-CAN's ``sub-CC110033`` names a subject, not the
+    corpus callosum."""
+    return tokens(_IDENTIFIERS.sub(" ", str(name)))
 
 
 def contains_words(words: list[str], part: tuple[str, ...]) -> bool:
