@@ -211,7 +211,7 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
     if data is None:
         raise BackendUnavailable("no real groups to gate the variants on (set VQDIFF_GATE_DATA to a folder of "
                                  "tractograms, or put gate_groups.npy beside the model)")
-    calib_mm, held_mm, desc = data
+    calib_mm, held_mm, desc, synthetic = data
     norm = _normalisation(src)
     from vqdiff.geometry import groups_to_model
 
@@ -250,7 +250,7 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
         dt, recs[name] = _roundtrip(engines[name], x)
         times[name] = [dt]
     ref_q = gate(held_mm, recs[ref_name], norm, None)
-    limits = gate_limits(desc)
+    limits = gate_limits(synthetic)
     gates = {n: gate(held_mm, r, norm, ref_q, limits) if n != ref_name else ref_q for n, r in recs.items()}
     t_budget = time.perf_counter()
     for _ in range(MAX_ROUNDS - 1):

@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -93,8 +93,17 @@ def _weights_sha(ckpt_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- gate data
-def gate_groups(src: ModelSource, gate_data: str | os.PathLike | None = None):
-    """(calibration groups, held-out groups, where they came from), both (G, 64, 64, 3) mm, disjoint.
+class GateData(NamedTuple):
+    """Groups to calibrate and gate the variants on, both (G, 64, 64, 3) mm, disjoint."""
+
+    calibration: np.ndarray
+    held_out: np.ndarray
+    where: str  # where they came from (a path, or what the stand-in groups are)
+    synthetic: bool = False  # bundle-like stand-ins from the model's templates, not real groups
+
+
+def gate_groups(src: ModelSource, gate_data: str | os.PathLike | None = None) -> GateData | None:
+    """`GateData`: calibration and held-out groups, where they came from, whether they are synthetic.
 
     From ``gate_data`` / ``$VQDIFF_GATE_DATA`` (a folder of tractograms or a .npy), else the model's
     ``gate_groups.npy``, else the shared real data (``$VQDIFF_SHARED_DATA/subject01``). None when
@@ -117,11 +126,12 @@ def gate_groups(src: ModelSource, gate_data: str | os.PathLike | None = None):
         if groups.ndim != 4 or groups.shape[1:] != (64, 64, 3) or len(groups) < 2:
             raise ValueError(f"gate data {c}: expected groups (G >= 2, 64, 64, 3) in mm, got {groups.shape}")
         calib, held = split_groups(groups, 0.5, seed=0)
-        return _spread(calib, CALIB_GROUPS), _spread(held, GATE_GROUPS), f"{c} ({len(groups)} groups, half held out)"
+        return GateData(_spread(calib, CALIB_GROUPS), _spread(held, GATE_GROUPS),
+                        f"{c} ({len(groups)} groups, half held out)")
     groups = template_groups(src.path, CALIB_GROUPS + GATE_GROUPS)
     if groups is not None:  # no real data here (a user's machine): bundle-like groups from the model's templates
-        return groups[:CALIB_GROUPS], groups[CALIB_GROUPS:], (f"synthetic: {len(groups)} groups drawn from the "
-                                                             "model's registration templates (no real data found)")
+        return GateData(groups[:CALIB_GROUPS], groups[CALIB_GROUPS:], f"synthetic: {len(groups)} groups drawn from "
+                        "the model's registration templates (no real data found)", synthetic=True)
     return None
 
 
@@ -154,10 +164,10 @@ def _spread(groups: np.ndarray, n: int) -> np.ndarray:
     return groups[np.unique(np.linspace(0, len(groups) - 1, n).round().astype(int))]
 
 
-def gate_limits(desc: str) -> tuple[float, float]:
-    """(max mean-MDF change in mm, max BUAN change) for gate data described by ``desc``: stricter on the
-    synthetic stand-in groups, which judge reduced precision a little more leniently than real ones."""
-    f = SYNTHETIC_STRICTNESS if desc.startswith("synthetic") else 1.0
+def gate_limits(synthetic: bool) -> tuple[float, float]:
+    """(max mean-MDF change in mm, max BUAN change): stricter on ``synthetic`` stand-in groups
+    (`GateData.synthetic`), which judge reduced precision a little more leniently than real ones."""
+    f = SYNTHETIC_STRICTNESS if synthetic else 1.0
     return MAX_MDF_CHANGE_MM * f, MAX_BUAN_CHANGE * f
 
 
