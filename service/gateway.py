@@ -287,4 +287,5 @@ Gateway.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, refuse=frozenset(RO
 Gateway.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token,
                             max_in_flight=-(-SETTINGS.max_concurrency // SETTINGS.gateway_workers))
 Gateway.add_asgi_middleware(HeapTrim, interval_s=SETTINGS.heap_trim_s)
-Gateway.add_asgi_middleware(ReleaseBody)  # innermost: finished requests let go of their (replayed) body
+Gateway.add_asgi_middleware(ReleaseBody)  # last of ours: inside RequestGuard's body replay, outside BentoML's
+# ContextMiddleware (added after ours), so the request it keeps no longer leads to the body once done

@@ -226,8 +226,9 @@ class ReleaseBody:
 
     BentoML keeps the `starlette.requests.Request` of each request in a context variable; every timer
     scheduled during the request (``loop.call_at``) holds a copy of that context, and asyncio keeps a
-    *cancelled* timer, context included, in its heap until its due time (it purges them only when more
-    than half of over 100 timers are cancelled). The aiohttp client of the model service schedules one
+    *cancelled* timer, context included, in its heap while a live timer due earlier sits in front of it
+    (it drops cancelled ones from the front, and purges the heap only when more than half of over 100
+    timers are cancelled). The aiohttp client of the model service schedules one
     per call, due after the model timeout (``VQDIFF_TIMEOUT_S`` x 0.75 = 90 s), and cancels it when the
     answer comes; BentoML's own request timer (never cancelled) keeps the other half of the heap live,
     so no purge happens. Each gateway worker therefore held on to the bodies (the upload, once joined by
@@ -235,7 +236,9 @@ class ReleaseBody:
     measured with tracemalloc, 126-157 MB of live ``b"".join(chunks)`` bodies after 150 s of 8 clients
     (retained ``receive`` closures found through ``TimerHandle._context``), RSS 234 -> 945 MB.
 
-    Installed innermost (after the other middlewares), this passes on a ``receive`` that forwards to
+    Installed after our other middlewares (so inside `RequestGuard`, whose replay of the body it
+    wraps, and outside BentoML's ``ContextMiddleware``, which BentoML adds after ours and which keeps
+    the request), this passes on a ``receive`` that forwards to
     the real one while the request runs and to a constant ``http.disconnect`` afterwards, so what is
     left of a finished request in those contexts is its scope and a few small objects."""
 

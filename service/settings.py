@@ -32,7 +32,7 @@ VQDIFF_HEAP_TRIM_S             2           while requests come, return the heap'
 =============================  ==========  ===================================================
 
 Memory, without a setting: a finished request lets go of its body (`service.lifecycle.ReleaseBody`;
-before it, each gateway worker kept the uploads of its last 90 s alive: 240 MB -> 0.9-1.6 GB of RSS
+before it, each gateway worker kept the uploads of its last 90 s alive: 240 MB -> 0.9-1.3 GB of RSS
 in two minutes of 8-16 clients). glibc's own variables reach every worker as they are (``bentoml
 serve`` and the container pass the environment on), but none is needed for the RSS to stay within
 +25 % after the warm-up (``benchmarks/bench_soak.py`` checks it) and they cost CPU:

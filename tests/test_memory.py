@@ -31,10 +31,10 @@ def _bentoml_like_app():
     schedules a timer (due in 90 s) and cancels it once the answer has come."""
 
     async def app(scope, receive, send):
-        request = Request(scope, receive)
+        request = Request(scope, receive)  # BentoML's context keeps this one (it never reads the body) ...
         token = _request_var.set(request)
         try:
-            await request.body()
+            await Request(scope, receive).body()  # ... the route reads the body through its own Request
             timer = asyncio.get_running_loop().call_later(90, lambda: None)  # holds a copy of the context
             timer.cancel()  # asyncio keeps cancelled timers in its heap, context and all, until they are due
             await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -152,3 +152,15 @@ def test_soak_verdict_passes_a_swinging_worker_and_fails_a_climbing_one(bench_so
     assert not rss["within_bound"]
     verdict = bench_soak.rss_verdict({"model:1": rss, "arbiter": {**rss, "within_bound": False}}, 1.25)
     assert not verdict["ok"] and verdict["over"] == ["model:1"]  # the arbiter is not a worker
+
+
+def test_release_body_sits_inside_the_body_replay_on_both_services():
+    """Its place matters: after RequestGuard (whose replay closure holds the body) and as the last of
+    our middlewares (BentoML adds its ContextMiddleware, which keeps the request, after them)."""
+    from vqdiff.service.app import Gateway, VQDiffModel
+
+    for service in (Gateway, VQDiffModel):
+        names = [m[0].__name__ for m in service.middlewares]
+        assert names[-1] == "ReleaseBody", names
+    gateway = [m[0].__name__ for m in Gateway.middlewares]
+    assert gateway.index("RequestGuard") < gateway.index("ReleaseBody")

@@ -242,19 +242,25 @@ def test_a_bundle_named_for_a_tract_without_template_is_unknown(templates, bundl
     no_mcp = Templates.from_bundles({n: sl for n, sl in bundles.items() if n != "MCP"})
     assert not register(bundles["MCP"], no_mcp, hint="MCP").known  # its family has no template here
     assert register(moved, templates, hint="Left_IFOF", mode="IFOF_L").known  # forced: the name is not read
+    left_only = Templates.from_bundles({n: sl for n, sl in bundles.items() if n != "IFOF_R"})
+    assert resolve_hint("Right_IFOF", left_only) == ([], ("IFOF", "inferior fronto-occipital fasciculus (right side)"))
+    assert resolve_hint("IFOF", left_only) == (["IFOF_L"], None)
 
 
 def test_tract_names_of_the_field():
-    from vqdiff.tract_names import tokens, tract_family
+    from vqdiff.tract_names import name_words, tokens, tract_family
 
     def fam(name):
-        found = tract_family([t for t in tokens(name) if t not in {"l", "r", "left", "right", "lh", "rh"}])
+        found = tract_family([t for t in name_words(name) if t not in {"l", "r", "left", "right", "lh", "rh"}])
         return found and found[0]
 
     assert tokens("sub-01__Left_IFOF") == ["sub", "01", "left", "ifof"]
     cases = {"Left_Corticospinal": "PYT", "CST_right": "PYT", "PYT_L": "PYT", "IFO_left": "IFOF",
              "Right_ILF": "ILF", "CC_Fr_1": "CC_FR", "Callosum_Forceps_Minor": "CC_FR", "CC_Oc": "CC_OC",
-             "Callosum_Forceps_Major": "CC_OC", "CC": "CC", "AF_L": "AF", "Left_Arcuate": "AF",
+             "Callosum_Forceps_Major": "CC_OC", "Corpus_Callosum": "CC", "Genu_of_Corpus_Callosum": "CC_FR",
+             "Splenium_of_Corpus_Callosum": "CC_OC", "CC": None, "CC110033_tracks": None,
+             "Superior_Thalamic_Radiation_L": "STR", "Posterior_Thalamic_Radiation_R": "PTR",
+             "AF_L": "AF", "Left_Arcuate": "AF",
              "SLF_III_left": "SLF", "UF_R": "UF", "Right_Uncinate": "UF", "Left_Cingulum_Hippocampus": "CG",
              "ATR_left": "ATR", "Left_Thalamic_Radiation": "ATR", "OR_ML_L": "OR", "FX": "FX", "MCP": "MCP",
              "MdLF_L": "MLF", "FPT_R": "FPT", "POPT_L": "POPT", "bundle_3": None, "FA": None, "tracks": None}

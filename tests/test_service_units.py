@@ -161,7 +161,7 @@ def test_bentoml_build(tmp_path, bentofile, name):
     src = bento / "src"
     assert (src / "models" / "default" / "model.safetensors").is_file()
     assert not any((src / d).exists() for d in ("vqdiff", "service", "export", "runs", ".venv", "tests", "training"))
-    assert [w.name for w in (bento / "env" / "python" / "wheels").iterdir()] == ["vqdiff-0.1.0-py3-none-any.whl"]
+    assert [w.name for w in (bento / "env" / "python" / "wheels").iterdir()] == ["vqdiff-0.2.0-py3-none-any.whl"]
     reqs = (bento / "env" / "python" / "requirements.txt").read_text()
     assert ("onnxruntime-gpu" in reqs) == (name == "vqdiff-gpu")
 

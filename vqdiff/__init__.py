@@ -5,7 +5,7 @@ Heavy modules are imported lazily so that ``import vqdiff`` stays fast.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "Bundle": "vqdiff.bundle",

@@ -320,24 +320,32 @@ def uncanonicalise(
 
 def at_fractions(x: np.ndarray, num_points: int) -> np.ndarray:
     """Streamlines ``x`` (N, P, 3) taken at ``num_points`` equally spaced fractions of their *point
-    index* (linear interpolation between neighbouring points) -> (N, num_points, 3), same dtype.
+    index* (linear interpolation between neighbouring points) -> (N, num_points, 3) float (float32
+    unless ``x`` is float64).
 
-    The inverse of `resample` for a model's output: its point k stands for the fraction k / (P - 1)
-    of the input's arc length, but its own spacing is irregular (on AFQ bundles the segment lengths
-    of a reconstruction vary by ~10 %, against 0.4 % for the resampled input), so re-resampling it by
-    its own arc length (dipy's ``set_number_of_points``) would slide every point along the track:
-    +0.32 mm mean MDF on AFQ Right_ILF. ``num_points == P`` returns ``x`` unchanged.
+    How a model's output goes back to other point counts: its point k stands for the fraction
+    k / (P - 1) of the input's arc length, but its own spacing is irregular (on AFQ bundles the segment
+    lengths of a reconstruction vary by ~10 %, against 0.4 % for the resampled input), so resampling
+    it by its own arc length (dipy's ``set_number_of_points``) would slide every point along the
+    track: +0.32 mm mean MDF on AFQ Right_ILF. Endpoints are kept exactly; ``num_points == P``
+    returns ``x`` unchanged.
     """
     x = np.asarray(x)
+    if x.dtype != np.float64:
+        x = x.astype(np.float32, copy=False)
     p = x.shape[1]
     if num_points == p:
         return x
-    if num_points < 2 or p < 2:
-        raise ValueError("nb_points must be at least 2")
+    if num_points < 2:
+        raise ValueError(f"a streamline needs at least 2 points, asked for {num_points}")
+    if p < 2:
+        raise ValueError(f"streamlines of {p} point cannot be interpolated")
     t = np.linspace(0.0, p - 1, num_points)
     lo = np.minimum(t.astype(np.int64), p - 2)
     w = (t - lo).astype(x.dtype)[None, :, None]
-    return x[:, lo] * (1 - w) + x[:, lo + 1] * w
+    out = x[:, lo + 1] * w  # two temporaries of the output's size, not four
+    out += x[:, lo] * (1 - w)
+    return out
 
 
 def restore_point_counts(x: np.ndarray, n_points) -> list[np.ndarray]:

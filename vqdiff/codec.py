@@ -147,9 +147,9 @@ def range_warnings(x: np.ndarray, groups: np.ndarray, normalisation: Normalisati
 
 
 def _percent(fraction: float) -> str:
-    """``0.0004`` -> ``"0.04%"``: two significant digits below 1% (never a "0.0%" that still warns)."""
+    """``0.0004`` -> ``"0.04%"``, ``0.05`` -> ``"5.0%"``, below 0.01% ``"<0.01%"`` (never a "0.0%" that warns)."""
     pct = 100 * float(fraction)
-    return f"{pct:.1f}%" if pct >= 1 or pct == 0 else f"{pct:.2g}%"
+    return f"{pct:.1f}%" if pct >= 1 else f"{pct:.2f}%" if pct >= 0.01 else "<0.01%"
 
 
 @dataclass

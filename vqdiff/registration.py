@@ -170,7 +170,9 @@ def resolve_hint(hint: str | None, templates: Templates) -> tuple[list[str], tup
     A template is named by its own name or an alias ("IFOF_L", "sub-01__IFOF_L", "Left_IFOF", "IFOF"
     -> both sides), else through the field's names of its tract family (`vqdiff.tract_names`:
     "Right_Corticospinal" -> PYT_R). ``([], None)`` when the name says nothing known (it is then
-    ignored) or names a family whose templates are all of the other side.
+    ignored). A name of a family whose templates are all of the other side counts as a family without
+    template ("Right_FPT" for a model with only FPT_L: no template can be registered onto it, as
+    registration never mirrors).
     """
     if not hint:
         return [], None
@@ -192,7 +194,9 @@ def resolve_hint(hint: str | None, templates: Templates) -> tuple[list[str], tup
         return [], None
     members = [n for n in templates.names if _template_family(n, templates) == family[0]]
     same_side = [n for n in members if not side or _split_side(tokens(n))[1] in (None, side)]
-    return same_side, None if members else family
+    if same_side:
+        return same_side, None
+    return [], family if not members else (family[0], f"{family[1]} ({'left' if side == 'L' else 'right'} side)")
 
 
 def hint_candidates(hint: str | None, templates: Templates) -> list[str]:
@@ -206,16 +210,16 @@ def register(streamlines: Sequence[np.ndarray], templates: Templates, *, mode: s
     """Recognise the bundle among ``templates`` and register it into model space.
 
     ``mode``: "auto" (recognise among all templates, or those ``hint`` - the bundle's name - names),
-    "off" (identity, no recognition) or a template name (register onto that one). A name of a tract
-    the model has no template of (`resolve_hint`) makes the bundle unknown, whatever its residual; it
-    is still registered onto its closest template. Raises ValueError for an empty bundle,
-    non-finite coordinates or an unknown mode.
+    "off" (identity, no recognition) or a template name (register onto that one; the name is then
+    not read). With "auto", a name of a tract the model has no template of (`resolve_hint`) makes the
+    bundle unknown, whatever its residual; it is still registered onto its closest template. Raises
+    ValueError for an empty bundle, non-finite coordinates or an unknown mode.
     """
     named, foreign = resolve_hint(hint, templates) if mode == "auto" else ([], None)
     reg = _register(streamlines, templates, mode, named)
     if foreign is not None and reg.template is not None:
-        reg = replace(reg, known=False, reason=f"its name {hint!r} says {foreign[1]}, "
-                                               "a bundle this model has no template for")
+        why = f"its name {hint!r} says {foreign[1]}, a bundle this model has no template for"
+        reg = replace(reg, known=False, reason=why if reg.known or not reg.reason else f"{why}; {reg.reason}")
     return reg
 
 

@@ -3,16 +3,19 @@
 A file named ``Left_Corticospinal.trk`` (AFQ), ``CST_left.trk`` (TractSeg), ``sub-01__PYT_L.trk``
 (TractoInferno) or ``AF_L.trk`` (RecoBundles) says which bundle it holds. `tract_family` reads that:
 the family's id and full name, or None when the name says nothing known. Registration uses it twice
-(`vqdiff.registration.hint_candidates`): a name of a family the model has a template of narrows the
+(`vqdiff.registration.resolve_hint`): a name of a family the model has a template of narrows the
 recognition to those templates (so ``Left_Corticospinal`` is matched to ``PYT_L`` without a model
 alias), and a name of a family it has none of (``Left_Cingulum_Cingulate`` for a model trained on
 subject01's 12 bundles) makes the bundle unknown whatever its residual: on the AFQ cross-subject
 bundles the residual alone let 4 of the 13 bundles without a counterpart pass as known.
 
-Matching is on whole words of the name (`tokens`: ``CamelCase``, ``snake_case``, digits split) and
-the longest spelling wins, so ``CC_Fr_1`` is the frontal callosum rather than the whole corpus
-callosum. Sides (``L``, ``left``, ``lh``, ...) are left to the caller. Spellings that are also common
-words of file names (``fa``: fractional anisotropy; ``or``) are left out.
+Matching is on whole words of the name (`tokens`: ``CamelCase``, ``snake_case``, digits split). Of
+the families whose spellings occur, a part of the corpus callosum beats the whole (``CC_Fr_1``,
+``Genu_of_Corpus_Callosum``: the frontal part), then the longest spelling wins (``Superior_Thalamic_
+Radiation``: STR, not ATR). Sides (``L``, ``left``, ``lh``, ...) are left to the caller, BIDS
+identifiers to `name_words`. Left out: spellings that are mostly other things in file names (``fa``:
+fractional anisotropy; ``or``; a bare ``cc``, e.g. Cam-CAN's subject ids), and TractSeg's
+striatal / thalamic projection bundles (``ST_*``, ``T_*``), which then say nothing.
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
                                                             "callosum occipital", "splenium")),
     "CC_PA": ("parietal corpus callosum", ("cc pa", "callosum parietal")),
     "CC_PR_PO": ("pre/post-central corpus callosum", ("cc pr po", "cc pr", "cc po")),
-    "CC": ("corpus callosum", ("cc", "callosum", "corpus callosum")),
+    "CC": ("corpus callosum", ("callosum", "corpus callosum")),
     "AF": ("arcuate fasciculus", ("af", "arc", "arcuate")),
     "SLF": ("superior longitudinal fasciculus", ("slf", "superior longitudinal")),
     "MLF": ("middle longitudinal fasciculus", ("mlf", "mdlf", "md lf", "middle longitudinal")),
     "UF": ("uncinate fasciculus", ("uf", "unc", "uncinate")),
     "CG": ("cingulum", ("cg", "cgc", "cgh", "cingulum", "cingulate")),
-    "ATR": ("anterior thalamic radiation", ("atr", "thalamic radiation", "anterior thalamic")),
+    "ATR": ("anterior thalamic radiation", ("atr", "thalamic radiation", "anterior thalamic",
+                                            "anterior thalamic radiation")),
+    "PTR": ("posterior thalamic radiation", ("ptr", "posterior thalamic", "posterior thalamic radiation")),
     "OR": ("optic radiation", ("optic radiation", "optic", "or ml")),
     "FX": ("fornix", ("fx", "fornix")),
     "ICP": ("inferior cerebellar peduncle", ("icp", "inferior cerebellar")),
@@ -48,7 +53,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "AC": ("anterior commissure", ("anterior commissure",)),
     "PC": ("posterior commissure", ("posterior commissure",)),
     "FAT": ("frontal aslant tract", ("fat", "frontal aslant", "aslant")),
-    "STR": ("superior thalamic radiation", ("str", "superior thalamic")),
+    "STR": ("superior thalamic radiation", ("str", "superior thalamic", "superior thalamic radiation")),
 }
 
 _SPELLINGS = sorted(((tuple(sp.split()), fam) for fam, (_, sps) in FAMILIES.items() for sp in sps),
@@ -78,8 +83,10 @@ def contains_words(words: list[str], part: tuple[str, ...]) -> bool:
 
 
 def tract_family(words: list[str]) -> tuple[str, str] | None:
-    """(family id, full name) that the words of a name spell (the longest spelling found), or None."""
-    for spelling, fam in _SPELLINGS:
-        if contains_words(words, spelling):
-            return fam, FAMILIES[fam][0]
-    return None
+    """(family id, full name) that the words of a name spell (module doc: parts of the corpus callosum
+    first, then the longest spelling), or None."""
+    found = [fam for spelling, fam in _SPELLINGS if contains_words(words, spelling)]  # longest first
+    if not found:
+        return None
+    fam = next((f for f in found if f.startswith("CC_")), found[0])
+    return fam, FAMILIES[fam][0]

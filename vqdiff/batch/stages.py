@@ -8,9 +8,10 @@
 3. `finish` (CPU): the core's `assemble_latents` (or `assemble_bundle`), written atomically (temp
    file + fsync + rename); returns the file's index record.
 
-Resume: a latents file records its input's sha256 (``source.input_sha256``) and the model's
-(``model.sha256``); an existing output that matches both is skipped. Decoded TRK/TCK/TRX files
-cannot carry that, so they are matched against the index (input sha256, model, format, and the
+Resume: a latents file records its input's sha256 (``source.input_sha256``), the model's
+(``model.sha256``) and its provenance (engine, vqdiff and canonicalisation versions); an existing
+output that matches all of them is skipped. Decoded TRK/TCK/TRX files cannot carry that, so they are
+matched against the index (input sha256, model, format, restore_points, vqdiff version, and the
 output's own sha256).
 """
 
@@ -162,8 +163,10 @@ def record(spec: JobSpec, task: BatchTask, *, status: str = "ok", **fields) -> d
     rec = {"subject": task.subject, "bundle": task.bundle, "input": task.rel, "input_sha256": None,
            "output": task.out_rel, "output_sha256": None, "model_id": spec.model_info.get("id"),
            "model_sha256": spec.model_info.get("sha256"), "streamlines": None, "groups": None}
-    if spec.kind == "decode":
-        rec.update(format=spec.format, restore_points=spec.restore_points)
+    if spec.kind == "decode":  # a decoded file cannot record what made it: the index does
+        from vqdiff import __version__
+
+        rec.update(format=spec.format, restore_points=spec.restore_points, vqdiff=__version__)
     rec.update(fields, status=status)
     return rec
 
@@ -207,8 +210,10 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
                           streamlines=header["flipped"]["shape"][0], groups=header["latents"]["shape"][0],
                           registration=registration_summary(json.loads(meta.get("registration", "{}")))), ""
         prev = task.previous or {}
+        from vqdiff import __version__
+
         want = {"input_sha256": sha, "model_sha256": spec.model_info.get("sha256"), "format": spec.format,
-                "restore_points": spec.restore_points, "status": "ok"}
+                "restore_points": spec.restore_points, "vqdiff": __version__, "status": "ok"}
         if any(prev.get(k) != v for k, v in want.items()):
             return None, "the index has no matching entry for it"
         if prev.get("output_sha256") != file_sha256(out):
