@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 ISA = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
        "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
@@ -29,6 +30,15 @@ def cpu_summary() -> dict:
     flags = set(info["flags"])
     return {"model": info["model"], "cores": info["cores"], "isa": [f for f in ISA if f in flags],
             "avx512": any(f.startswith("avx512") for f in flags), "amx": any(f.startswith("amx") for f in flags)}
+
+
+def add_served_model_args(p) -> None:
+    """``--model``, ``--dev-model`` and ``--data`` of the benchmarks that serve a model over HTTP."""
+    repo = Path(__file__).resolve().parents[1]
+    p.add_argument("--model", help="checkpoint or export directory (default: $VQDIFF_MODEL or models/default)")
+    p.add_argument("--dev-model", action="store_true", help="serve a random-weight model (no trained model needed)")
+    p.add_argument("--data", default=os.environ.get("VQDIFF_SHARED_DATA", str(repo.parent / "shared" / "data")) +
+                   "/subject01", help="folder of .trk bundles")
 
 
 def load_average() -> list[float]:

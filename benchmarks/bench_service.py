@@ -33,16 +33,13 @@ sys.path.insert(0, str(REPO / "tests"))  # the serve-process helper of the tests
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import LoadWatch  # noqa: E402
+from _common import LoadWatch, add_served_model_args  # noqa: E402
 from serving import ServeProcess, make_dev_model  # noqa: E402
 
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint or export directory (default: $VQDIFF_MODEL or models/default)")
-    p.add_argument("--dev-model", action="store_true", help="serve a random-weight model (no trained model needed)")
-    p.add_argument("--data", default=os.environ.get("VQDIFF_SHARED_DATA", str(REPO.parent / "shared" / "data")) +
-                   "/subject01", help="folder of .trk bundles")
+    add_served_model_args(p)
     p.add_argument("--endpoint", choices=["encode", "decode"], default="encode")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels")
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each level")

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the serve-process helper of the tests
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import LoadWatch, cpu_summary  # noqa: E402
+from _common import LoadWatch, add_served_model_args, cpu_summary  # noqa: E402
 from serving import ServeProcess, make_dev_model  # noqa: E402
 
 BOUNDARY = "vqdiffsoak"
@@ -60,10 +60,7 @@ BOUNDARY = "vqdiffsoak"
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint or export directory (default: $VQDIFF_MODEL or models/default)")
-    p.add_argument("--dev-model", action="store_true", help="serve a random-weight model")
-    p.add_argument("--data", default=os.environ.get("VQDIFF_SHARED_DATA", str(REPO.parent / "shared" / "data")) +
-                   "/subject01", help="folder of .trk bundles")
+    add_served_model_args(p)
     p.add_argument("--clients", type=int, default=None, help="concurrent clients (default 16; 64 with --overload)")
     p.add_argument("--duration", type=float, default=None, help="seconds of load (default 300; 20 with --overload)")
     p.add_argument("--warmup", type=float, default=None, help="seconds counted as warm-up for the RSS growth "
