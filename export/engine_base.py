@@ -8,6 +8,8 @@ An engine implements `vqdiff.engine.Engine` (``backend``, ``provider``, ``encode
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from vqdiff.errors import VQDiffError
@@ -113,3 +115,20 @@ class _GroupEngine:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} provider={self.provider} model={self.model_info.get('id')}>"
+
+
+def load_checked(checkpoint_dir: str | os.PathLike, expected_sha256: str | None, precision: str):
+    """The checkpoint behind a torch engine (CPU or CUDA), after the checks both make: a precision
+    `vqdiff.torch_engine.TorchEngine` runs, and the weights the export was made from."""
+    from vqdiff.checkpoint import load_checkpoint
+    from vqdiff.torch_engine import PRECISIONS  # torch: imported only here, when a torch engine is made
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown torch precision {precision!r}; accepted: {list(PRECISIONS)}")
+    ckpt = load_checkpoint(checkpoint_dir)
+    if expected_sha256 and ckpt.model_hash != expected_sha256:
+        raise BackendUnavailable(
+            f"checkpoint {checkpoint_dir} has weights {ckpt.model_hash[:12]}, not the exported model's "
+            f"{expected_sha256[:12]}; the torch backend needs the export's own source checkpoint"
+        )
+    return ckpt

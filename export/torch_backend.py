@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .engine_base import DEFAULT_BATCH, BackendUnavailable, _GroupEngine
-
-TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
+from .engine_base import DEFAULT_BATCH, BackendUnavailable, _GroupEngine, load_checked
 
 
 class TorchBackendEngine(_GroupEngine):
@@ -28,17 +26,9 @@ class TorchBackendEngine(_GroupEngine):
         import torch
 
         from vqdiff.bottlenecks import uses_codebook
-        from vqdiff.checkpoint import load_checkpoint
         from vqdiff.torch_engine import TorchEngine
 
-        if precision not in TORCH_PRECISIONS:
-            raise ValueError(f"unknown torch precision {precision!r}; accepted: {list(TORCH_PRECISIONS)}")
-        ckpt = load_checkpoint(checkpoint_dir)
-        if expected_sha256 and ckpt.model_hash != expected_sha256:
-            raise BackendUnavailable(
-                f"checkpoint {checkpoint_dir} has weights {ckpt.model_hash[:12]}, not the exported model's "
-                f"{expected_sha256[:12]}; the torch backend needs the export's own source checkpoint"
-            )
+        ckpt = load_checked(checkpoint_dir, expected_sha256, precision)
         if threads:
             torch.set_num_threads(int(threads))
         info = ckpt.model_info

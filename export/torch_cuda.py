@@ -71,17 +71,13 @@ class CudaGraphEngine(_GroupEngine):
         import torch
 
         from vqdiff.bottlenecks import uses_codebook
-        from vqdiff.checkpoint import load_checkpoint
-        from vqdiff.torch_engine import PRECISIONS, TorchEngine
+        from vqdiff.torch_engine import TorchEngine
+
+        from .engine_base import load_checked
 
         if not torch.cuda.is_available():
             raise BackendUnavailable(f"the CUDA graph engine needs a CUDA GPU; torch sees none (device={device!r})")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; accepted: {list(PRECISIONS)}")
-        ckpt = load_checkpoint(checkpoint_dir)
-        if expected_sha256 and ckpt.model_hash != expected_sha256:
-            raise BackendUnavailable(f"checkpoint {checkpoint_dir} has weights {ckpt.model_hash[:12]}, not the "
-                                     f"exported model's {expected_sha256[:12]}")
+        ckpt = load_checked(checkpoint_dir, expected_sha256, precision)
         self.buckets = check_buckets(buckets or DEFAULT_BUCKETS)
         super().__init__(normalisation=ckpt.normalisation, model_info=ckpt.model_info, manifest=manifest,
                          batch_size=self.buckets[-1])
