@@ -198,7 +198,6 @@ def import_authors(weights: str | Path, out_dir: str | Path, *, kind: str | None
     """Write ``out_dir`` (checkpoint + MODEL_CARD.md + templates + licence); return a summary."""
     from vqdiff.checkpoint import file_sha256, save_checkpoint
     from vqdiff.codec import TEMPLATES_FILE
-    from vqdiff.io import load_bundle
     from vqdiff.templates import Templates
 
     weights = Path(weights)
@@ -217,8 +216,7 @@ def import_authors(weights: str | Path, out_dir: str | Path, *, kind: str | None
     tdir = Path(templates_dir) if templates_dir else default_templates_dir(weights)
     points, template_names = None, []
     if tdir is not None:
-        bundles = {p.stem: list(load_bundle(p).streamlines)  # as Templates.from_folder reads them, once
-                   for p in sorted(tdir.iterdir()) if p.suffix in (".trk", ".trx")}
+        bundles = Templates.folder_bundles(tdir)  # read once: templates and normalisation
         templates = Templates.from_bundles(bundles)
         files[TEMPLATES_FILE] = templates.to_bytes()
         template_names = templates.names

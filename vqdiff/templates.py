@@ -286,13 +286,18 @@ class Templates:
         return cls(names, cents, sizes, partner, calibration, params,
                    {k: list(v) for k, v in (aliases or {}).items()})
 
-    @classmethod
-    def from_folder(cls, folder: str | os.PathLike, **kwargs: Any) -> Templates:
-        """Templates of every ``.trk`` / ``.trx`` of ``folder`` (bundle name = file stem)."""
+    @staticmethod
+    def folder_bundles(folder: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+        """The streamlines of every ``.trk`` / ``.trx`` of ``folder``, by bundle name (the file stem)."""
         from .io import load_bundle
 
         paths = sorted(p for p in Path(folder).iterdir() if p.suffix in (".trk", ".trx"))
-        return cls.from_bundles({p.stem: list(load_bundle(p).streamlines) for p in paths}, **kwargs)
+        return {p.stem: list(load_bundle(p).streamlines) for p in paths}
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, **kwargs: Any) -> Templates:
+        """Templates of every ``.trk`` / ``.trx`` of ``folder`` (bundle name = file stem)."""
+        return cls.from_bundles(cls.folder_bundles(folder), **kwargs)
 
     # ------------------------------------------------------------------ file
     def to_bytes(self) -> bytes:

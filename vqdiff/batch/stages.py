@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from vqdiff import __version__
 from vqdiff.codec import same_provenance
 from vqdiff.errors import VQDiffError
 from vqdiff.fileio import TMP_MARK, atomic_write_bytes, file_sha256
@@ -164,8 +165,6 @@ def record(spec: JobSpec, task: BatchTask, *, status: str = "ok", **fields) -> d
            "output": task.out_rel, "output_sha256": None, "model_id": spec.model_info.get("id"),
            "model_sha256": spec.model_info.get("sha256"), "streamlines": None, "groups": None}
     if spec.kind == "decode":  # a decoded file cannot record what made it: the index does
-        from vqdiff import __version__
-
         rec.update(format=spec.format, restore_points=spec.restore_points, vqdiff=__version__)
     rec.update(fields, status=status)
     return rec
@@ -210,8 +209,6 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
                           streamlines=header["flipped"]["shape"][0], groups=header["latents"]["shape"][0],
                           registration=registration_summary(json.loads(meta.get("registration", "{}")))), ""
         prev = task.previous or {}
-        from vqdiff import __version__
-
         want = {"input_sha256": sha, "model_sha256": spec.model_info.get("sha256"), "format": spec.format,
                 "restore_points": spec.restore_points, "vqdiff": __version__, "status": "ok"}
         if any(prev.get(k) != v for k, v in want.items()):
