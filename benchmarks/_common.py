@@ -104,3 +104,20 @@ def interleaved_best(fns: dict, repeats: int, *, warmup: int = 1) -> dict[str, f
             fn()
             best[k] = min(best[k], time.perf_counter() - t)
     return best
+
+
+def requests_of(x, batch: int, n: int) -> list:
+    """The first ``n`` groups of ``x`` as contiguous requests of ``batch`` groups."""
+    import numpy as np
+
+    return [np.ascontiguousarray(x[s : s + batch]) for s in range(0, n, batch)]
+
+
+def roundtrip_all(engine, xs):
+    """A callable that encodes and decodes every request of ``xs`` with ``engine``."""
+    def run():
+        for b in xs:
+            lat, _ = engine.encode_with_indices(b)
+            engine.decode_groups(lat)
+
+    return run

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import LoadWatch, best_time, cpu_summary, interleaved_best
+from _common import LoadWatch, best_time, cpu_summary, interleaved_best, requests_of, roundtrip_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,19 +35,6 @@ def default_model() -> Path:
         if (p / "model.safetensors").is_file():
             return p
     sys.exit("no model: pass --model CHECKPOINT_DIR (models/default and runs/default/best are missing)")
-
-
-def requests_of(x: np.ndarray, batch: int, n: int) -> list[np.ndarray]:
-    return [np.ascontiguousarray(x[s : s + batch]) for s in range(0, n, batch)]
-
-
-def roundtrip_all(engine, xs):
-    def run():
-        for b in xs:
-            lat, _ = engine.encode_with_indices(b)
-            engine.decode_groups(lat)
-
-    return run
 
 
 def authors_loop(model, x: np.ndarray, n: int, device: str = "cpu"):

@@ -31,20 +31,13 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from _common import LoadWatch, best_time, cpu_summary, interleaved_best
+from _common import LoadWatch, best_time, cpu_summary, interleaved_best, requests_of, roundtrip_all
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"train_batch": 256, "train_steps": 20, "train_warmup": 3, "batches": (1, 64, 512), "calls": {1: 200, 64: 40, 512: 10},
         "authors_groups": 200, "bundles": None, "parity_groups": None, "repeats": 3}
 TINY = {"train_batch": 4, "train_steps": 1, "train_warmup": 1, "batches": (1, 8), "calls": {1: 2, 8: 1},
         "authors_groups": 2, "bundles": ("POPT_R", "PYT_R"), "parity_groups": 8, "repeats": 1}
-
-
-def data_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("VQDIFF_SHARED_DATA")
-    return (Path(env) if env else REPO.parent / "shared" / "data") / "subject01"
 
 
 def synced(torch, dev):
@@ -147,16 +140,9 @@ def engines(ctx) -> dict:
     rows = {label: {} for label in engs}
     for b in cfg["batches"]:
         n = b * cfg["calls"][b]
-        reqs = [np.ascontiguousarray(np.resize(x, (n, *x.shape[1:]))[s : s + b]) for s in range(0, n, b)]
-
-        def run(e, reqs=reqs):
-            def go():
-                for r in reqs:
-                    lat, _ = e.encode_with_indices(r)
-                    e.decode_groups(lat)
-            return go
-
-        for label, s in interleaved_best({k: run(e) for k, e in engs.items()}, cfg["repeats"]).items():
+        reqs = requests_of(np.resize(x, (n, *x.shape[1:])), b, n)  # the groups repeated to n, resized once
+        for label, s in interleaved_best({k: roundtrip_all(e, reqs) for k, e in engs.items()},
+                                         cfg["repeats"]).items():
             rows[label][b] = round(n / s, 1)
     return {"authors_loop_groups_per_s": round(base, 1), "device": str(dev), "rows": rows,
             "open_s": {k: getattr(e, "open_s", None) for k, e in engs.items()}}
@@ -288,7 +274,9 @@ def main(argv=None) -> int:
     dev = torch.device("cuda:0" if cuda and not args.dry_run else "cpu")
     watch = LoadWatch(os.cpu_count())
     sizes = TINY if args.dry_run else FULL
-    data = data_dir(args.data)
+    from vqdiff.export.data import default_data_dir
+
+    data = Path(args.data) if args.data else default_data_dir()
     groups_mm = load_groups(data, bundles=sizes["bundles"])
     from vqdiff.checkpoint import read_config
 
