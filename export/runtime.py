@@ -172,11 +172,17 @@ def make_codec(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any)
     """
     from vqdiff.codec import Codec, load_templates
 
+    engine = open_engine(path, backend=backend, **kwargs)
+    return Codec(engine, engine.normalisation, engine.model_info, load_templates(path))
+
+
+def open_engine(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any) -> _GroupEngine:
+    """The engine batch encoding, the API and the service run: ``backend="auto"``, the variant
+    `vqdiff.export.select.select_engine` chose for this machine (already run: it is warm); another
+    ``backend``, ``load_engine(path, backend=backend, **kwargs)``."""
     if backend == "auto":
         from .select import select_engine
 
         _check_options({k: v for k, v in kwargs.items() if k not in ("device", "threads", "warmup")})
-        engine = select_engine(path, device=kwargs.get("device"), threads=kwargs.get("threads"))
-    else:
-        engine = load_engine(path, backend=backend, **kwargs)
-    return Codec(engine, engine.normalisation, engine.model_info, load_templates(path))
+        return select_engine(path, device=kwargs.get("device"), threads=kwargs.get("threads"))
+    return load_engine(path, backend=backend, **kwargs)

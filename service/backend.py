@@ -45,15 +45,9 @@ def open_engine(path: Path, *, backend: str = "auto", device: str | None = None,
     ``VQDIFF_ENGINE=torch-fp32|torch-bf16|ort-fp32|ort-int8|...`` forces one). Another backend name
     opens that backend as `vqdiff.export.runtime.load_engine` does.
     """
-    if backend == "auto":
-        from vqdiff.export.select import select_engine
+    from vqdiff.export import runtime
 
-        engine = select_engine(path, device=device, threads=threads)
-        engine.warmup()
-        return engine
-    from vqdiff.export.runtime import load_engine
-
-    return load_engine(path, backend=backend, device=device, threads=threads, warmup=True)
+    return runtime.open_engine(path, backend=backend, device=device, threads=threads, warmup=True)
 
 
 def warm_up(engine, sizes=(1, 8)) -> float:
