@@ -61,7 +61,7 @@ def cpu_summary() -> dict:
 
 
 def random_similarity(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    from vqdiff.templates import compose44
+    from vqdiff.slr import compose44
 
     x = np.r_[rng.uniform(-50, 50, 3), rng.uniform(-max_deg, max_deg, 3), np.exp(rng.uniform(np.log(0.7), np.log(1.4)))]
     return compose44(x)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vqdiff.canonical import orientation_flips, sort_group
-from vqdiff.templates import ROTATION_DEG, SCALE_RANGE, TRANSLATION_MM
+from vqdiff.slr import ROTATION_DEG, SCALE_RANGE, TRANSLATION_MM
 from vqdiff.training.augment import (
     Augmentation,
     Draw,

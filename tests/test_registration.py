@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from vqdiff.registration import Registration, hint_candidates, register
-from vqdiff.templates import Templates, compose44
+from vqdiff.slr import compose44
+from vqdiff.templates import Templates
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,8 @@ def test_bmd_cost_equals_dipys_metric_and_its_gradient_the_finite_differences():
     from dipy.align.streamlinear import BundleMinDistanceMetric
     from scipy.optimize import approx_fprime
 
-    from vqdiff.templates import BMDCost, residual
+    from vqdiff.slr import BMDCost
+    from vqdiff.templates import residual
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(9, 20, 3)) * 30, rng.normal(size=(7, 20, 3)) * 30 + 5

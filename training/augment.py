@@ -17,7 +17,7 @@ that is off draws nothing from the random generator, so runs without it are unch
    ``exp(U(-aniso_scale, aniso_scale))``, shear (the three upper off-diagonal terms uniform in
    +-``shear``), translation uniform in +-``translate_mm`` per axis. Rotation, translation and the
    isotropic scale stay within the bounds of the registration's similarity SLR
-   (`vqdiff.templates.ROTATION_DEG`, ``TRANSLATION_MM``, ``SCALE_RANGE``): the between-subject
+   (`vqdiff.slr.ROTATION_DEG`, ``TRANSLATION_MM``, ``SCALE_RANGE``): the between-subject
    variation that registration is built to take out, so its imperfect recovery is what the model
    learns to tolerate. Anisotropy and shear, which a similarity registration cannot undo, are
    kept small (`MAX_ANISO_SCALE`, `MAX_SHEAR`).
@@ -44,7 +44,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from vqdiff.canonical import principal_axis, sort_group
-from vqdiff.templates import ROTATION_DEG, SCALE_RANGE, TRANSLATION_MM
+from vqdiff.slr import ROTATION_DEG, SCALE_RANGE, TRANSLATION_MM
 
 MAX_ANISO_SCALE = 0.15  # per-axis log-scale: factors within exp(+-0.15) = 0.86-1.16
 MAX_SHEAR = 0.15

@@ -33,7 +33,7 @@ from dataclasses import fields
 
 from vqdiff.bottlenecks import KINDS
 from vqdiff.cli.common import add_verbose_arg, run_main, setup_logging
-from vqdiff.templates import ROTATION_DEG, SCALE_RANGE, TRANSLATION_MM
+from vqdiff.slr import ROTATION_DEG, SCALE_RANGE, TRANSLATION_MM
 
 from .augment import MAX_ANISO_SCALE, MAX_ELASTIC_STRAIN, MAX_SHEAR, Augmentation
 from .train import SCHEDULES, TrainConfig

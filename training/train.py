@@ -72,9 +72,9 @@ class TrainConfig:
     balance: bool = False
     max_extra: int = 32
     # augmentations (vqdiff.training.augment; all off by default)
-    rotate_deg: float = 0.0  # uniform in +- this about each axis (<= vqdiff.templates.ROTATION_DEG)
-    translate_mm: float = 0.0  # uniform in +- this per axis (<= vqdiff.templates.TRANSLATION_MM)
-    scale_range: tuple[float, float] = (1.0, 1.0)  # isotropic scale, log-uniform (within vqdiff.templates.SCALE_RANGE)
+    rotate_deg: float = 0.0  # uniform in +- this about each axis (<= vqdiff.slr.ROTATION_DEG)
+    translate_mm: float = 0.0  # uniform in +- this per axis (<= vqdiff.slr.TRANSLATION_MM)
+    scale_range: tuple[float, float] = (1.0, 1.0)  # isotropic scale, log-uniform (within vqdiff.slr.SCALE_RANGE)
     aniso_scale: float = 0.0  # per-axis scale exp(U(+-this))
     shear: float = 0.0  # upper off-diagonal terms U(+-this)
     mirror_prob: float = 0.0  # x -> 2 cx - x about the subject's mid-sagittal plane, with this probability

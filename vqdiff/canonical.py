@@ -251,9 +251,13 @@ def reflect_pad(real: int, group_size: int = GROUP_SIZE) -> np.ndarray:
 
 
 def canonical_order(
-    streamlines, *, num_points: int = NUM_POINTS, group_size: int = GROUP_SIZE
+    streamlines, *, num_points: int = NUM_POINTS, group_size: int = GROUP_SIZE,
+    validated: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-3 of the module doc: validate, resample, orient and order a bundle.
+
+    ``validated``: what `validate_streamlines` returned for ``streamlines`` (their points concatenated
+    and their point counts), when the caller has it already: the bundle is then not validated again.
 
     Returns
     -------
@@ -265,7 +269,7 @@ def canonical_order(
     n_points : (N,) int64
         Point counts before resampling.
     """
-    points, n_points = validate_streamlines(streamlines)
+    points, n_points = validate_streamlines(streamlines) if validated is None else validated
     points = np.ascontiguousarray(points, dtype=np.float32)
     x = _resample_flat(points, n_points, num_points)  # (N, P, 3), our own array: oriented in place
     flipped, oriented = _orient(x)
@@ -273,11 +277,15 @@ def canonical_order(
 
 
 def canonicalise(
-    streamlines, *, num_points: int = NUM_POINTS, group_size: int = GROUP_SIZE
+    streamlines, *, num_points: int = NUM_POINTS, group_size: int = GROUP_SIZE,
+    validated: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> CanonicalGroups:
-    """Turn a bundle's streamlines into oriented, ordered, padded groups (see the module doc)."""
+    """Turn a bundle's streamlines into oriented, ordered, padded groups (see the module doc).
+
+    ``validated``: as `canonical_order`'s (``streamlines`` may then be None).
+    """
     oriented, flipped, perm, n_points = canonical_order(streamlines, num_points=num_points,
-                                                        group_size=group_size)
+                                                        group_size=group_size, validated=validated)
     n = len(perm)
     n_groups = -(-n // group_size)
     tail = n - (n_groups - 1) * group_size

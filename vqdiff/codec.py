@@ -214,12 +214,14 @@ class Pipeline:
         as the readers', plus ``degenerate_bundle`` and ``coordinates_too_large``) and ValueError for
         an unknown ``register``.
         """
-        if self.templates is not None and register != "off":  # registration needs valid input first;
-            validate_streamlines(bundle.streamlines)  # otherwise canonicalisation validates it
+        validated = None
+        if self.templates is not None and register != "off":  # registration needs valid input first
+            validated = validate_streamlines(bundle.streamlines)  # (points, counts): not validated twice
         reg = self.register(bundle, register)
-        streamlines = bundle.streamlines if reg is None else reg.apply(bundle.streamlines)
+        if reg is not None and not reg.is_identity:  # all points moved in one product
+            validated = (reg.apply_points(validated[0]), validated[1])
         try:
-            canon = canonicalise(streamlines)
+            canon = canonicalise(bundle.streamlines, validated=validated)
         except (np.linalg.LinAlgError, FloatingPointError) as exc:
             raise BundleFormatError(f"the bundle cannot be canonicalised ({exc})", reason="degenerate_bundle") from exc
         x = model_input(canon.groups, self.normalisation)

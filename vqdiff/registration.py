@@ -15,7 +15,7 @@ Steps (``mode="auto"``), all on QuickBundles centroids (`vqdiff.templates.bundle
    comparison sees the input's orientation in RAS (what tells left from right and a pyramidal tract
    from a fronto- or parieto-pontine one); a few hundred microseconds for 12 templates. Shortlist:
    the templates within `SHORTLIST_RATIO` of the best coarse residual, at most `SHORTLIST`.
-3. One bounded similarity SLR per shortlisted template (`vqdiff.templates.fit`); the lowest residual
+3. One bounded similarity SLR per shortlisted template (`vqdiff.slr.fit`); the lowest residual
    wins. When the winner's mirror partner is shortlisted too, a rotation may be imitating the mirror
    image of a flat bundle, so that choice is made on the residual times
    ``1 + (rotation / MIRROR_PRIOR_DEG)**2``: a prior that inputs come in RAS within a few tens of
@@ -34,6 +34,7 @@ order, single-threaded kernel), so every entry point encodes the same bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -42,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .templates import SCALE_RANGE, Fit, Templates, bundle_centroids, coarse_start, fit, residual
+from .slr import SCALE_RANGE, Fit, coarse_start, fit
+from .templates import Templates, bundle_centroids, residual
 from .tract_names import contains_words, name_words, tokens, tract_family
 
 SHORTLIST = 3
@@ -90,6 +92,10 @@ class Registration:
     def apply(self, streamlines: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Input space -> model space (the same arrays when the matrix is the identity)."""
         return transform(streamlines, self.matrix) if not self.is_identity else list(streamlines)
+
+    def apply_points(self, points: np.ndarray) -> np.ndarray:
+        """`apply` for points (M, 3) concatenated: one product for the whole bundle."""
+        return points if self.is_identity else _transform_points(points, self.matrix)
 
     def invert(self, streamlines: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Model space -> input space."""
@@ -142,11 +148,15 @@ def _f(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Points (M, 3) mapped by the 4x4 ``matrix`` (float64 arithmetic, their dtype kept)."""
+    points = np.asarray(points)
+    return (points.astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]).astype(points.dtype, copy=False)
+
+
 def transform(streamlines: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
     """``streamlines`` mapped by the 4x4 ``matrix`` (float64 arithmetic, the input's dtype kept)."""
-    lin, off = matrix[:3, :3], matrix[:3, 3]
-    return [(np.asarray(s, dtype=np.float64) @ lin.T + off).astype(np.asarray(s).dtype, copy=False)
-            for s in streamlines]
+    return [_transform_points(s, matrix) for s in streamlines]
 
 
 # ---------------------------------------------------------------------------------------- hints
@@ -156,10 +166,17 @@ def _split_side(words: list[str]) -> tuple[list[str], str | None]:
     return [t for t in words if t not in _LEFT | _RIGHT], side
 
 
+@functools.lru_cache(maxsize=4096)
+def _spelling_family(spelling: str) -> str | None:
+    """The tract family id a template's name or alias spells (cached: names repeat for every bundle)."""
+    fam = tract_family(_split_side(tokens(spelling))[0])
+    return None if fam is None else fam[0]
+
+
 def _template_family(name: str, templates: Templates) -> str | None:
     for spelling in [name, *templates.aliases.get(name, [])]:
-        if (fam := tract_family(_split_side(tokens(spelling))[0])) is not None:
-            return fam[0]
+        if (fam := _spelling_family(spelling)) is not None:
+            return fam
     return None
 
 
