@@ -5,7 +5,10 @@ For every ``.trk`` of ``<data>/subject01`` (already 64 points per streamline) an
 thread CPU time and numpy's BLAS limited to one thread:
 
 - parse: ``vqdiff.io.load_bundle(path)``;
-- canonicalise: ``vqdiff.canonical.canonicalise(bundle.streamlines)``;
+- register: ``vqdiff.registration.register(streamlines, templates, hint=name)`` against the model's
+  templates (``--model``, default models/default): recognition, and the bounded SLR for bundles
+  that are not in model space (every cross-subject bundle; subject01's are, and take the identity);
+- canonicalise: ``vqdiff.canonical.canonicalise`` of the registered streamlines;
 - normalise: ``Normalisation.apply(groups)`` (a fixed isotropic map, as at inference);
 
 each the best (minimum) and the median of ``--repeats`` runs per file, summed over the files of a
@@ -15,7 +18,7 @@ warm-up. Prints the CPU model and the ISA flags that matter (avx2, avx512*, amx*
 before and after (a WARNING and ``"contended": true`` when it exceeded the one core used), and a
 final JSON line.
 
-    python benchmarks/bench_prepare.py [--data ../shared/data] [--repeats 7]
+    python benchmarks/bench_prepare.py [--data ../shared/data] [--repeats 7] [--model models/default]
 
 The timings are for whatever ``vqdiff`` is importable (run it from another checkout with
 ``PYTHONPATH`` to compare versions).
@@ -34,7 +37,7 @@ from pathlib import Path
 from _common import LoadWatch, cpu_summary
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("parse", "canonicalise", "normalise")
+STEPS = ("parse", "register", "canonicalise", "normalise")
 
 
 def cpu_ms(fn, repeats: int):
@@ -60,10 +63,11 @@ def baseline_files(files: list[Path], repeats: int) -> dict:
     return {"ms_per_group": round(total / groups, 4), "groups": groups}
 
 
-def bench_files(files: list[Path], repeats: int) -> dict:
+def bench_files(files: list[Path], repeats: int, templates) -> dict:
     from vqdiff.canonical import canonicalise
     from vqdiff.io import load_bundle
     from vqdiff.normalise import Normalisation
+    from vqdiff.registration import register
 
     norm = Normalisation((0.0, -18.0, 10.0), 80.0, (-80.0, -98.0, -70.0), (80.0, 62.0, 90.0))
     best, median = dict.fromkeys(STEPS, 0.0), dict.fromkeys(STEPS, 0.0)
@@ -72,7 +76,9 @@ def bench_files(files: list[Path], repeats: int) -> dict:
     for path in files:
         runs = {}
         *runs["parse"], bundle = cpu_ms(lambda p=path: load_bundle(p), repeats)
-        *runs["canonicalise"], canon = cpu_ms(lambda b=bundle: canonicalise(b.streamlines), repeats)
+        *runs["register"], reg = cpu_ms(lambda b=bundle: register(b.streamlines, templates, hint=b.name), repeats)
+        moved = reg.apply(bundle.streamlines)
+        *runs["canonicalise"], canon = cpu_ms(lambda m=moved: canonicalise(m), repeats)
         *runs["normalise"], _ = cpu_ms(lambda c=canon: norm.apply(c.groups), repeats)
         for step, (b, m) in runs.items():
             best[step] += b
@@ -96,11 +102,18 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path,
                     default=Path(os.environ.get("VQDIFF_SHARED_DATA", REPO.parent / "shared" / "data")))
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "default",
+                    help="the model whose registration templates are used (default: models/default)")
     args = ap.parse_args(argv)
 
     from threadpoolctl import threadpool_limits
 
     import vqdiff
+    from vqdiff.codec import load_templates
+
+    templates = load_templates(args.model)
+    if templates is None:
+        sys.exit(f"{args.model} has no registration templates (templates.safetensors)")
 
     cpu = cpu_summary()
     print(f"CPU: {cpu['model']} ({cpu['cores']} cores); ISA: {' '.join(cpu['isa']) or 'none listed'}; "
@@ -115,8 +128,8 @@ def main(argv=None) -> int:
             if not files:
                 print(f"{label}: no .trk files under {args.data}, skipped", file=sys.stderr)
                 continue
-            bench_files(files[:1], 1)  # warm-up (imports, caches), untimed
-            r = results[label] = bench_files(files, args.repeats)
+            bench_files(files[:1], 1, templates)  # warm-up (imports, caches), untimed
+            r = results[label] = bench_files(files, args.repeats, templates)
             r["baseline"] = baseline_files(files, args.repeats)
             pts = r["points_per_streamline"]
             print(f"{label}: {r['files']} files, {r['streamlines']} streamlines, {r['groups']} groups, "
