@@ -1,7 +1,9 @@
 """Benchmark: end-to-end batch encoding (files on disk -> latents on disk) against the engine alone.
 
-Lays ``<data>/subject01/*.trk`` out as ``--subjects`` TractoInferno subjects (symlinks in a temp
-folder), then alternates, ``--repeats`` times each:
+Lays ``<data>/subject01/*.trk`` (or ``<data>/<--source>/*.trk``: ``--source crosssubject/afq_browser``
+gives other subjects' bundles in their own space, which registration moves into model space) out
+as ``--subjects`` TractoInferno subjects (symlinks in a temp folder), then alternates, ``--repeats``
+times each:
 
 - engine only: the groups of every file, canonicalised and normalised beforehand (not timed), run
   through the same engine in the same fixed batches of ``--batch-size`` groups;
@@ -16,7 +18,7 @@ against torch-fp32). When the host has no idle core, the end-to-end ratio cannot
 engine / (prepare + engine + finish) CPU, printed as the ceiling. The CPU model, its ISA flags and
 the load average before and after are printed with the figures.
 
-    python benchmarks/bench_batch.py [--model DIR] [--subjects 10] [--batch-size 64] [--threads N]
+    python benchmarks/bench_batch.py [--model DIR] [--source subject01] [--subjects 10] [--batch-size 64] [--threads N]
 
 Without ``--model`` it uses $VQDIFF_MODEL or models/default when present, else the paper's
 architecture with random weights (throughput does not depend on the weights).
@@ -172,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint or export directory")
     p.add_argument("--data", type=Path, default=default_data, help="the shared data folder")
+    p.add_argument("--source", default="subject01",
+                   help="the folder under --data whose .trk files make one subject (default subject01, the model's "
+                        "own space; crosssubject/afq_browser: another subject's bundles, registered)")
     p.add_argument("--subjects", type=int, default=10,
-                   help="copies of subject01 laid out as subjects (10: 120 files, 124,160 streamlines)")
+                   help="copies of the source laid out as subjects (subject01 x 10: 120 files, 124,160 streamlines)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the library's)")
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="vqdiff-bench-batch-") as tmp:
         tmp = Path(tmp)
-        build_tree(args.data / "subject01", tmp / "in", args.subjects)
+        build_tree(args.data / args.source, tmp / "in", args.subjects)
         one = next((tmp / "in").glob("sub-01/tractography/*MCP.trk"), None) or next((tmp / "in").rglob("*.trk"))
         (tmp / "one" / "sub-01" / "tractography").mkdir(parents=True)
         (tmp / "one" / "sub-01" / "tractography" / one.name).symlink_to(one.resolve())
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         watch = LoadWatch(os.cpu_count())
         load_before = watch.before
         cpu_desc = cpu_summary()
-        print(f"{len(tasks)} files ({args.subjects} subjects), {n_sl} streamlines, {n_groups} groups; "
+        print(f"{len(tasks)} files ({args.subjects} subjects of {args.source}), {n_sl} streamlines, {n_groups} groups; "
               f"model: {model_label}; batch {args.batch_size} groups, {args.workers} prepare workers, "
               f"engine threads {args.threads or 'default'}; {cpu_desc['model']}, {cpu_desc['cores']} cores "
               f"[{' '.join(cpu_desc['isa'])}]")
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = {codec.engine.backend: ms["engine"]}
         if "torch" in codecs and codecs["torch"] is not codec:
             engines["torch"] = 1e3 * engine_cpu(codecs["torch"], inputs, args.batch_size) / n_groups
-        result = {"groups": n_groups, "streamlines": n_sl, "cpu_ms_per_group": {k: round(v, 3) for k, v in ms.items()},
+        result = {"source": args.source, "groups": n_groups, "streamlines": n_sl, "cpu_ms_per_group": {k: round(v, 3) for k, v in ms.items()},
                   "engine_cpu_ms_per_group": {k: round(v, 3) for k, v in engines.items()},
                   "cpu_bound_ceiling": round(ceiling, 3), "prepare_goal": 0.25}
         for name, eng_ms in engines.items():

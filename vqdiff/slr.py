@@ -112,24 +112,24 @@ class BMDCost:
         self._weights = np.concatenate([np.full(ks, 1.0 / ks), np.full(km, 1.0 / km)]) / p
         self.evaluations = 0
 
-    def distances(self, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(MDF matrix D (Ks, Km), flipped (Ks, Km) bool: D came from the reversed moved streamline).
+    def _distances(self, both: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(MDF matrix D (Ks, Km), the row of ``both`` (`_both_ways` of the moved streamlines) each
+        entry came from: j as given, Km + j reversed).
 
         Point distances from ``|s|^2 + |m|^2 - 2 s.m``, both directions in one batched product (not
         (Ks, Km, P, 3) differences); they agree with dipy's direct differences to ~1e-12 mm.
         """
-        m = moved.transpose(1, 2, 0)  # (P, 3, Km)
-        both = np.concatenate([m, m[::-1]], axis=2)  # (P, 3, 2 Km): as given, then reversed
-        d2 = self._by_point @ both  # (P, Ks, 2 Km)
+        km, p = len(both) // 2, both.shape[1]
+        m = both.transpose(1, 2, 0)  # (P, 3, 2 Km)
+        d2 = self._by_point @ m  # (P, Ks, 2 Km)
         d2 *= -2.0
         d2 += self._sq
-        d2 += np.einsum("pcm,pcm->pm", both, both)[:, None, :]
+        d2 += np.einsum("pcm,pcm->pm", m, m)[:, None, :]
         np.maximum(d2, 0.0, out=d2)
         mean = np.add.reduce(np.sqrt(d2, out=d2), axis=0)  # P times the mean distances (Ks, 2 Km)
-        km = moved.shape[0]
         dd, df = mean[:, :km], mean[:, km:]
         flip = df < dd
-        return np.where(flip, df, dd) / moved.shape[1], flip
+        return np.where(flip, df, dd) / p, self._cols + km * flip
 
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         self.evaluations += 1
@@ -137,22 +137,21 @@ class BMDCost:
         s, m0, rows, cols = self.static, self.moving, self._rows, self._cols
         ks, km, p = len(s), len(m0), s.shape[1]
         mat = compose44(x)
-        moved = m0 @ mat[:3, :3].T + mat[:3, 3]  # (Km, P, 3)
-        d, flip = self.distances(moved)
+        both = _both_ways(m0 @ mat[:3, :3].T + mat[:3, 3])  # (2 Km, P, 3)
+        d, source = self._distances(both)
         jmin, imin = d.argmin(1), d.argmin(0)
         total = d[rows, jmin].sum() / ks + d[imin, cols].sum() / km
-        # the selected pairs (each static's nearest, then each moved's nearest) and d cost / d D[i, j]
-        pi, pj = np.concatenate([rows, imin]), np.concatenate([jmin, cols])
-        fl = flip[pi, pj]
-        sel = moved[pj]
-        sel[fl] = sel[fl, ::-1]  # the moved streamline as the distance saw it
-        diff = sel - s[pi]
+        # the selected pairs (each static's nearest, then each moved's nearest), as the distance saw
+        # them (``source``: the moved streamline or its reverse), and d cost / d D[i, j]
+        pi = np.concatenate([rows, imin])
+        pb = source[pi, np.concatenate([jmin, cols])]
+        diff = both[pb] - s[pi]  # (ks + km, P, 3)
         norm = np.sqrt(np.einsum("npc,npc->np", diff, diff))
         diff *= ((0.5 * total) * self._weights[:, None] / np.where(norm > 0, norm, np.inf))[:, :, None]
-        diff[fl] = diff[fl, ::-1]  # back to the moved streamline's own point order
-        onehot = np.zeros((km, ks))
-        onehot[jmin, rows] = 1.0
-        grad_moved = diff[ks:] + (onehot @ diff[:ks].reshape(ks, -1)).reshape(km, p, 3)  # (Km, P, 3)
+        scatter = np.zeros((2 * km, len(pb)))
+        scatter[pb, np.arange(len(pb))] = 1.0
+        grad_both = (scatter @ diff.reshape(len(pb), -1)).reshape(2 * km, p, 3)
+        grad_moved = grad_both[:km] + grad_both[km:, ::-1]  # the reversed rows back to their own order
         flat = grad_moved.reshape(-1, 3)
         grad_lin = flat.T @ m0.reshape(-1, 3)  # d cost / d (linear part), (3, 3)
         rot = _euler_and_derivatives(x[3:6])
@@ -167,6 +166,11 @@ class BMDCost:
         elif len(x) == 9:
             out[6:9] = by_scale
         return float(0.25 * total * total), out
+
+
+def _both_ways(moved: np.ndarray) -> np.ndarray:
+    """Streamlines (K, P, 3) and then the same reversed: (2 K, P, 3)."""
+    return np.concatenate([moved, moved[:, ::-1]])
 
 
 def _translation(v: np.ndarray) -> np.ndarray:
