@@ -22,6 +22,13 @@ class BackendUnavailable(VQDiffError, RuntimeError):
     """The backend asked for cannot run here (package, device, files or provider missing)."""
 
 
+def cuda_device(device: str | None) -> str:
+    """The CUDA device a GPU engine runs on: ``device`` when it names one ("cuda:N"), else "cuda:0"
+    (for "cuda", None, or a CPU device asked of a GPU variant)."""
+    d = "" if device is None else str(device)
+    return d if d.startswith("cuda:") else "cuda:0"
+
+
 def check_buckets(buckets) -> tuple[int, ...]:
     """Sorted, distinct, positive batch sizes (the shapes a CUDA graph engine captures)."""
     out = tuple(sorted({int(b) for b in buckets}))

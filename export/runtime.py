@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .engine_base import DEFAULT_BATCH, BackendUnavailable, _GroupEngine
+from .engine_base import DEFAULT_BATCH, BackendUnavailable, _GroupEngine, cuda_device
 from .manifest import is_export_dir, read_manifest
 from .ort_backend import ORT_CPU_BATCH, OrtEngine
 
@@ -43,13 +43,9 @@ _OPTIONS = {"ort": {"level", "variant", "inter_threads", "spinning"}, "tensorrt"
 
 def _cuda_device(device: str | None) -> str | None:
     """The CUDA device to try for GPU backends, or None when the caller wants the CPU."""
-    if device is None:
-        return "cuda:0"
-    d = str(device)
-    if d == "cuda":
-        return "cuda:0"
-    if d.startswith("cuda:"):
-        return d
+    d = "cuda" if device is None else str(device)
+    if d == "cuda" or d.startswith("cuda:"):
+        return cuda_device(d)
     if d == "cpu":
         return None
     raise ValueError(f"unknown device {device!r}; accepted: None, 'cpu', 'cuda', 'cuda:N'")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine_base import BackendUnavailable, _GroupEngine
+from .engine_base import BackendUnavailable, _GroupEngine, cuda_device
 from .engine_cache import cache_key, entry_dir, key_fields, locked, read_decision, write_decision
 from .variants import (
     CANDIDATES,
@@ -69,9 +69,9 @@ def engine_choice(engine: str | None = None) -> str:
 def _device(device: str | None, name: str) -> str:
     if name != "auto":
         kind = VARIANTS[name][1]
-        return (device if device and str(device).startswith("cuda") else "cuda:0") if kind == "cuda" else "cpu"
+        return cuda_device(device) if kind == "cuda" else "cpu"
     if device is not None:
-        return "cuda:0" if str(device) == "cuda" else str(device)
+        return cuda_device(device) if str(device).startswith("cuda") else str(device)
     import shutil
 
     if not (any(Path(p).exists() for p in ("/dev/nvidia0", "/proc/driver/nvidia/gpus")) or shutil.which("nvidia-smi")):

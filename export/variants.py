@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .engine_base import DEFAULT_BATCH, BackendUnavailable, _GroupEngine
+from .engine_base import DEFAULT_BATCH, BackendUnavailable, _GroupEngine, cuda_device
 from .manifest import DECODER, ENCODER, ExportError, file_entry, is_export_dir, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def open_variant(name: str, src: ModelSource, export_dir: Path | None, *, device
     if name not in VARIANTS:
         raise ValueError(f"unknown engine variant {name!r}; accepted: {', '.join(VARIANTS)}")
     backend, kind, precision = VARIANTS[name]
-    cuda = device if kind == "cuda" and str(device).startswith("cuda") else "cuda:0"
+    cuda = cuda_device(device)
     if backend == "torch":
         if src.checkpoint is None:
             raise BackendUnavailable(f"{name} needs the model's checkpoint (model.safetensors), which is not here")

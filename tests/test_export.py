@@ -910,3 +910,16 @@ def test_gate_falls_back_to_groups_from_the_models_templates(tmp_path, monkeypat
 
     assert gate_limits(synthetic) == (MAX_MDF_CHANGE_MM / 2, MAX_BUAN_CHANGE / 2)  # a stand-in judges stricter
     assert gate_limits(False) == (MAX_MDF_CHANGE_MM, MAX_BUAN_CHANGE)
+
+
+def test_cuda_device_names_are_normalised_in_one_place():
+    from vqdiff.export.engine_base import cuda_device
+    from vqdiff.export.runtime import _cuda_device
+    from vqdiff.export.select import _device
+
+    assert [cuda_device(d) for d in (None, "cuda", "cuda:1", "cpu")] == ["cuda:0", "cuda:0", "cuda:1", "cuda:0"]
+    assert [_cuda_device(d) for d in (None, "cuda", "cuda:2", "cpu")] == ["cuda:0", "cuda:0", "cuda:2", None]
+    with pytest.raises(ValueError, match="accepted"):
+        _cuda_device("gpu")
+    assert _device("cuda", "cuda-bf16") == "cuda:0" and _device("cuda:3", "ort-cuda") == "cuda:3"
+    assert _device(None, "ort-fp32") == "cpu" and _device("cuda", "auto") == "cuda:0"
