@@ -89,9 +89,9 @@ def cpu_seconds(codec, tasks, model, batch_size: int, scratch: Path, repeats: in
     thread), after one untimed pass (the job's pipeline and templates are built then, once per job),
     best of ``repeats`` passes per stage: the marginal cost of a file in a long job.
     """
-    from vqdiff.batch.local import single_threaded_blas
     from vqdiff.batch.stages import Batcher, JobSpec, engine_call, finish, prepare
     from vqdiff.batch.tasks import BatchTask
+    from vqdiff.blas import single_threaded_blas
 
     spec = JobSpec("encode", str(model), dict(codec.model_info), codec.normalisation.to_dict(), batch_size,
                    engine=dict(codec.pipeline.provenance["engine"]))
@@ -165,9 +165,9 @@ def e2e_rows(codec, backend: str, args, tmp: Path, tasks, inputs, n_sl: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vqdiff.batch.local import single_threaded_blas
     from vqdiff.batch.model import load_codec
     from vqdiff.batch.tasks import encode_tasks
+    from vqdiff.blas import single_threaded_blas
     from vqdiff.io import load_bundle
 
     default_data = Path(os.environ.get("VQDIFF_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -106,8 +106,6 @@ def main(argv=None) -> int:
                     help="the model whose registration templates are used (default: models/default)")
     args = ap.parse_args(argv)
 
-    from threadpoolctl import threadpool_limits
-
     import vqdiff
     from vqdiff.codec import load_templates
 
@@ -123,7 +121,9 @@ def main(argv=None) -> int:
     sets = {"subject01": sorted((args.data / "subject01").glob("*.trk")),
             "crosssubject": sorted((args.data / "crosssubject").glob("*/*.trk"))}
     results = {}
-    with threadpool_limits(limits=1):
+    from vqdiff.blas import single_threaded_blas
+
+    with single_threaded_blas():
         for label, files in sets.items():
             if not files:
                 print(f"{label}: no .trk files under {args.data}, skipped", file=sys.stderr)

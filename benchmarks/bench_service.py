@@ -56,13 +56,12 @@ def _percentile(values, q):
 
 def offline(model_dir: Path, payloads, endpoint: str, backend: str, threads: int, seconds: float) -> dict:
     """The same work in this process, one bundle after the other, for ``seconds``."""
-    from threadpoolctl import threadpool_limits
-
+    from vqdiff.blas import limit_blas_threads
     from vqdiff.export.runtime import make_codec
     from vqdiff.io import load_bundle_bytes
     from vqdiff.latents import Latents
 
-    threadpool_limits(limits=1, user_api="blas")  # as in the gateway: numpy's BLAS single-threaded
+    limit_blas_threads()  # as in the gateway
     codec = make_codec(model_dir, backend=backend, threads=threads)  # with the model's templates, as served
     engine = codec.engine
     name, data, _ = payloads[0]  # warm-up (kernels, allocations), untimed

@@ -40,6 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vqdiff.blas import limit_blas_threads
+
 from .errors import ApiError
 from .guard import ROUTES, RequestGuard
 from .lifecycle import Drain, HeapTrim, ReleaseBody
@@ -79,17 +81,6 @@ def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str,
     return Response(content, media_type=media, headers=headers)
 
 
-def _single_threaded_blas() -> None:
-    """One BLAS thread per gateway thread: several request threads each running a multi-threaded
-    OpenBLAS on the same cores spin against each other (canonicalisation 50x slower)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        log.warning("threadpoolctl is not installed: set OPENBLAS_NUM_THREADS=1 for the gateway")
-        return
-    threadpool_limits(limits=1, user_api="blas")
-
-
 def _unlink(*paths: Path | None) -> None:
     for p in paths:
         if p is not None:
@@ -108,7 +99,7 @@ class Gateway:
         self._view: pipeline.ModelView | None = None
         self._lock = asyncio.Lock()
         self._limiter: anyio.CapacityLimiter | None = None
-        _single_threaded_blas()
+        limit_blas_threads()  # one BLAS thread per request thread, scipy's included (vqdiff.blas)
         log.info("gateway worker warmed up in %.1f s", pipeline.warm_up())
 
     # ------------------------------------------------------------------ model service

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas import one_blas_thread
+
 TRANSLATION_MM = 35.0
 ROTATION_DEG = 30.0
 SCALE_RANGE = (0.6, 1.4)
@@ -187,26 +189,6 @@ def coarse_start(moving: np.ndarray, static: np.ndarray, *, scale: bool = True) 
     m[:3, :3] *= s
     m[:3, 3] = static.reshape(-1, 3).mean(axis=0) - s * moving.reshape(-1, 3).mean(axis=0)
     return m
-
-
-_CONTROLLER: list = []
-
-
-def one_blas_thread():
-    """A context with numpy's BLAS on one thread: L-BFGS-B's many tiny BLAS calls crawl with several
-    (4x slower here). The threadpoolctl controller is made once (a scan of the loaded libraries
-    costs milliseconds)."""
-    import contextlib
-
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - a dependency of the package
-        return contextlib.nullcontext()
-    if not _CONTROLLER:
-        import scipy.optimize  # noqa: F401  (load scipy's BLAS before the scan)
-
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from vqdiff.blas import single_threaded_blas
 from vqdiff.fileio import atomic_write_bytes
 
-from .local import run_local, single_threaded_blas
+from .local import run_local
 from .model import load_codec, resolve_model
 from .stages import DEFAULT_BATCH, JobSpec, remove_temps
 from .tasks import (

@@ -3,9 +3,7 @@ batches and one writer thread finishes them."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,19 +51,3 @@ def run_local(spec: JobSpec, codec, tasks: list[BatchTask], on_record: Callable[
     finally:  # on an error or Ctrl-C: drop what has not started, let started writes finish (atomic anyway)
         pool.shutdown(cancel_futures=True)
         writer.shutdown(cancel_futures=True)
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """numpy's BLAS on one thread: canonicalisation's small eigen-problems, run from several
-    threads beside the engine, are many times slower with BLAS threads spinning on a busy host."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        if "OPENBLAS_NUM_THREADS" not in os.environ:
-            log.warning("threadpoolctl is not installed: set OPENBLAS_NUM_THREADS=1 (or pip install "
-                        "threadpoolctl), else canonicalisation may crawl beside the engine on a busy host")
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
