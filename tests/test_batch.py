@@ -299,6 +299,49 @@ def test_ray_matches_local(subject_dir, ckpt, odd_bundle, tmp_path):
     assert not leftovers(tmp_path / "ray")
 
 
+def test_worker_processes_write_the_same_bytes_as_threads(subject_dir, ckpt, odd_bundle, tmp_path):
+    tree = make_tree(tmp_path / "in", subject_dir, 2, odd=odd_bundle)
+    threads = job.run_batch("encode", tree, tmp_path / "threads", model=ckpt, progress=False)
+    procs = job.run_batch("encode", tree, tmp_path / "procs", model=ckpt, workers=2, processes=True, progress=False)
+    assert (threads["prepare"], procs["prepare"]) == ("2 threads", "2 processes")
+    assert procs["done"] == threads["done"] == 8 and not procs["failures"]
+    assert tree_bytes(tmp_path / "procs") == tree_bytes(tmp_path / "threads")  # byte-identical latents
+    assert index(tmp_path / "procs") == index(tmp_path / "threads")
+    again = job.run_batch("encode", tree, tmp_path / "procs", model=ckpt, processes=True, progress=False)
+    assert again["skipped"] == 8 and again["done"] == 0  # resume reads the outputs the processes wrote
+
+
+def test_a_dead_worker_process_stops_the_job_with_a_clear_error(subject_dir, ckpt, tmp_path, monkeypatch):
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from vqdiff.batch import local
+
+    def broken_pool(spec, workers, processes):
+        def submit(task):
+            fut = Future()
+            fut.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            return fut
+        return ThreadPoolExecutor(1), submit
+
+    monkeypatch.setattr(local, "prepare_pool", broken_pool)
+    tree = make_tree(tmp_path / "in", subject_dir, 1, bundles=("POPT_R",))
+    with pytest.raises(bt.BatchError, match="worker process died while .*POPT_R.*run the job again to resume"):
+        job.run_batch("encode", tree, tmp_path / "out", model=ckpt, processes=True, progress=False)
+
+
+def test_worker_processes_fall_back_to_threads_for_a_script_read_from_stdin(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from vqdiff.batch import local
+
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__file__="/nonexistent/<stdin>"))
+    spec = stages.JobSpec("encode", "m", {}, {})
+    pool, _ = local.prepare_pool(spec, 1, processes=True)
+    pool.shutdown()
+    assert type(pool).__name__ == "ThreadPoolExecutor" and "stdin" in caplog.text
+
+
 def test_load_codec_opens_checkpoints_on_torch_and_names_what_is_missing(ckpt):
     x = np.random.default_rng(0).normal(size=(16, 3, 64, 64)).astype(np.float32)
     codec = model.load_codec(ckpt)

@@ -36,14 +36,15 @@ from .tasks import (
 def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
               model: str | os.PathLike | None = None, shard: tuple[int, int] = (0, 1), ray: str | None = None,
               backend: str = "auto", device: str | None = None, threads: int | None = None,
-              batch_size: int = DEFAULT_BATCH, workers: int = 2, overwrite: bool = False,
+              batch_size: int = DEFAULT_BATCH, workers: int = 2, processes: bool = False, overwrite: bool = False,
               reference: str | None = None, format: str = "trk", restore_points: bool = True,
               progress: bool = True, throttle: float = 0.0, ray_actors: int | None = None) -> dict:
     """Encode (``kind="encode"``) or decode every file of shard ``shard`` of ``in_dir`` into ``out_dir``.
 
     Writes ``out_dir/index[.shard-K-of-N].jsonl`` (one record per file of the shard, sorted by input)
     and ``summary[...].json``; returns the summary. ``ray``: None runs here, ``"local"`` starts a
-    local Ray, ``"auto"`` or an address joins a cluster (`vqdiff.batch.ray_runner`).
+    local Ray, ``"auto"`` or an address joins a cluster (`vqdiff.batch.ray_runner`). Locally, ``workers``
+    threads prepare the files, or worker processes with ``processes`` (`vqdiff.batch.local`).
     """
     from tqdm.auto import tqdm
 
@@ -97,7 +98,7 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
                 run_ray(spec, tasks, on_record, address=ray, actors=ray_actors, progress=progress)
             else:
-                run_local(spec, codec, tasks, on_record, workers=workers)
+                run_local(spec, codec, tasks, on_record, workers=workers, processes=processes)
     seconds = time.perf_counter() - t0
     missing = [t.rel for t in tasks if t.rel not in records]
     assert not missing, f"no record for {missing[:5]}"
@@ -116,6 +117,7 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     engine = getattr(codec, "engine", None)
     summary = {
         "job": kind, "message": message, "mode": f"ray ({ray})" if ray else "local",
+        "prepare": None if ray else f"{workers} {'processes' if processes else 'threads'}",
         "in_dir": str(Path(in_dir).resolve()), "out_dir": str(out_dir), "shard": f"{shard[0]}/{shard[1]}",
         "model": dict(codec.model_info), "model_dir": str(model_dir),
         "engine": {"backend": getattr(engine, "backend", None), "provider": getattr(engine, "provider", None),
