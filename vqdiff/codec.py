@@ -218,7 +218,7 @@ class Pipeline:
         if self.templates is not None and register != "off":  # registration needs valid input first
             validated = validate_streamlines(bundle.streamlines)  # (points, counts): not validated twice
         reg = self.register(bundle, register)
-        if reg is not None and not reg.is_identity:  # all points moved in one product
+        if reg is not None:  # all points moved in one product (the same array for the identity)
             validated = (reg.apply_points(validated[0]), validated[1])
         try:
             canon = canonicalise(bundle.streamlines, validated=validated)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .slr import SCALE_RANGE, Fit, coarse_start, fit
+from .slr import SCALE_RANGE, Fit, apply_matrix, coarse_start, fit
 from .templates import Templates, bundle_centroids, residual
 from .tract_names import contains_words, name_words, tokens, tract_family
 
@@ -151,7 +151,7 @@ def _f(x: Any) -> float:
 def _transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Points (M, 3) mapped by the 4x4 ``matrix`` (float64 arithmetic, their dtype kept)."""
     points = np.asarray(points)
-    return (points.astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]).astype(points.dtype, copy=False)
+    return apply_matrix(matrix, points.astype(np.float64)).astype(points.dtype, copy=False)
 
 
 def transform(streamlines: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
@@ -303,8 +303,7 @@ def _register(streamlines: Sequence[np.ndarray], templates: Templates, mode: str
 
 
 def _moved(cents: np.ndarray, target: np.ndarray) -> np.ndarray:
-    m = coarse_start(cents, target)
-    return cents @ m[:3, :3].T + m[:3, 3]
+    return apply_matrix(coarse_start(cents, target), cents)
 
 
 def _top(scores: dict[str, float], k: int = SHORTLIST, first: str | None = None) -> tuple[tuple[str, float], ...]:

@@ -140,7 +140,7 @@ class BMDCost:
         s, m0, rows, cols = self.static, self.moving, self._rows, self._cols
         ks, km, p = len(s), len(m0), s.shape[1]
         mat = compose44(x)
-        both = _both_ways(m0 @ mat[:3, :3].T + mat[:3, 3])  # (2 Km, P, 3)
+        both = _both_ways(apply_matrix(mat, m0))  # (2 Km, P, 3)
         d, source = self._distances(both)
         jmin, imin = d.argmin(1), d.argmin(0)
         total = d[rows, jmin].sum() / ks + d[imin, cols].sum() / km
