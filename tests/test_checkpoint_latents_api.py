@@ -117,6 +117,44 @@ def test_latents_refuses_foreign_or_future_files(tmp_path, codec):
         Latents.from_bytes(future)
 
 
+def _safetensors_sorted(tensors, metadata) -> bytes:
+    """The reference: safetensors' own writer, its metadata map then sorted by key."""
+    from safetensors.numpy import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+@pytest.mark.parametrize("with_indices", [True, False])
+def test_latents_bytes_are_safetensors_own_with_sorted_metadata(codec, with_indices):
+    """`to_parts` writes the tensors' memory without copying it: the bytes must be exactly those of
+    safetensors' writer (its layout: dtype then name order, 8-byte padding), metadata sorted."""
+    import dataclasses
+
+    from safetensors.numpy import load
+
+    from vqdiff.fileio import safetensors_parts
+
+    lat = codec.encode(_random_bundle(n=130))
+    if not with_indices:
+        lat = dataclasses.replace(lat, indices=None)
+    data = lat.to_bytes()
+    assert data == _safetensors_sorted(lat._tensors(), lat._metadata())
+    assert data == b"".join(bytes(p) for p in lat.to_parts())
+    back = load(data)
+    assert set(back) == set(lat._tensors()) and all(np.array_equal(back[k], v) for k, v in lat._tensors().items())
+    odd = {"z": np.arange(5, dtype=np.int16), "a": np.ones((2, 3), np.float16), "e": np.zeros(0, np.float32),
+           "b": np.array([True, False]), "u": np.arange(3, dtype=np.uint32)}
+    assert b"".join(safetensors_parts(odd, {"k": "v"})) == _safetensors_sorted(odd, {"k": "v"})
+    with pytest.raises(ValueError, match="C-contiguous little-endian"):
+        safetensors_parts({"t": np.zeros((4, 4))[:, ::2]}, {})
+
+
 def test_inconsistent_latents_are_refused_up_front(codec):
     """Checked where the file enters: slots per group, point counts (no int64 overflow), the model hash."""
     import dataclasses

@@ -228,8 +228,10 @@ def sort_groups(groups: np.ndarray) -> np.ndarray:
     g, s = groups.shape[:2]
     step = max(1, BLOCK_ROWS // s)
     members = np.arange(g * s).reshape(g, s)
-    order = np.concatenate(sorted_by_own_pc1(groups.reshape(g * s, -1), [members[i : i + step]
-                                                                         for i in range(0, g, step)]))
+    batches = [members[i : i + step] for i in range(0, g, step)]
+    per_solve = max(1, _SOLVE_GROUPS // step)  # batches per eigen-solve, as in `group_order`
+    order = np.concatenate([r for i in range(0, len(batches), per_solve)
+                            for r in sorted_by_own_pc1(groups.reshape(g * s, -1), batches[i : i + per_solve])])
     return groups.reshape(g * s, *groups.shape[2:])[order]
 
 

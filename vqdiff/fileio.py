@@ -8,20 +8,26 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+Buffer = bytes | bytearray | memoryview
 
 TMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>-<thread>" beside their target
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename, fsync the folder."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Sequence[Buffer]) -> Path:
+    """Write ``data`` (bytes, or buffers written one after the other: no joined copy) to ``path`` via a
+    temp file in the same folder, fsync, rename, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines([data] if isinstance(data, Buffer) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -34,6 +40,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# safetensors dtype codes, in the order safetensors (0.4-0.8) lays tensors out: larger codes first
+_ST_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
+              "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64", "int64": "I64", "uint64": "U64"}
+_ST_RANK = {code: i for i, code in enumerate(_ST_DTYPES.values())}
+
+
+def safetensors_parts(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> list[Buffer]:
+    """A safetensors file as buffers to write one after the other (or join): the length-prefixed JSON
+    header, then every tensor's memory as it is (no copy of the data).
+
+    The same bytes as ``safetensors.numpy.save(tensors, metadata)`` - its layout (tensors ordered by
+    dtype, larger safetensors codes first, then by name; the header padded with spaces to 8 bytes) - with
+    the metadata sorted by key, where safetensors writes it in a per-process random order (a Rust
+    HashMap): identical tensors give identical bytes in every process. Tensors must be C-contiguous,
+    little-endian, of a dtype of `_ST_DTYPES`.
+    """
+    arrays = []
+    for name, a in tensors.items():
+        code = _ST_DTYPES.get(a.dtype.name)
+        if code is None or not a.flags.c_contiguous or a.dtype.byteorder == ">":
+            raise ValueError(f"tensor {name!r}: need a C-contiguous little-endian array of "
+                             f"{sorted(_ST_DTYPES)}, got {a.dtype} (contiguous: {a.flags.c_contiguous})")
+        arrays.append((name, code, a))
+    arrays.sort(key=lambda t: (-_ST_RANK[t[1]], t[0]))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset, data = 0, []
+    for name, code, a in arrays:
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        data.append(memoryview(a).cast("B") if a.nbytes else b"")
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the tensor data 8-byte aligned
+    return [len(text).to_bytes(8, "little") + text, *data]
 
 
 def read_versioned_json(path: str | os.PathLike, fmt: str, version: int, error: type[Exception]) -> dict[str, Any]:

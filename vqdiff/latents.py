@@ -22,7 +22,7 @@ import numpy as np
 
 from .bundle import SpatialHeader
 from .errors import LatentsFormatError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, safetensors_parts
 from .geometry import GROUP_SIZE
 from .normalise import Normalisation
 
@@ -135,17 +135,20 @@ class Latents:
         }
 
     def to_bytes(self) -> bytes:
-        from safetensors.numpy import save
+        return b"".join(self.to_parts())
 
+    def to_parts(self) -> list:
+        """The file's bytes as buffers (`vqdiff.fileio.safetensors_parts`: the tensors not copied), to
+        write or hash one after the other; ``b"".join`` of them is `to_bytes`."""
         self._check()
-        return _sorted_metadata(save(self._tensors(), metadata=self._metadata()))
+        return safetensors_parts(self._tensors(), self._metadata())
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically (temp file + rename); refuse to overwrite unless asked."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: -f) to replace it")
-        atomic_write_bytes(path, self.to_bytes())
+        atomic_write_bytes(path, self.to_parts())
         return path
 
     @classmethod
@@ -196,18 +199,6 @@ class Latents:
             raise LatentsFormatError(f"latents metadata is incomplete or invalid: {e}") from e
         obj._check()
         return obj
-
-
-def _sorted_metadata(data: bytes) -> bytes:
-    """The same safetensors bytes with the metadata map sorted by key: safetensors writes it in a
-    per-process random order (a Rust HashMap), so identical latents would differ in bytes between
-    runs, processes and Ray workers."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # safetensors keeps the tensor data 8-byte aligned
-    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -30,7 +30,8 @@ def top_eigvecs(m: np.ndarray) -> np.ndarray:
     """Unit eigenvectors (G, n) of the largest eigenvalue of symmetric PSD matrices ``m`` (G, n, n).
 
     Batched Lanczos with full re-orthogonalisation (classical Gram-Schmidt, twice), started from each
-    matrix's column of largest variance (plus a little of a fixed generic direction). Every 4 steps from the 8th, the top Ritz pairs are checked:
+    matrix's column of largest variance (plus a little of a fixed generic direction). Every 2 steps from
+    the 8th (real groups converge in 8-12), the top Ritz pairs are checked:
     all done once each residual ``|beta_k s_k|`` (= ``||m u - theta_1 u||``) is below `TOL` times the
     Ritz gap ``theta_1 - theta_2``, or the matrix's Krylov space is exhausted (a breakdown, exact);
     at ``n`` steps the Krylov space is the whole space. Signs are arbitrary.
@@ -54,7 +55,7 @@ def top_eigvecs(m: np.ndarray) -> np.ndarray:
             w -= ((done @ w[:, :, None]).transpose(0, 2, 1) @ done)[:, 0]
         beta[:, k] = np.sqrt(np.einsum("gi,gi->g", w, w))
         dead = beta[:, k] <= floor
-        if k == n - 1 or (k >= 7 and k % 4 == 3):
+        if k == n - 1 or (k >= 7 and k % 2 == 1):
             i = np.arange(k + 1)
             t = np.zeros((g, k + 1, k + 1))
             t[:, i, i] = alpha[:, : k + 1]
@@ -117,25 +118,23 @@ def sorted_by_own_pc1(flat: np.ndarray, batches: list[np.ndarray]) -> list[np.nd
     ``batches``: arrays (k, w) of row indices into ``flat`` (N, D), one group per row. Returns them with
     each group stably sorted by the projection of its (float64, centred) rows on its PC1 axis ``X^T u``
     (unit, `signed`), u the top eigenvector of the group's (w, w) Gram matrix. The Gram matrices of all
-    groups (short ones zero-padded, which leaves u unchanged) go through one `top_eigvecs`; the rows
-    are gathered batch by batch, twice (before and after it), instead of being kept.
+    groups (short ones zero-padded, which leaves u unchanged) go through one `top_eigvecs`; the centred
+    rows are kept for the projections (a few MB per call: callers pass about `BLOCK_ROWS` x 16 rows).
     """
     width = max(b.shape[1] for b in batches)
     grams = np.zeros((sum(len(b) for b in batches), width, width))
-    means, g0 = [], 0
+    centred, g0 = [], 0
     for b in batches:
         k, w = b.shape
         rows = flat[b].astype(np.float64)  # (k, w, D)
-        means.append(rows.mean(axis=1, keepdims=True))
-        rows -= means[-1]
+        rows -= rows.mean(axis=1, keepdims=True)
         grams[g0 : g0 + k, :w, :w] = rows @ rows.transpose(0, 2, 1)
+        centred.append(rows)
         g0 += k
     u = top_eigvecs(grams)
     out, g0 = [], 0
-    for b, mean in zip(batches, means, strict=True):
+    for b, rows in zip(batches, centred, strict=True):
         k, w = b.shape
-        rows = flat[b].astype(np.float64)
-        rows -= mean
         axis = unit_signed((u[g0 : g0 + k, None, :w] @ rows)[:, 0])
         local = np.argsort((rows @ axis[:, :, None])[..., 0], axis=1, kind="stable")
         out.append(b[np.arange(k)[:, None], local])

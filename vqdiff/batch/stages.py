@@ -226,7 +226,9 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
     remove_temps(out)
     sha = None
     try:
-        sha = file_sha256(task.input)
+        data = None if spec.kind != "encode" or Path(task.input).suffix.lower() == ".trx" else \
+            Path(task.input).read_bytes()  # read once: hashed here, parsed below
+        sha = file_sha256(task.input) if data is None else hashlib.sha256(data).hexdigest()
         if out.exists():
             rec, why = _up_to_date(spec, task, sha)
             if rec is not None:
@@ -237,7 +239,7 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
         if spec.kind == "encode":
             from vqdiff.io import load_bundle
 
-            bundle = load_bundle(task.input, reference=spec.reference)
+            bundle = load_bundle(task.input, reference=spec.reference, data=data)
             x, state = spec.pipeline.prepare_encode(bundle, input_sha256=sha)
             return Prepared(x, state, sha)
         from vqdiff.latents import Latents
@@ -254,9 +256,12 @@ def finish(spec: JobSpec, task: BatchTask, item: Prepared, outputs: tuple[np.nda
     try:
         if spec.kind == "encode":
             lat = spec.pipeline.assemble_latents(item.state, outputs[0], outputs[1] if len(outputs) > 1 else None)
-            data = lat.to_bytes()
-            atomic_write_bytes(out, data)
-            n, g, out_sha = lat.n_streamlines, lat.n_groups, hashlib.sha256(data).hexdigest()
+            parts = lat.to_parts()
+            atomic_write_bytes(out, parts)
+            digest = hashlib.sha256()
+            for part in parts:
+                digest.update(part)
+            n, g, out_sha = lat.n_streamlines, lat.n_groups, digest.hexdigest()
             extra = {"registration": registration_summary(lat.registration)}  # as a rerun reads it back
         else:
             from vqdiff.io import save_bundle

@@ -60,7 +60,7 @@ def _read(source: Path | bytes, fmt: str, reference, name: str | None, where: st
 
 
 def load_bundle(path, *, reference=None, name: str | None = None, max_streamlines: int | None = None,
-                max_points: int | None = None) -> Bundle:
+                max_points: int | None = None, data: bytes | None = None) -> Bundle:
     """Read a ``.trk``, ``.tck`` or ``.trx`` file (format from the extension, case-insensitive).
 
     Parameters
@@ -76,6 +76,10 @@ def load_bundle(path, *, reference=None, name: str | None = None, max_streamline
         Limits checked before a TRX archive's members are inflated (reasons ``too_many_streamlines``,
         ``too_many_points``); a member whose declared size disagrees with the header is refused
         (``count_mismatch``) before it is inflated.
+    data : bytes, optional
+        The file's content, when the caller has read it already (to hash it): ``.trk`` and ``.tck``
+        are then parsed from it, not read again (a ``.trx`` is still read member by member from
+        ``path``). Errors still name ``path``.
 
     Returns
     -------
@@ -90,7 +94,9 @@ def load_bundle(path, *, reference=None, name: str | None = None, max_streamline
         If ``path`` does not exist.
     """
     path = Path(path)
-    return _load(path, format_from_path(path), reference, path.stem if name is None else name, str(path),
+    fmt = format_from_path(path)
+    source = path if data is None or fmt == "trx" else bytes(data)
+    return _load(source, fmt, reference, path.stem if name is None else name, str(path),
                  max_streamlines=max_streamlines, max_points=max_points)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from pathlib import Path
@@ -18,19 +19,36 @@ from .common import cut, fail
 _CHUNK = 1 << 13  # points per block of the affine map (float64 temporaries stay in cache)
 
 
-def trk_header(buf: bytes, where: str | None, reason: str) -> tuple[dict, SpatialHeader]:
-    """Parse the 1000-byte TRK header with nibabel (header only: a lazy load would read data)."""
+def trk_header(buf: bytes, where: str | None, reason: str) -> tuple[dict, SpatialHeader, np.ndarray]:
+    """Parse the 1000-byte TRK header with nibabel (header only: a lazy load would read data) ->
+    (its fields, the file's `SpatialHeader`, the voxmm -> RAS mm affine of its points, read-only)."""
     try:
         hdr = TrkFile._read_header(io.BytesIO(buf[:1000]))
-        order = hdr[Field.VOXEL_ORDER]
-        order = (order.decode("latin-1") if isinstance(order, bytes) else str(order)).strip("\x00 ")
-        spatial = SpatialHeader(np.asarray(hdr[Field.VOXEL_TO_RASMM], dtype=np.float64),
-                                tuple(int(d) for d in hdr[Field.DIMENSIONS]),
-                                tuple(float(v) for v in hdr[Field.VOXEL_SIZES]), order.upper() or "LPS")
+        raw = hdr[Field.VOXEL_ORDER]
+        raw = bytes(raw) if isinstance(raw, bytes) else str(raw).encode("latin-1")
+        order = raw.decode("latin-1").strip("\x00 ")
+        vox_to_ras = np.asarray(hdr[Field.VOXEL_TO_RASMM], dtype=np.float64)
+        dims = tuple(int(d) for d in hdr[Field.DIMENSIONS])
+        sizes = tuple(float(v) for v in hdr[Field.VOXEL_SIZES])
+        affine = _points_affine(vox_to_ras.tobytes(), sizes, raw, dims)
+        spatial = SpatialHeader(vox_to_ras, dims, sizes, order.upper() or "LPS")
     except (HeaderError, DataError, ValueError, KeyError, struct.error) as exc:
         raise fail(f"invalid TRK header ({exc}); expected a TrackVis v1/v2 header of 1000 bytes "
                    "with hdr_size 1000 and a valid vox_to_ras affine", reason, where) from exc
-    return hdr, spatial
+    return hdr, spatial, affine
+
+
+@functools.lru_cache(maxsize=64)
+def _points_affine(vox_to_ras: bytes, sizes: tuple, order: bytes, dims: tuple) -> np.ndarray:
+    """nibabel's voxmm -> RAS mm affine of a TRK file's points, from the header fields it reads (cached:
+    the files of one subject share them, and nibabel's orientation arithmetic costs about as much as
+    mapping a 64-streamline group). Read-only."""
+    hdr = {Field.VOXEL_TO_RASMM: np.frombuffer(vox_to_ras, np.float64).reshape(4, 4),
+           Field.VOXEL_SIZES: np.asarray(sizes, np.float32), Field.VOXEL_ORDER: order,
+           Field.DIMENSIONS: np.asarray(dims, np.int16)}
+    affine = np.asarray(get_affine_trackvis_to_rasmm(hdr), np.float64)
+    affine.flags.writeable = False
+    return affine
 
 
 def apply_affine(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -91,7 +109,7 @@ def read_trk(source: Path | bytes, where: str | None):
     buf = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
     if len(buf) < 1000:
         raise cut(f"file has {len(buf)} bytes but a TRK header alone is 1000 bytes", "trk", where)
-    hdr, spatial = trk_header(buf, where, "unreadable")
+    hdr, spatial, affine = trk_header(buf, where, "unreadable")
     stride, nprop = 3 + int(hdr[Field.NB_SCALARS_PER_POINT]), int(hdr[Field.NB_PROPERTIES_PER_STREAMLINE])
     declared, off, e = int(hdr[Field.NB_STREAMLINES]), int(hdr["_offset_data"]), hdr[Field.ENDIANNESS]
     if stride < 3 or nprop < 0 or declared < 0:
@@ -116,4 +134,4 @@ def read_trk(source: Path | bytes, where: str | None):
         within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         rows = np.repeat((starts - off) // 4 + 1, lengths) + within * stride
         pts = words[rows[:, None] + np.arange(3)]
-    return spatial, apply_affine(pts, get_affine_trackvis_to_rasmm(hdr)), lengths
+    return spatial, apply_affine(pts, affine), lengths
