@@ -232,7 +232,8 @@ def test_modes_and_hints(templates, bundles):
 def test_a_bundle_named_for_a_tract_without_template_is_unknown(templates, bundles):
     """The name decides what the residual cannot: an IFOF_L lies well within its template, yet a file
     that calls it a cingulum (a tract these templates lack) is flagged; unnamed or rightly named, it
-    is known. The registration itself does not change."""
+    is known. The registration itself does not change here, but only the closest template by the
+    coarse comparison is fitted (the name has settled recognition): one SLR, not a shortlist."""
     from vqdiff.registration import resolve_hint
 
     assert resolve_hint("Left_Cingulum_Cingulate", templates) == ([], ("CG", "cingulum"))
@@ -245,6 +246,10 @@ def test_a_bundle_named_for_a_tract_without_template_is_unknown(templates, bundl
     assert plain.known and plain.template == "IFOF_L"
     assert not named.known and "cingulum" in named.reason and named.template == "IFOF_L"
     assert np.array_equal(named.matrix, plain.matrix)
+    blend = _moved(bundles["PYT_L"][::2] + bundles["FPT_L"][::2], m)  # close to several templates
+    plain, named = register(blend, templates), register(blend, templates, hint="Left_Cingulum_Cingulate")
+    assert len(plain.candidates) > 1 and [n for n, _ in named.candidates] == [plain.template]
+    assert named.details["evaluations"] < plain.details["evaluations"] and not named.known
     w = named.warning()
     assert w["code"] == "unknown_bundle" and "no template" in w["message"]
     assert register(moved, templates, hint="sub-07__IFOF_L").known
