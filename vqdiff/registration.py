@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .slr import SCALE_RANGE, Fit, apply_matrix, coarse_start, fit
+from .slr import SCALE_RANGE, Fit, apply_matrix, centre_radius, coarse_start, fit
 from .templates import Templates, bundle_centroids, residual
 from .tract_names import contains_words, name_words, tokens, tract_family
 
@@ -275,7 +275,9 @@ def _register(streamlines: Sequence[np.ndarray], templates: Templates, mode: str
                             time.perf_counter() - t0, cal["unknown_mm"], ident[best_id])
 
     # 2. coarse recognition (no rotation), 3. bounded SLR on the shortlist
-    coarse = {n: residual(_moved(cents, templates.centroids[n]), templates.centroids[n]) for n in names}
+    mine = centre_radius(cents)
+    coarse = {n: residual(apply_matrix(coarse_start(cents, None, stats=(mine, templates.centre_radius(n))), cents),
+                          templates.centroids[n]) for n in names}
     ranked = sorted(coarse, key=coarse.get)
     fits: dict[str, Fit] = {n: fit(cents, templates.centroids[n], model=MODEL)
                             for n in ranked[:shortlist] if coarse[n] <= SHORTLIST_RATIO * coarse[ranked[0]]}
@@ -304,10 +306,6 @@ def _register(streamlines: Sequence[np.ndarray], templates: Templates, mode: str
     return Registration(best.matrix, pick, best.residual_mm, MODEL, candidates, not reason, time.perf_counter() - t0,
                         cal["unknown_mm"], ident.get(pick, float("nan")), best.scale, best.rotation_deg, reason,
                         details)
-
-
-def _moved(cents: np.ndarray, target: np.ndarray) -> np.ndarray:
-    return apply_matrix(coarse_start(cents, target), cents)
 
 
 def _top(scores: dict[str, float], k: int = SHORTLIST, first: str | None = None) -> tuple[tuple[str, float], ...]:

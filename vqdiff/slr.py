@@ -35,9 +35,11 @@ def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
-def rms_radius(c: np.ndarray) -> float:
+def centre_radius(c: np.ndarray) -> tuple[np.ndarray, float]:
+    """(mean point (3,), RMS distance of the points to it) of point sets ``c`` (..., 3)."""
     p = c.reshape(-1, 3)
-    return float(np.sqrt(((p - p.mean(axis=0)) ** 2).sum(axis=1).mean()))
+    centre = p.mean(axis=0)
+    return centre, float(np.sqrt(((p - centre) ** 2).sum(axis=1).mean()))
 
 
 def similarity_parts(matrix: np.ndarray) -> tuple[float, float]:
@@ -182,12 +184,18 @@ def _translation(v: np.ndarray) -> np.ndarray:
     return m
 
 
-def coarse_start(moving: np.ndarray, static: np.ndarray, *, scale: bool = True) -> np.ndarray:
-    """Centres matched, sizes matched (RMS radius, clipped to `SCALE_RANGE`), no rotation."""
-    s = float(np.clip(rms_radius(static) / max(rms_radius(moving), 1e-9), *SCALE_RANGE)) if scale else 1.0
+def coarse_start(moving: np.ndarray, static: np.ndarray, *, scale: bool = True,
+                 stats: tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]] | None = None) -> np.ndarray:
+    """Centres matched, sizes matched (RMS radius, clipped to `SCALE_RANGE`), no rotation.
+
+    ``stats``: (`centre_radius` of ``moving``, of ``static``) when the caller has them (comparing one
+    bundle with every template); the arrays are then not read.
+    """
+    (m_centre, m_radius), (s_centre, s_radius) = stats or (centre_radius(moving), centre_radius(static))
+    s = float(np.clip(s_radius / max(m_radius, 1e-9), *SCALE_RANGE)) if scale else 1.0
     m = np.eye(4)
     m[:3, :3] *= s
-    m[:3, 3] = static.reshape(-1, 3).mean(axis=0) - s * moving.reshape(-1, 3).mean(axis=0)
+    m[:3, 3] = s_centre - s * m_centre
     return m
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .slr import apply_matrix, coarse_start, fit
+from .slr import apply_matrix, centre_radius, coarse_start, fit
 
 FORMAT = "vqdiff-templates"
 FORMAT_VERSION = 1
@@ -102,6 +102,13 @@ class Templates:
     calibration: dict[str, dict[str, float]]
     params: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    _stats: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def centre_radius(self, name: str) -> tuple[np.ndarray, float]:
+        """`vqdiff.slr.centre_radius` of a template's centroids (computed once: they are read-only)."""
+        if name not in self._stats:
+            self._stats[name] = centre_radius(self.centroids[name])
+        return self._stats[name]
 
     def __len__(self) -> int:
         return len(self.names)
