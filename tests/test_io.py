@@ -497,7 +497,7 @@ def test_import_is_light():
 
 
 def test_trk_affine_is_the_float64_einsum_bit_for_bit():
-    from vqdiff.io.trk import apply_affine
+    from vqdiff.geometry import map_points as apply_affine
 
     rng = np.random.default_rng(5)
     records = (rng.normal(size=(300, 37, 4)) * 60).astype(np.float32)  # 37 points + 1 scalar per record

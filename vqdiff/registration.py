@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .geometry import map_points
 from .slr import SCALE_RANGE, Fit, apply_matrix, centre_radius, coarse_start, fit
 from .templates import Templates, bundle_centroids, residual
 from .tract_names import contains_words, name_words, tokens, tract_family
@@ -151,12 +152,23 @@ def _f(x: Any) -> float:
 def _transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Points (M, 3) mapped by the 4x4 ``matrix`` (float64 arithmetic, their dtype kept)."""
     points = np.asarray(points)
+    if points.dtype == np.float32:  # bundles: one pass per axis, no 3 x 3 matrix product
+        return map_points(points, matrix)
     return apply_matrix(matrix, points.astype(np.float64)).astype(points.dtype, copy=False)
 
 
 def transform(streamlines: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
-    """``streamlines`` mapped by the 4x4 ``matrix`` (float64 arithmetic, the input's dtype kept)."""
-    return [_transform_points(s, matrix) for s in streamlines]
+    """``streamlines`` mapped by the 4x4 ``matrix`` (float64 arithmetic, the input's dtype kept): all
+    points in one pass, returned as views of one array."""
+    if len(streamlines) == 0:
+        return []
+    dtypes = {np.asarray(s).dtype for s in streamlines}
+    if len(dtypes) > 1:
+        return [_transform_points(s, matrix) for s in streamlines]
+    lengths = [len(s) for s in streamlines]
+    moved = _transform_points(np.concatenate([np.asarray(s).reshape(-1, 3) for s in streamlines]), matrix)
+    bounds = np.cumsum(lengths).tolist()
+    return [moved[a:b] for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------- hints

@@ -14,9 +14,9 @@ from nibabel.streamlines.tractogram_file import DataError, HeaderError
 from nibabel.streamlines.trk import get_affine_trackvis_to_rasmm
 
 from ..bundle import SpatialHeader
+from ..geometry import map_points
 from .common import cut, fail
 
-_CHUNK = 1 << 13  # points per block of the affine map (float64 temporaries stay in cache)
 
 
 def trk_header(buf: bytes, where: str | None, reason: str) -> tuple[dict, SpatialHeader, np.ndarray]:
@@ -49,31 +49,6 @@ def _points_affine(vox_to_ras: bytes, sizes: tuple, order: bytes, dims: tuple) -
     affine = np.asarray(get_affine_trackvis_to_rasmm(hdr), np.float64)
     affine.flags.writeable = False
     return affine
-
-
-def apply_affine(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Map points (..., 3) (any strides) through a 4x4 affine in float64; return (M, 3) native float32.
-
-    Per output axis ``((x * a0 + y * a1) + z * a2) + t`` on one coordinate at a time, in blocks along
-    the first axis (no BLAS: no thread spin on busy hosts; small temporaries); a diagonal map (the usual
-    voxmm -> RAS mm shift) skips the zero terms, which leaves every finite result unchanged.
-    """
-    out = np.empty((*points.shape[:-1], 3), dtype=np.float32)
-    rot, shift = np.asarray(affine[:3, :3], np.float64), np.asarray(affine[:3, 3], np.float64)
-    diagonal = not np.any(rot - np.diag(np.diag(rot)))
-    terms = [[(i, rot[i, i])] if diagonal else [(j, rot[i, j]) for j in range(3)] for i in range(3)]
-    step = max(1, _CHUNK // max(1, int(np.prod(points.shape[1:-1]))))  # about _CHUNK points per block
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported by check_flat
-        for lo in range(0, len(points), step):
-            block = points[lo:lo + step]
-            for i in range(3):
-                (j, a), *rest = terms[i]
-                acc = np.multiply(block[..., j], a, dtype=np.float64)
-                for j, a in rest:
-                    acc += np.multiply(block[..., j], a, dtype=np.float64)
-                acc += shift[i]
-                out[lo:lo + step, ..., i] = acc
-    return out.reshape(-1, 3)
 
 
 def _records(buf: bytes, off: int, e: str, stride: int, nprop: int, where: str | None):
@@ -134,4 +109,4 @@ def read_trk(source: Path | bytes, where: str | None):
         within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         rows = np.repeat((starts - off) // 4 + 1, lengths) + within * stride
         pts = words[rows[:, None] + np.arange(3)]
-    return spatial, apply_affine(pts, affine), lengths
+    return spatial, map_points(pts, affine), lengths
