@@ -18,7 +18,6 @@ from ..geometry import map_points
 from .common import cut, fail
 
 
-
 def trk_header(buf: bytes, where: str | None, reason: str) -> tuple[dict, SpatialHeader, np.ndarray]:
     """Parse the 1000-byte TRK header with nibabel (header only: a lazy load would read data) ->
     (its fields, the file's `SpatialHeader`, the voxmm -> RAS mm affine of its points, read-only)."""
