@@ -315,6 +315,30 @@ def test_top_eigvecs_agrees_with_lapack_even_on_awkward_matrices():
             np.testing.assert_allclose(np.abs(np.einsum("gi,gi->g", u, ref)), 1, atol=1e-12)
 
 
+def test_top_right_vector_agrees_with_lapack_and_both_pc1_paths_order_alike(subject_dir, monkeypatch):
+    """The implicit Lanczos (``x.T x`` never formed) finds LAPACK's vector on rank-deficient, hidden
+    and zero rows; a bundle too large for it (forced here) takes the covariance path: the same order."""
+    from vqdiff import pca
+
+    rng = np.random.default_rng(12)
+    low = rng.normal(size=(30, 192)) * rng.uniform(0.1, 10, size=(1, 192))  # 30 rows: rank 30 of 192
+    hidden = np.zeros((22, 40))  # rows whose x.T x is the block matrix of the test above
+    hidden[np.arange(20), np.arange(20)] = np.sqrt(np.linspace(1, 2.5, 20))
+    hidden[20:22, 20:22] = np.linalg.cholesky([[1.5, 1.4], [1.4, 1.5]]).T
+    for x in (low, hidden, rng.normal(size=(500, 192)), np.zeros((5, 40))):
+        u = pca.top_right_vector(x)
+        assert np.isfinite(u).all()
+        if x.any():
+            ref = np.linalg.eigh(x.T @ x)[1][:, -1]
+            np.testing.assert_allclose(abs(u @ ref), 1, atol=1e-12)
+    flat = resample(list(nib.streamlines.load(sorted(subject_dir.glob("*.trk"))[0]).streamlines)).reshape(-1, 192)
+    implicit = pca.pc1_projections(flat)
+    monkeypatch.setattr(pca, "IMPLICIT_BYTES", 0)
+    covariance = pca.pc1_projections(flat)
+    np.testing.assert_allclose(implicit, covariance, rtol=0, atol=1e-9 * np.abs(covariance).max())
+    np.testing.assert_array_equal(np.argsort(implicit, kind="stable"), np.argsort(covariance, kind="stable"))
+
+
 def test_restored_point_counts_keep_the_model_points_in_place():
     """Restoring the input's point counts interpolates at the original's fractions: taken back at 64
     fractions, a reconstruction with irregular spacing is where it was (dipy's arc-length resampling

@@ -29,11 +29,12 @@ Implementation: vectorised over the whole bundle, no Python loop per streamline 
 validation and zero-length detection on the concatenated points, resampling by dipy's compiled
 ``set_number_of_points`` on one `Streamlines` sequence, orientation in place with float32 distances in
 a planar layout (the flips of float64 on every real bundle: there the closest direct/reversed pair
-differs by 17 %), and the principal components by `vqdiff.pca`: the global one from the covariance
-accumulated block by block, the per-group ones from the groups' (64, 64) Gram matrices, 16 groups per
-batched Lanczos solve that stops only once every bound ``||M u - theta_1 u|| / (theta_1 - theta_2)``
-is below 1e-11, so the orders are those of an exact eigensolver up to exact ties. Work arrays are
-bounded (blocks of 512 streamlines): they stay in cache and are reused instead of page-faulted.
+differs by 17 %), and the principal components by `vqdiff.pca`: the global one by Lanczos on the
+centred rows (no covariance matrix), the per-group ones from the groups' (64, 64) Gram matrices, 16
+groups per batched Lanczos solve; each stops only once every bound ``||M u - theta_1 u|| / (theta_1 -
+theta_2)`` is below 1e-11, so the orders are those of an exact eigensolver up to exact ties. Work
+arrays are bounded (blocks of 512 streamlines, 64 MB of centred rows): they stay in cache and are
+reused instead of page-faulted.
 """
 
 from __future__ import annotations
