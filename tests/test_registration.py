@@ -279,3 +279,23 @@ def test_tract_names_of_the_field():
              "ATR_left": "ATR", "Left_Thalamic_Radiation": "ATR", "OR_ML_L": "OR", "FX": "FX", "MCP": "MCP",
              "MdLF_L": "MLF", "FPT_R": "FPT", "POPT_L": "POPT", "bundle_3": None, "FA": None, "tracks": None}
     assert {n: fam(n) for n in cases} == cases
+
+
+def test_transform_moves_every_streamline_in_one_pass_and_refuses_bad_shapes():
+    """`transform` maps all points at once (float32: `geometry.map_points`) and equals the float64
+    product streamline by streamline; its views keep each streamline's length and dtype."""
+    from vqdiff.registration import transform
+    from vqdiff.slr import apply_matrix
+
+    rng = np.random.default_rng(3)
+    m = compose44(np.r_[12.0, -8.0, 5.0, 4.0, -3.0, 2.0, 1.05])
+    for dtype in (np.float32, np.float64):
+        sl = [(rng.normal(size=(k, 3)) * 50).astype(dtype) for k in (2, 17, 64, 1)]
+        out = transform(sl, m)
+        ref = [apply_matrix(m, s.astype(np.float64)).astype(dtype) for s in sl]
+        assert [o.dtype for o in out] == [dtype] * 4 and [len(o) for o in out] == [2, 17, 64, 1]
+        for o, r in zip(out, ref, strict=True):
+            np.testing.assert_allclose(o, r, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-4)
+    assert transform([], m) == []
+    with pytest.raises(ValueError, match="streamline 1 has shape"):
+        transform([np.zeros((2, 3), np.float32), np.zeros((4, 2), np.float32)], m)

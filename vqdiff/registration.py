@@ -160,13 +160,16 @@ def _transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 def transform(streamlines: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
     """``streamlines`` mapped by the 4x4 ``matrix`` (float64 arithmetic, the input's dtype kept): all
     points in one pass, returned as views of one array."""
-    if len(streamlines) == 0:
+    arrays = [np.asarray(s) for s in streamlines]
+    if not arrays:
         return []
-    dtypes = {np.asarray(s).dtype for s in streamlines}
-    if len(dtypes) > 1:
-        return [_transform_points(s, matrix) for s in streamlines]
-    lengths = [len(s) for s in streamlines]
-    moved = _transform_points(np.concatenate([np.asarray(s).reshape(-1, 3) for s in streamlines]), matrix)
+    if any(a.ndim != 2 or a.shape[1] != 3 for a in arrays):
+        bad = next(i for i, a in enumerate(arrays) if a.ndim != 2 or a.shape[1] != 3)
+        raise ValueError(f"streamlines must be (N, 3) point arrays; streamline {bad} has shape {arrays[bad].shape}")
+    if len({a.dtype for a in arrays}) > 1:
+        return [_transform_points(a, matrix) for a in arrays]
+    lengths = [len(a) for a in arrays]
+    moved = _transform_points(np.concatenate(arrays), matrix)
     bounds = np.cumsum(lengths).tolist()
     return [moved[a:b] for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
 
