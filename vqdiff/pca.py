@@ -3,8 +3,8 @@
 
 Everything is float64 and batched: the Gram matrices of many groups through one Lanczos solve, the
 bundle's own axis by Lanczos on its centred rows (``x.T x`` never formed; very large bundles accumulate
-the covariance block by block, bounded temporaries), no Python loop per group or per streamline. Axes are signed as canonicalisation requires: the
-largest-magnitude component positive.
+the covariance block by block, bounded temporaries), no Python loop per group or per streamline.
+Axes are signed as canonicalisation requires: the largest-magnitude component positive.
 """
 
 from __future__ import annotations

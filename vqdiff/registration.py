@@ -16,7 +16,8 @@ Steps (``mode="auto"``), all on QuickBundles centroids (`vqdiff.templates.bundle
    from a fronto- or parieto-pontine one); a few hundred microseconds for 12 templates. Shortlist:
    the templates within `SHORTLIST_RATIO` of the best coarse residual, at most `SHORTLIST`.
 3. One bounded similarity SLR per shortlisted template (`vqdiff.slr.fit`; only the first when the
-   bundle's name says a tract the model has no template of: `register`); the lowest residual wins. When the winner's mirror partner is shortlisted too, a rotation may be imitating the mirror
+   bundle's name says a tract the model has no template of: `register`); the lowest residual wins.
+   When the winner's mirror partner is shortlisted too, a rotation may be imitating the mirror
    image of a flat bundle, so that choice is made on the residual times
    ``1 + (rotation / MIRROR_PRIOR_DEG)**2``: a prior that inputs come in RAS within a few tens of
    degrees of the model's axes. A partner the coarse step did not shortlist is not fitted (the
