@@ -10,7 +10,8 @@
    canonicalise, engine, latents) with the bf16 and fp32 graph engines: wall time, and the engine's
    share; plus the whole subject's groups in one engine call.
 4. parity: GPU latents / reconstructions against the CPU torch fp32 reference on every subject01
-   group (max abs error <= 1e-4 and equal codes up to ties for fp32; the quality gate for bf16 / fp16).
+   group (max abs error <= 1e-4 and equal codes up to ties for fp32; the quality gate for bf16 / fp16,
+   judged on the GPU only: the dry run reports it, CPU bf16 kernels differ by CPU).
 
 ``--dry-run`` runs every step on the CPU at tiny sizes instead (torch fp32 / bf16 engines of
 `vqdiff.export.torch_backend` stand in for the CUDA ones; ``torch.compile`` is skipped): the CI check
@@ -209,13 +210,18 @@ def parity(ctx) -> dict:
 
         q = gate(groups_mm, e.decode_groups(e.encode_with_indices(x)[0]), ckpt.normalisation, ref_q)
         row = {"gate": q, "criterion": "quality gate", "passed": q["passed"]}
-        if getattr(e, "precision", "fp32") == "fp32":  # as at export: latents, decoder and end to end
+        reduced = getattr(e, "precision", "fp32") != "fp32"
+        if reduced and ctx["dry_run"]:  # the CPU stand-in's bf16/fp16 numbers depend on the CPU, not on us
+            row = {**row, "passed": None, "criterion": f"quality gate {'met' if q['passed'] else 'missed'}, not judged "
+                   "in the dry run: reduced precision on the CPU is native (AVX512-BF16, AMX) or emulated by "
+                   "CPU, so its error differs by machine; the GPU run judges it"}
+        if not reduced:  # as at export: latents, decoder and end to end
             rep = run_parity(ckpt.model, None, None, x, ref=ref, run_encoder=run_encoder,
                              run_decoder=e.decode_groups, label=label)
             row = {**row, "max_abs_error": rep["max_abs_error"], "indices": rep["indices"], "passed": rep["passed"],
                    "criterion": "export.parity.run_parity (max abs <= 1e-4 incl. end to end, codes equal up to ties)"}
         out["engines"][label] = row
-    out["passed"] = all(v["passed"] for v in out["engines"].values())
+    out["passed"] = all(v["passed"] is not False for v in out["engines"].values())
     return out
 
 
@@ -251,7 +257,7 @@ def _print(name: str, res) -> None:
             err = (f"{e['latents']:.2e} | {e['reconstruction']:.2e} | {e['end_to_end']:.2e}" if e else "- | - | -")
             print(f"| {label} | {err} | "
                   f"{r.get('indices', {}).get('unexplained', '-')} | {g['mdf_change_mm']:+.4f} | {g['buan_change']:+.5f} | "
-                  f"{'yes' if r['passed'] else 'NO'} ({r['criterion']}) |")
+                  f"{ {True: 'yes', False: 'NO', None: '-'}[r['passed']]} ({r['criterion']}) |")
 
 
 def main(argv=None) -> int:
