@@ -10,7 +10,6 @@ Axes are signed as canonicalisation requires: the largest-magnitude component po
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
@@ -31,26 +30,49 @@ def _probe(n: int) -> np.ndarray:
 def top_eigvecs(m: np.ndarray) -> np.ndarray:
     """Unit eigenvectors (G, n) of the largest eigenvalue of symmetric PSD matrices ``m`` (G, n, n).
 
-    Batched Lanczos with full re-orthogonalisation (classical Gram-Schmidt, twice), started from each
-    matrix's column of largest variance (plus a little of a fixed generic direction). Every 2 steps from
-    the 8th (real groups converge in 8-12), the top Ritz pairs are checked:
-    all done once each residual ``|beta_k s_k|`` (= ``||m u - theta_1 u||``) is below `TOL` times the
-    Ritz gap ``theta_1 - theta_2``, or the matrix's Krylov space is exhausted (a breakdown, exact);
-    at ``n`` steps the Krylov space is the whole space. Signs are arbitrary.
+    `_lanczos` on the products ``m v``, started from each matrix's column of largest variance plus a
+    little of a fixed generic vector r (so that no eigenvector is structurally orthogonal to the start:
+    a block-diagonal m would hide one). Signs are arbitrary.
     """
     g, n, _ = m.shape
     if n <= 16:
         return np.linalg.eigh(m)[1][..., -1]
+    start = m[np.arange(g), :, np.argmax(np.einsum("gii->gi", m), axis=1)] + 0.3 * (m @ _probe(n))
+    floor = np.finfo(float).eps * n * np.abs(m).max(axis=(1, 2))  # below it, beta is a breakdown
+    return _lanczos(lambda v: (m @ v[:, :, None])[..., 0], start, floor)
+
+
+def top_right_vector(x: np.ndarray) -> np.ndarray:
+    """Unit top eigenvector (D,) of ``x.T @ x`` for rows ``x`` (N, D) float64, the product never formed.
+
+    `top_eigvecs` (the same start, checks and tolerance) on the operator ``v -> x.T (x v)``: two
+    matrix-vector products per step, about 4 N D flops, where forming the (D, D) matrix costs N D^2
+    (D = 192: 10 steps are ~5x fewer flops). Sign arbitrary.
+    """
+    d = x.shape[1]
+    var = np.einsum("ij,ij->j", x, x)  # the diagonal of x.T x, whose entries are at most its largest
+    start = x.T @ x[:, int(np.argmax(var))] + 0.3 * (x.T @ (x @ _probe(d)))
+    floor = np.finfo(float).eps * d * var.max(keepdims=True)
+    return _lanczos(lambda v: (x.T @ (x @ v[0]))[None], start[None], floor)[0]
+
+
+def _lanczos(apply, start: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """Unit top eigenvectors (G, n) of G symmetric PSD operators, ``apply(v)`` (G, n) -> (G, n), from
+    ``start`` (G, n); ``floor`` (G,): a beta at or below it is a breakdown.
+
+    Batched Lanczos with full re-orthogonalisation (classical Gram-Schmidt, twice). Every 2 steps from
+    the 8th (real groups converge in 8-12), the top Ritz pairs are checked: all done once each residual
+    ``|beta_k s_k|`` (= ``||m u - theta_1 u||``) is below `TOL` times the Ritz gap ``theta_1 - theta_2``,
+    or the operator's Krylov space is exhausted (a breakdown, exact); at ``n`` steps the Krylov space
+    is the whole space.
+    """
+    g, n = start.shape
     basis = np.zeros((g, n + 1, n))
     alpha, beta = np.zeros((g, n)), np.zeros((g, n))
-    # m (e_j + 0.3 r): the column of largest variance plus a fixed generic vector r, so that no
-    # eigenvector is structurally orthogonal to the start (a block-diagonal m would hide one)
-    start = m[np.arange(g), :, np.argmax(np.einsum("gii->gi", m), axis=1)] + 0.3 * (m @ _probe(n))
     norm = np.sqrt(np.einsum("gi,gi->g", start, start))
-    basis[:, 0] = start / np.where(norm > 0, norm, 1.0)[:, None]  # a zero matrix keeps a zero basis
-    floor = np.finfo(float).eps * n * np.abs(m).max(axis=(1, 2))  # below it, beta is a breakdown
+    basis[:, 0] = start / np.where(norm > 0, norm, 1.0)[:, None]  # a zero operator keeps a zero basis
     for k in range(n):
-        w = (m @ basis[:, k, :, None])[..., 0]
+        w = apply(basis[:, k])
         alpha[:, k] = np.einsum("gi,gi->g", w, basis[:, k])
         done = basis[:, : k + 1]
         for _ in range(2):
@@ -68,7 +90,7 @@ def top_eigvecs(m: np.ndarray) -> np.ndarray:
                 u = (s[:, None, :, -1] @ done)[:, 0]
                 norm = np.sqrt(np.einsum("gi,gi->g", u, u))
                 return u / np.where(norm > 0, norm, 1.0)[:, None]
-        basis[:, k + 1] = w / np.where(dead, np.inf, beta[:, k])[:, None]  # a dead matrix adds zeros
+        basis[:, k + 1] = w / np.where(dead, np.inf, beta[:, k])[:, None]  # a dead operator adds zeros
     raise AssertionError("unreachable: the loop returns at k == n - 1")
 
 
@@ -84,38 +106,6 @@ def unit_signed(axis: np.ndarray) -> np.ndarray:
     norm = np.sqrt(np.einsum("gd,gd->g", axis, axis))
     axis /= np.where(norm > 0, norm, 1.0)[:, None]
     return signed(axis)
-
-
-def top_right_vector(x: np.ndarray) -> np.ndarray:
-    """Unit top eigenvector (D,) of ``x.T @ x`` for rows ``x`` (N, D) float64, the product never formed.
-
-    `top_eigvecs`' Lanczos (the same start, checks and tolerance) on the operator ``v -> x.T (x v)``:
-    two matrix-vector products per step, about 4 N D flops, where forming the (D, D) matrix costs
-    N D^2 (D = 192: 10 steps are ~5x fewer flops). Sign arbitrary.
-    """
-    n, d = x.shape
-    basis, alpha, beta = np.zeros((d + 1, d)), np.zeros(d), np.zeros(d)
-    var = np.einsum("ij,ij->j", x, x)  # the diagonal of x.T x
-    start = x.T @ x[:, int(np.argmax(var))] + 0.3 * (x.T @ (x @ _probe(d)))
-    norm = math.sqrt(start @ start)
-    basis[0] = start / (norm if norm > 0 else 1.0)
-    floor = np.finfo(float).eps * d * var.max()  # |x.T x| entries are at most its largest diagonal one
-    for k in range(d):
-        w = x.T @ (x @ basis[k])
-        alpha[k] = w @ basis[k]
-        done = basis[: k + 1]
-        for _ in range(2):
-            w -= (done @ w) @ done
-        beta[k] = math.sqrt(w @ w)
-        dead = beta[k] <= floor
-        if k == d - 1 or (k >= 7 and k % 2 == 1):
-            theta, s = np.linalg.eigh(np.diag(alpha[: k + 1]) + np.diag(beta[:k], 1) + np.diag(beta[:k], -1))
-            if k == d - 1 or dead or abs(beta[k] * s[-1, -1]) <= TOL * (theta[-1] - theta[-2]):
-                u = s[:, -1] @ done
-                norm = math.sqrt(u @ u)
-                return u / (norm if norm > 0 else 1.0)
-        basis[k + 1] = 0.0 if dead else w / beta[k]
-    raise AssertionError("unreachable: the loop returns at k == d - 1")
 
 
 def pc1_projections(flat: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .geometry import map_points
-from .slr import SCALE_RANGE, Fit, apply_matrix, centre_radius, coarse_start, fit
+from .slr import SCALE_RANGE, Fit, apply_matrix, centre_radius, coarse_matrix, fit
 from .templates import Templates, bundle_centroids, residual
 from .tract_names import contains_words, name_words, tokens, tract_family
 
@@ -292,8 +292,8 @@ def _register(streamlines: Sequence[np.ndarray], templates: Templates, mode: str
 
     # 2. coarse recognition (no rotation), 3. bounded SLR on the shortlist
     mine = centre_radius(cents)
-    coarse = {n: residual(apply_matrix(coarse_start(cents, None, stats=(mine, templates.centre_radius(n))), cents),
-                          templates.centroids[n]) for n in names}
+    coarse = {n: residual(apply_matrix(coarse_matrix(mine, templates.centre_radius(n)), cents), templates.centroids[n])
+              for n in names}
     ranked = sorted(coarse, key=coarse.get)
     fits: dict[str, Fit] = {n: fit(cents, templates.centroids[n], model=MODEL)
                             for n in ranked[:shortlist] if coarse[n] <= SHORTLIST_RATIO * coarse[ranked[0]]}

@@ -184,14 +184,16 @@ def _translation(v: np.ndarray) -> np.ndarray:
     return m
 
 
-def coarse_start(moving: np.ndarray, static: np.ndarray, *, scale: bool = True,
-                 stats: tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]] | None = None) -> np.ndarray:
-    """Centres matched, sizes matched (RMS radius, clipped to `SCALE_RANGE`), no rotation.
+def coarse_start(moving: np.ndarray, static: np.ndarray, *, scale: bool = True) -> np.ndarray:
+    """Centres matched, sizes matched (RMS radius, clipped to `SCALE_RANGE`), no rotation."""
+    return coarse_matrix(centre_radius(moving), centre_radius(static), scale=scale)
 
-    ``stats``: (`centre_radius` of ``moving``, of ``static``) when the caller has them (comparing one
-    bundle with every template); the arrays are then not read.
-    """
-    (m_centre, m_radius), (s_centre, s_radius) = stats or (centre_radius(moving), centre_radius(static))
+
+def coarse_matrix(moving: tuple[np.ndarray, float], static: tuple[np.ndarray, float], *,
+                  scale: bool = True) -> np.ndarray:
+    """`coarse_start` from the two sets' `centre_radius` (computed once when one bundle is compared
+    with every template)."""
+    (m_centre, m_radius), (s_centre, s_radius) = moving, static
     s = float(np.clip(s_radius / max(m_radius, 1e-9), *SCALE_RANGE)) if scale else 1.0
     m = np.eye(4)
     m[:3, :3] *= s
