@@ -72,13 +72,37 @@ def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: list
         exclude += [n.name for n in model.graph.node if first in n.input or last in n.output]
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
-    quantize_static(
-        str(src), str(dst), _reader(batches, input_name), quant_format=QuantFormat.QDQ,
-        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        nodes_to_exclude=exclude, calibrate_method=methods[method], op_types_to_quantize=op_types,
-        extra_options={"CalibMovingAverage": method == "minmax"} if method == "minmax" else {},
-    )
+    root, advice = logging.getLogger(), _PreprocessAdvice()
+    root.addFilter(advice)
+    try:
+        quantize_static(
+            str(src), str(dst), _reader(batches, input_name), quant_format=QuantFormat.QDQ,
+            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude, calibrate_method=methods[method], op_types_to_quantize=op_types,
+            extra_options={"CalibMovingAverage": method == "minmax"} if method == "minmax" else {},
+        )
+    finally:
+        root.removeFilter(advice)
+    if advice.dropped:
+        log.debug("onnxruntime's advice to pre-process %s before quantising was not followed: the graph is "
+                  "quantised as exported, and the int8 gate judges the result", Path(src).name)
     return Path(dst)
+
+
+class _PreprocessAdvice(logging.Filter):
+    """Drops onnxruntime's quantiser advice ("Please consider to run pre-processing before quantization",
+    logged as root WARNINGs on every call, twice per graph), which tells users of an engine selection
+    that something went wrong when nothing did; every other record passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and str(record.msg).startswith("Please consider") and "pre-processing" in str(record.msg):
+            self.dropped += 1
+            return False
+        return True
 
 
 def _sessions(enc_path, dec_path, threads):

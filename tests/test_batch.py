@@ -311,6 +311,33 @@ def test_worker_processes_write_the_same_bytes_as_threads(subject_dir, ckpt, odd
     assert again["skipped"] == 8 and again["done"] == 0  # resume reads the outputs the processes wrote
 
 
+def test_prepare_look_ahead_is_bounded_by_files_and_bytes(subject_dir, ckpt, odd_bundle, tmp_path, monkeypatch):
+    from vqdiff.batch import local
+
+    tree = make_tree(tmp_path / "in", subject_dir, 3, odd=odd_bundle)  # 12 files
+    ahead, real_pool = [], local.prepare_pool
+
+    def counting_pool(spec, workers, processes):
+        pool, submit = real_pool(spec, workers, processes)
+        futures = []
+
+        def counted(task):
+            futures.append(submit(task))
+            ahead.append(sum(not f.done() for f in futures))  # submitted and not yet prepared, a new one included
+            return futures[-1]
+
+        return pool, counted
+
+    monkeypatch.setattr(local, "prepare_pool", counting_pool)
+    deep = job.run_batch("encode", tree, tmp_path / "deep", model=ckpt, progress=False)
+    assert deep["done"] == 12 and len(ahead) == 12 and 2 < max(ahead) <= local.PREFETCH_FILES
+    ahead.clear()
+    monkeypatch.setattr(local, "PREFETCH_BYTES", 1)  # any file is over it: only `workers` files ahead
+    shallow = job.run_batch("encode", tree, tmp_path / "shallow", model=ckpt, workers=2, progress=False)
+    assert shallow["done"] == 12 and max(ahead) <= 2
+    assert tree_bytes(tmp_path / "shallow") == tree_bytes(tmp_path / "deep")  # the look-ahead changes no byte
+
+
 def test_a_dead_worker_process_stops_the_job_with_a_clear_error(subject_dir, ckpt, tmp_path, monkeypatch):
     from concurrent.futures import Future, ThreadPoolExecutor
     from concurrent.futures.process import BrokenProcessPool

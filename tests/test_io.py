@@ -516,8 +516,23 @@ def test_package_exports():
     import vqdiff.io
 
     assert set(vqdiff.io.__all__) == {"load_bundle", "save_bundle", "load_bundle_bytes", "bundle_to_bytes",
-                                      "sniff_format", "file_order_groups"}
+                                      "sniff_format", "file_order_groups", "read_whole"}
     assert all(callable(getattr(vqdiff.io, name)) for name in vqdiff.io.__all__)
+
+
+def test_read_whole_names_the_formats_parsed_from_their_bytes(tmp_path):
+    from vqdiff.io import read_whole
+
+    assert [read_whole(f"b{s}") for s in (".trk", ".TCK", ".trx", ".TRX", ".vqlat", "")] == \
+        [True, True, False, False, False, False]
+    # a bundle handed over as bytes is parsed from them, by the same rule (a TRX is read from its path)
+    src = tmp_path / "a.trk"
+    save_bundle(Bundle([np.ones((3, 3), np.float32).cumsum(0), np.ones((4, 3), np.float32).cumsum(0)],
+                       SpatialHeader.identity(), source_format="memory", name="a"), src)
+    other = tmp_path / "b.trk"
+    save_bundle(Bundle([np.ones((5, 3), np.float32).cumsum(0)], SpatialHeader.identity(), source_format="memory",
+                       name="b"), other)
+    assert len(load_bundle(src, data=other.read_bytes())) == 1
 
 
 # ---------------------------------------------------------------------------------------------- hardening

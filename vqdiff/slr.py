@@ -71,15 +71,17 @@ def compose44(t: np.ndarray) -> np.ndarray:
 
 
 def _euler_and_derivatives(angles_deg) -> np.ndarray:
-    """(4, 3, 3): ``compose44``'s rotation R = Rz(k) Ry(j) Rx(i) of sxyz Euler angles in degrees, then
-    dR/d(angle) per degree for i, j and k (the chain rule of `BMDCost`'s gradient)."""
+    """(4, 3, 3): ``compose44``'s rotation R = Rz(k) Ry(j) Rx(i) of sxyz Euler angles in degrees (the
+    same expressions, so the same bits), then dR/d(angle) per degree for i, j and k (the chain rule of
+    `BMDCost`'s gradient)."""
     ai, aj, ak = (math.radians(float(a)) for a in angles_deg)
     si, sj, sk = math.sin(ai), math.sin(aj), math.sin(ak)
     ci, cj, ck = math.cos(ai), math.cos(aj), math.cos(ak)
+    cc, cs, sc, ss = ci * ck, ci * sk, si * ck, si * sk
     d = math.pi / 180
     return np.array([
-        [[cj * ck, sj * si * ck - ci * sk, sj * ci * ck + si * sk],
-         [cj * sk, sj * si * sk + ci * ck, sj * ci * sk - si * ck],
+        [[cj * ck, sj * sc - cs, sj * cc + ss],
+         [cj * sk, sj * ss + cc, sj * cs - sc],
          [-sj, cj * si, cj * ci]],
         [[0.0, d * (sj * ci * ck + si * sk), d * (ci * sk - sj * si * ck)],
          [0.0, d * (sj * ci * sk - si * ck), -d * (sj * si * sk + ci * ck)],
@@ -114,6 +116,7 @@ class BMDCost:
         self._sq = np.square(self.static).sum(-1).T[:, :, None]  # (P, Ks, 1)
         self._rows, self._cols = np.arange(ks), np.arange(km)
         self._weights = np.concatenate([np.full(ks, 1.0 / ks), np.full(km, 1.0 / km)]) / p
+        self._both_ways = _both_ways(self.moving)  # (2 Km, P, 3): the moving set, then each reversed
         self.evaluations = 0
 
     def _distances(self, both: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,19 +136,21 @@ class BMDCost:
         np.maximum(d2, 0.0, out=d2)
         mean = np.add.reduce(np.sqrt(d2, out=d2), axis=0)  # P times the mean distances (Ks, 2 Km)
         dd, df = mean[:, :km], mean[:, km:]
-        flip = df < dd
-        return np.where(flip, df, dd) / p, self._cols + km * flip
+        return np.minimum(dd, df) / p, self._cols + km * (df < dd)
 
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         self.evaluations += 1
         x = np.asarray(x, dtype=np.float64)
         s, m0, rows, cols = self.static, self.moving, self._rows, self._cols
         ks, km, p = len(s), len(m0), s.shape[1]
-        mat = compose44(x)
-        both = _both_ways(apply_matrix(mat, m0))  # (2 Km, P, 3)
+        rot = _euler_and_derivatives(x[3:6])
+        scales = np.ones(3) if len(x) == 6 else np.full(3, x[6]) if len(x) == 7 else x[6:9]
+        # compose44(x) applied, bit for bit: its linear part is rot[0] * scales, its translation x[:3];
+        # the moving set and its reverse move in one product
+        both = self._both_ways @ (rot[0] * scales).T + x[:3]  # (2 Km, P, 3)
         d, source = self._distances(both)
         jmin, imin = d.argmin(1), d.argmin(0)
-        total = d[rows, jmin].sum() / ks + d[imin, cols].sum() / km
+        total = d.min(1).sum() / ks + d.min(0).sum() / km
         # the selected pairs (each static's nearest, then each moved's nearest), as the distance saw
         # them (``source``: the moved streamline or its reverse), and d cost / d D[i, j]
         pi = np.concatenate([rows, imin])
@@ -159,8 +164,6 @@ class BMDCost:
         grad_moved = grad_both[:km] + grad_both[km:, ::-1]  # the reversed rows back to their own order
         flat = grad_moved.reshape(-1, 3)
         grad_lin = flat.T @ m0.reshape(-1, 3)  # d cost / d (linear part), (3, 3)
-        rot = _euler_and_derivatives(x[3:6])
-        scales = np.ones(3) if len(x) == 6 else np.repeat(x[6], 3) if len(x) == 7 else x[6:9]
         by_angle = np.einsum("ab,kab->k", grad_lin * scales, rot[1:])
         by_scale = (grad_lin * rot[0]).sum(0)  # d cost / d scale of each axis
         out = np.empty(len(x))

@@ -226,8 +226,10 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
     remove_temps(out)
     sha = None
     try:
-        data = None if spec.kind != "encode" or Path(task.input).suffix.lower() == ".trx" else \
-            Path(task.input).read_bytes()  # read once: hashed here, parsed below
+        from vqdiff.io import read_whole
+
+        # read once when the reader parses the bytes whole: hashed here, parsed below
+        data = Path(task.input).read_bytes() if spec.kind == "encode" and read_whole(task.input) else None
         sha = file_sha256(task.input) if data is None else hashlib.sha256(data).hexdigest()
         if out.exists():
             rec, why = _up_to_date(spec, task, sha)

@@ -26,9 +26,9 @@ format), `reference` (the space a ``.tck`` needs), `read` (path/bytes -> `Bundle
 
 from __future__ import annotations
 
-from .common import sniff_format
+from .common import read_whole, sniff_format
 from .read import file_order_groups, load_bundle, load_bundle_bytes
 from .write import bundle_to_bytes, save_bundle
 
 __all__ = ["load_bundle", "save_bundle", "load_bundle_bytes", "bundle_to_bytes", "sniff_format",
-           "file_order_groups"]
+           "file_order_groups", "read_whole"]

@@ -12,6 +12,8 @@ from ..errors import BundleFormatError
 MAGIC = {"trk": b"TRACK", "tck": b"mrtrix tracks", "trx": b"PK\x03\x04"}
 ACCEPTED = "accepted formats are TrackVis .trk, MRtrix .tck and TRX .trx"
 NAMES = {"trk": "TrackVis .trk", "tck": "MRtrix .tck", "trx": "TRX .trx (zip)"}
+# formats parsed from the file's bytes in one piece; a TRX archive is read member by member from its path
+WHOLE = frozenset({"trk", "tck"})
 
 
 def fail(message: str, reason: str, where: str | None) -> BundleFormatError:
@@ -33,6 +35,14 @@ def format_from_path(path: Path) -> str:
     if path.suffix.lower() not in (".trk", ".tck", ".trx"):
         raise fail(f"unsupported file extension {path.suffix!r}; {ACCEPTED}", "unsupported_format", str(path))
     return path.suffix.lower()[1:]
+
+
+def read_whole(path) -> bool:
+    """Whether the reader parses ``path`` (by its extension) from its bytes in one piece, so that a
+    caller that reads them anyway (to hash them) can hand them to `load_bundle` (``data=``): True for
+    ``.trk`` and ``.tck``; False for ``.trx`` (read member by member from its path) and for other
+    extensions (the reader refuses them)."""
+    return Path(path).suffix.lower()[1:] in WHOLE
 
 
 def sniff_format(data_or_path) -> str | None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BundleFormatError
-from .common import NAMES, check_flat, check_magic, fail, format_from_path, normalise_format
+from .common import NAMES, WHOLE, check_flat, check_magic, fail, format_from_path, normalise_format
 from .reference import resolve_reference
 from .tck import read_tck
 from .trk import read_trk
@@ -37,8 +37,7 @@ def _read(source: Path | bytes, fmt: str, reference, name: str | None, where: st
             raise FileNotFoundError(errno.ENOENT, "tractogram file not found", str(source))
         with open(source, "rb") as fh:
             head = fh.read(16)
-        # TRK and TCK are parsed from their bytes; a TRX archive is read member by member from its file
-        source = source if fmt == "trx" else source.read_bytes()
+        source = source.read_bytes() if fmt in WHOLE else source  # TRX: member by member from its file
     else:
         head = bytes(source[:16])
     if not head:
@@ -95,7 +94,7 @@ def load_bundle(path, *, reference=None, name: str | None = None, max_streamline
     """
     path = Path(path)
     fmt = format_from_path(path)
-    source = path if data is None or fmt == "trx" else bytes(data)
+    source = bytes(data) if data is not None and fmt in WHOLE else path
     return _load(source, fmt, reference, path.stem if name is None else name, str(path),
                  max_streamlines=max_streamlines, max_points=max_points)
 
