@@ -62,6 +62,20 @@ def test_compose44_equals_dipys_compose_matrix44():
             assert np.array_equal(compose44(x), compose_matrix44(x))
 
 
+def test_the_cost_moves_points_by_compose44_bit_for_bit():
+    """`BMDCost` applies rot[0] * scales and x[:3] of `_euler_and_derivatives`, never compose44 itself:
+    the same matrix to the last bit, so the fitted parameters' matrix is the one the cost saw."""
+    from vqdiff.slr import _euler_and_derivatives
+
+    rng = np.random.default_rng(1)
+    for n in (6, 7, 9):
+        for _ in range(20):
+            x = rng.normal(size=n) * 20
+            x[6:] = rng.uniform(0.5, 1.5, size=n - 6)
+            scales = np.ones(3) if n == 6 else np.full(3, x[6]) if n == 7 else x[6:9]
+            assert np.array_equal(_euler_and_derivatives(x[3:6])[0] * scales, compose44(x)[:3, :3])
+
+
 def test_bmd_cost_equals_dipys_metric_and_its_gradient_the_finite_differences():
     from dipy.align.streamlinear import BundleMinDistanceMetric
     from scipy.optimize import approx_fprime

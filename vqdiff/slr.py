@@ -145,7 +145,7 @@ class BMDCost:
         ks, km, p = len(s), len(m0), s.shape[1]
         rot = _euler_and_derivatives(x[3:6])
         scales = np.ones(3) if len(x) == 6 else np.full(3, x[6]) if len(x) == 7 else x[6:9]
-        # compose44(x) applied, bit for bit: its linear part is rot[0] * scales, its translation x[:3];
+        # compose44(x)'s matrix, bit for bit: its linear part is rot[0] * scales, its translation x[:3];
         # the moving set and its reverse move in one product
         both = self._both_ways @ (rot[0] * scales).T + x[:3]  # (2 Km, P, 3)
         d, source = self._distances(both)
