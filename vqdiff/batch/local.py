@@ -88,6 +88,7 @@ def run_local(spec: JobSpec, codec, tasks: list[BatchTask], on_record: Callable[
             return Path(task.input).stat().st_size
         except OSError:
             return 0  # prepare reports it
+
     pool, submit = prepare_pool(spec, workers, processes)
     writer = ThreadPoolExecutor(1, thread_name_prefix="vqdiff-write")
 
