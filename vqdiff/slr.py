@@ -116,7 +116,7 @@ class BMDCost:
         self._sq = np.square(self.static).sum(-1).T[:, :, None]  # (P, Ks, 1)
         self._rows, self._cols = np.arange(ks), np.arange(km)
         self._weights = np.concatenate([np.full(ks, 1.0 / ks), np.full(km, 1.0 / km)]) / p
-        self._both_ways = _both_ways(self.moving)  # (2 Km, P, 3): the moving set, then each reversed
+        self._moving_both = _both_ways(self.moving)  # (2 Km, P, 3): the moving set, then each reversed
         self.evaluations = 0
 
     def _distances(self, both: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +147,7 @@ class BMDCost:
         scales = np.ones(3) if len(x) == 6 else np.full(3, x[6]) if len(x) == 7 else x[6:9]
         # compose44(x)'s matrix, bit for bit: its linear part is rot[0] * scales, its translation x[:3];
         # the moving set and its reverse move in one product
-        both = self._both_ways @ (rot[0] * scales).T + x[:3]  # (2 Km, P, 3)
+        both = self._moving_both @ (rot[0] * scales).T + x[:3]  # (2 Km, P, 3)
         d, source = self._distances(both)
         jmin, imin = d.argmin(1), d.argmin(0)
         total = d.min(1).sum() / ks + d.min(0).sum() / km
