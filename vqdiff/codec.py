@@ -232,8 +232,7 @@ class Pipeline:
         registration = {"method": "off" if register == "off" else "none"}
         if reg is not None:
             registration = {k: v for k, v in reg.to_dict().items() if k not in ("matrix", "seconds")}
-            if (w := reg.warning()) is not None:
-                warnings.insert(0, w)
+            warnings[:0] = reg.warnings()
         source = {"format": bundle.source_format, "name": bundle.name}
         if input_sha256:
             source["input_sha256"] = input_sha256

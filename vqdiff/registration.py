@@ -27,7 +27,9 @@ Steps (``mode="auto"``), all on QuickBundles centroids (`vqdiff.templates.bundle
    a mirrored second instance of that bundle gives) or the scale sits on its bound; `warning` has
    the numbers. The matrix is the registration either way (registered reconstructions of unknown
    bundles were still far better than as-is ones). Identity is kept when registering does not
-   lower the residual by `MIN_GAIN` (a fifth).
+   lower the residual by `MIN_GAIN` (a fifth). A transform with any parameter at its bound (scale,
+   rotation, translation: ``at_bound``) is never returned unsaid: `Registration.warnings` adds
+   ``registration_at_bound`` with the numbers, for every bundle, known or not.
 
 Deterministic: the same streamlines give the same matrix (strided subsample, QuickBundles in input
 order, single-threaded kernel), so every entry point encodes the same bytes.
@@ -45,7 +47,16 @@ from typing import Any
 import numpy as np
 
 from .geometry import map_points
-from .slr import SCALE_RANGE, Fit, apply_matrix, centre_radius, coarse_matrix, fit
+from .slr import (
+    ROTATION_DEG,
+    SCALE_RANGE,
+    TRANSLATION_MM,
+    Fit,
+    apply_matrix,
+    centre_radius,
+    coarse_matrix,
+    fit,
+)
 from .templates import Templates, bundle_centroids, residual
 from .tract_names import contains_words, name_words, tokens, tract_family
 
@@ -82,6 +93,7 @@ class Registration:
     rotation_deg: float = 0.0
     reason: str = ""  # why known is False
     details: dict[str, Any] = field(default_factory=dict, compare=False)
+    at_bound: tuple[str, ...] = ()  # the similarity's parameters that ended at a bound (`vqdiff.slr.PARAMETERS`)
 
     @property
     def is_identity(self) -> bool:
@@ -117,6 +129,31 @@ class Registration:
                            f"{self.residual_mm:.1f} mm against a threshold of {self.threshold_mm:.1f} mm); "
                            "the reconstruction may be poor", **nums}
 
+    def bound_warning(self) -> dict[str, Any] | None:
+        """A ``registration_at_bound`` warning with the numbers when the transform sits at a bound of the
+        similarity (`vqdiff.slr`: scale 0.6-1.4, rotation 30 degrees per axis, translation 35 mm), else
+        None. Said for any bundle, known or not: the best transform within the bounds is returned, and
+        a bound it reached may be one a good fit needed to cross (a file of several bundles is shrunk
+        to the scale's lower bound, `vqdiff.segment`)."""
+        if not self.at_bound:
+            return None
+        lo, hi = SCALE_RANGE
+        what = [f"scale {self.scale:.2f} (bounds {lo}-{hi})" if p.startswith("scale") else
+                f"rotation about {p[-1]} at {ROTATION_DEG:.0f} degrees" if p.startswith("rotation") else
+                f"translation along {p[-1]} at {TRANSLATION_MM:.0f} mm" for p in self.at_bound]
+        return {"code": "registration_at_bound",
+                "message": f"the registration onto {self.template} stopped at its bounds ({'; '.join(what)}): the "
+                           "transform is the best the bounded similarity allows, not an unconstrained fit; is the "
+                           "file one bundle, in RAS mm?",
+                "template": self.template, "at_bound": list(self.at_bound), "scale": _r(self.scale),
+                "rotation_deg": _r(self.rotation_deg), "residual_mm": _r(self.residual_mm),
+                "scale_range": list(SCALE_RANGE), "rotation_bound_deg": ROTATION_DEG,
+                "translation_bound_mm": TRANSLATION_MM}
+
+    def warnings(self) -> list[dict[str, Any]]:
+        """Every warning of this registration: `warning` (unknown bundle), then `bound_warning`."""
+        return [w for w in (self.warning(), self.bound_warning()) if w is not None]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready provenance (the matrix in full float64 precision); deterministic, so without
         ``seconds``: the same input gives the same dict, hence the same latents bytes."""
@@ -124,7 +161,7 @@ class Registration:
                 "method": self.method, "candidates": [list(c) for c in self.candidates], "known": self.known,
                 "threshold_mm": _r(self.threshold_mm),
                 "identity_residual_mm": _r(self.identity_residual_mm), "scale": _r(self.scale, 6),
-                "rotation_deg": _r(self.rotation_deg), "reason": self.reason}
+                "rotation_deg": _r(self.rotation_deg), "reason": self.reason, "at_bound": list(self.at_bound)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Registration:
@@ -139,7 +176,7 @@ class Registration:
                    threshold_mm=_f(d.get("threshold_mm", nan)),
                    identity_residual_mm=_f(d.get("identity_residual_mm", nan)),
                    scale=_f(d.get("scale", 1.0)), rotation_deg=_f(d.get("rotation_deg", 0.0)),
-                   reason=str(d.get("reason", "")))
+                   reason=str(d.get("reason", "")), at_bound=tuple(str(p) for p in d.get("at_bound", ())))
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -321,7 +358,7 @@ def _register(streamlines: Sequence[np.ndarray], templates: Templates, mode: str
                             details=details)
     return Registration(best.matrix, pick, best.residual_mm, MODEL, candidates, not reason, time.perf_counter() - t0,
                         cal["unknown_mm"], ident.get(pick, float("nan")), best.scale, best.rotation_deg, reason,
-                        details)
+                        details, best.at_bound + (("scale",) if pinned and "scale" not in best.at_bound else ()))
 
 
 def _top(scores: dict[str, float], k: int = SHORTLIST, first: str | None = None) -> tuple[tuple[str, float], ...]:

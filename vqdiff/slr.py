@@ -204,6 +204,10 @@ def coarse_matrix(moving: tuple[np.ndarray, float], static: tuple[np.ndarray, fl
     return m
 
 
+PARAMETERS = ("translation_x", "translation_y", "translation_z", "rotation_x", "rotation_y", "rotation_z", "scale")
+AT_BOUND = 1e-6  # a parameter within this share of its range from a bound sits at it (L-BFGS-B projects onto it)
+
+
 @dataclass(frozen=True)
 class Fit:
     matrix: np.ndarray  # moving -> static
@@ -211,6 +215,7 @@ class Fit:
     scale: float
     rotation_deg: float
     evaluations: int
+    at_bound: tuple[str, ...] = ()  # the `PARAMETERS` that ended at a bound ("scale_x"... for "scaling")
 
 
 def fit(moving: np.ndarray, static: np.ndarray, *, model: str = "similarity", ftol: float = FTOL) -> Fit:
@@ -247,4 +252,12 @@ def fit(moving: np.ndarray, static: np.ndarray, *, model: str = "similarity", ft
             x = np.asarray(res.x, dtype=np.float64)
     matrix = _translation(static_shift) @ compose44(x) @ _translation(-moving_shift) @ m0
     scale, angle = similarity_parts(matrix)
-    return Fit(matrix, float(math.sqrt(max(float(res.fun), 0.0))), scale, angle, cost.evaluations)
+    names = PARAMETERS[:6] + (("scale",) if n_scales == 1 else ("scale_x", "scale_y", "scale_z")[:n_scales])
+    return Fit(matrix, float(math.sqrt(max(float(res.fun), 0.0))), scale, angle, cost.evaluations,
+               at_bound(x, bounds[:len(x)], names))
+
+
+def at_bound(x: np.ndarray, bounds: list[tuple[float, float]], names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of the parameters ``x`` that sit at one of their ``bounds`` (within `AT_BOUND` of the range)."""
+    return tuple(n for n, v, (lo, hi) in zip(names, x, bounds, strict=True)
+                 if min(v - lo, hi - v) <= AT_BOUND * (hi - lo))
