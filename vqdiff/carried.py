@@ -105,3 +105,39 @@ def carried_equal(a, b) -> bool:
         if list(x) != list(y) or any(not np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for k in x):
             return False
     return True
+
+
+def join_bundles(bundles, *, name: str = "", where: str | None = None):
+    """One `Bundle` of several (a subject's per-bundle files): their streamlines in the given order, one
+    group per bundle named by the bundle (so that `vqdiff.subject.subject_parts` encodes each on its own),
+    the first bundle's header; dps / dpv kept when every bundle has the same names and widths, else
+    dropped with a warning naming them (as are the bundles' own groups)."""
+    import logging
+
+    from .bundle import Bundle
+
+    bundles = list(bundles)
+    names = [b.name for b in bundles]
+    if not bundles or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"joining bundles needs at least one, each with its own name; got {names}")
+    log, dropped = logging.getLogger(__name__), []
+    first = bundles[0]
+    if any(b.header.to_dict() != first.header.to_dict() for b in bundles[1:]):
+        log.warning("%s: the bundles' headers differ; the subject keeps %s's (coordinates stay in RAS mm)",
+                    where or name or "subject", first.name)
+    starts = np.cumsum([0] + [len(b.streamlines) for b in bundles])
+    groups = {b.name: np.arange(starts[i], starts[i + 1]) for i, b in enumerate(bundles)}
+    dropped += [f"{b.name}'s group {g!r}" for b in bundles for g in b.groups]
+    joined = {}
+    for kind in ("dps", "dpv"):
+        shapes = [{k: np.shape(v)[1:] for k, v in getattr(b, kind).items()} for b in bundles]
+        if all(s == shapes[0] for s in shapes):
+            joined[kind] = {k: np.concatenate([getattr(b, kind)[k] for b in bundles]) for k in shapes[0]}
+        else:
+            joined[kind] = {}
+            dropped += sorted({f"{kind} {k!r}" for s in shapes for k in s})
+    if dropped:
+        log.warning("%s: not carried (the bundles do not all have them alike): %s", where or name or "subject",
+                    ", ".join(dropped))
+    return Bundle([s for b in bundles for s in b.streamlines], first.header, source_format=first.source_format,
+                  name=name, groups=groups, dps=joined["dps"], dpv=joined["dpv"])

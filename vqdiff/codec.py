@@ -62,11 +62,9 @@ def load_templates(model_dir: str | os.PathLike):
 
 def to_input_space(streamlines: list[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
     """Model space -> the input's space: the inverse of the recorded input -> model ``matrix``."""
-    if np.array_equal(matrix, np.eye(4)):
-        return streamlines
     from .registration import transform
 
-    return transform(streamlines, np.linalg.inv(np.asarray(matrix, np.float64)))
+    return streamlines if np.array_equal(matrix, np.eye(4)) else transform(streamlines, np.linalg.inv(matrix))
 
 
 def engine_provenance(engine) -> dict[str, Any]:
@@ -339,17 +337,19 @@ class Codec:
         """Encode a file part by part into a `vqdiff.subject.Subject`: ``parts`` ``[(name, indices)]``, by
         default `vqdiff.subject.subject_parts` (its groups, else the whole file); each part registered,
         recognised by its name and encoded on its own; the file's groups, dps and dpv carried."""
-        from .subject import encode_parts
+        from .subject import assemble_subject, prepare_subject
 
-        return encode_parts(lambda b: self.encode(b, register=register, fidelity=fidelity), bundle, parts=parts,
-                            input_sha256=input_sha256)
+        x, state = prepare_subject(self.pipeline, bundle, parts=parts, input_sha256=input_sha256, register=register)
+        latents, indices = self.encode_groups(x)
+        decoded = self.decode_groups(latents) if fidelity else None
+        subject = assemble_subject(self.pipeline, state, latents, indices, decoded)
+        for name, w in state.warnings:
+            log.warning("%s: %s", name, w["message"])
+        return subject
 
     def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto", fidelity: bool = True):
-        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256.
-
-        Returns `Latents` for a file without groups (as always), a `vqdiff.subject.Subject` (one bundle
-        per group, `encode_subject`) for a TRX with groups.
-        """
+        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256: `Latents`
+        for a file without groups (as always), a `vqdiff.subject.Subject` for a TRX with groups (`encode_subject`)."""
         from .fileio import file_sha256
         from .io import load_bundle
         bundle, sha = load_bundle(path, reference=reference), file_sha256(path)
@@ -373,9 +373,12 @@ class Codec:
         groups = self.decode_groups(self.pipeline.prepare_decode(latents, strict=strict))
         return self.pipeline.assemble_bundle(latents, groups, restore_points=restore_points)
 
-    def decode_subject(self, subject, **kwargs: Any) -> dict[str, Bundle]:
-        """A subject's bundles by name, each in its own order and the file's space (`decode`'s options)."""
-        return {p.name: self.decode(p.latents, **kwargs) for p in subject.parts}
+    def decode_subject(self, subject, *, restore_points: bool = False, strict: bool = True) -> dict[str, Bundle]:
+        """A subject's bundles by name, each in its own order and the file's space (one decoder pass)."""
+        from .subject import assemble_bundles, decode_input
+
+        groups = self.decode_groups(decode_input(self.pipeline, subject, strict=strict))
+        return assemble_bundles(self.pipeline, subject, groups, restore_points=restore_points)
 
     def reconstruct(self, bundle: Bundle) -> Bundle:
         return self.decode(self.encode(bundle, fidelity=False))

@@ -260,10 +260,24 @@ def load_latents(source: str | os.PathLike | bytes) -> Latents | Subject:
         raise LatentsFormatError(f"{source}: {e}") from e
 
 
-def encode_parts(encode_one: Callable[[Bundle], Latents], bundle: Bundle, *, parts: Parts | None = None,
-                 input_sha256: str | None = None) -> Subject:
-    """Encode ``bundle`` part by part with ``encode_one`` (a part's `Bundle`, named, -> its `Latents`):
-    ``parts`` by default `subject_parts`; the file's groups, dps and dpv are carried by the subject."""
+@dataclass
+class SubjectState:
+    """What `assemble_subject` needs besides the engine's output: each part's `EncodeState` and group count."""
+
+    parts: list[tuple[str, np.ndarray]]
+    states: list[Any]
+    sizes: list[int]
+    n_streamlines: int
+    header: SpatialHeader
+    source: dict[str, Any]
+    carried: dict[str, dict[str, np.ndarray]]
+    warnings: list[tuple[str, dict]] = field(default_factory=list)
+
+
+def prepare_subject(pipeline, bundle: Bundle, *, parts: Parts | None = None, input_sha256: str | None = None,
+                    register: str = "auto") -> tuple[np.ndarray, SubjectState]:
+    """``pipeline.prepare_encode`` of every part of ``bundle`` (`subject_parts` by default) -> (the engine input
+    of all parts, concatenated, and the state). Each part is registered and recognised on its own."""
     from .carried import check_carried
 
     bundle.validate()
@@ -272,12 +286,46 @@ def encode_parts(encode_one: Callable[[Bundle], Latents], bundle: Bundle, *, par
     parts = check_parts(subject_parts(bundle) if parts is None else parts, n)
     if len(parts) > MAX_PARTS:
         raise ValueError(f"{len(parts)} parts; a subject holds at most {MAX_PARTS}")
-    encoded = [Part(name, idx, encode_one(part_bundle(bundle, name, idx))) for name, idx in parts]
+    xs, states = [], []
+    for name, idx in parts:
+        x, st = pipeline.prepare_encode(part_bundle(bundle, name, idx), register=register)
+        xs.append(x)
+        states.append(st)
     source = {"format": bundle.source_format, "name": bundle.name}
     if input_sha256:
         source["input_sha256"] = input_sha256
     carried = {k: dict(getattr(bundle, k)) for k in ("groups", "dps", "dpv") if getattr(bundle, k)}
-    return Subject(encoded, n, bundle.header, source, carried)
+    return np.concatenate(xs), SubjectState(parts, states, [len(x) for x in xs], n, bundle.header, source, carried)
+
+
+def _split(array: np.ndarray | None, sizes: list[int]) -> list:
+    return [None] * len(sizes) if array is None else np.split(array, np.cumsum(sizes)[:-1])
+
+
+def assemble_subject(pipeline, state: SubjectState, latents: np.ndarray, indices: np.ndarray | None,
+                     decoded: np.ndarray | None = None) -> Subject:
+    """The `Subject` from the engine's output for all parts (``decoded``: record each part's fidelity);
+    every part's warnings are collected in ``state.warnings`` as ``(name, warning)``."""
+    out = []
+    for (name, idx), st, lat, ind, dec in zip(state.parts, state.states, _split(latents, state.sizes),
+                                              _split(indices, state.sizes), _split(decoded, state.sizes),
+                                              strict=True):
+        out.append(Part(name, idx, pipeline.assemble_latents(st, lat, ind, dec)))
+        state.warnings += [(name, w) for w in st.warnings]
+    return Subject(out, state.n_streamlines, state.header, state.source, state.carried)
+
+
+def decode_input(pipeline, subject: Subject, *, strict: bool = True) -> np.ndarray:
+    """The decoder input of every part, concatenated (after the model-identity check)."""
+    return np.concatenate([pipeline.prepare_decode(p.latents, strict=strict) for p in subject.parts])
+
+
+def assemble_bundles(pipeline, subject: Subject, groups: np.ndarray, *, restore_points: bool = False
+                     ) -> dict[str, Bundle]:
+    """The decoder's output for all parts -> every part's bundle by name (its order, the file's space)."""
+    sizes = [p.latents.n_groups for p in subject.parts]
+    return {p.name: pipeline.assemble_bundle(p.latents, g, restore_points=restore_points)
+            for p, g in zip(subject.parts, _split(groups, sizes), strict=True)}
 
 
 def assemble_file(subject: Subject, bundles: dict[str, Bundle], *, restore_points: bool = False) -> Bundle:
