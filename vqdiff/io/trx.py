@@ -134,9 +134,12 @@ def _read_carried(zf: zipfile.ZipFile, names: list[str], ns: int, nv: int, where
         kind, name, k, dtype = m.group(1), m.group(2), int(m.group(3) or 1), np.dtype(m.group(4)).newbyteorder("<")
         size = zf.getinfo(member).file_size
         if kind == "groups":
-            if dtype.kind not in "iu" or size % dtype.itemsize or size > ns * dtype.itemsize:
-                raise fail(f"TRX group member {member!r} ({size} bytes) for a file of {ns} streamlines; "
-                           f"{GROUPS_ACCEPTED}", "bad_groups", where)
+            what = (f"holds {dtype.name} values, not integers" if dtype.kind not in "iu" else
+                    f"({size} bytes) lists more indices than the file's {ns} streamlines"
+                    if size % dtype.itemsize == 0 and size > ns * dtype.itemsize else
+                    f"({size} bytes) is not whole {dtype.name} indices" if size % dtype.itemsize else "")
+            if what:
+                raise fail(f"TRX group member {member!r} {what}; {GROUPS_ACCEPTED}", "bad_groups", where)
             carried["groups"][name] = check_group(name, np.frombuffer(zf.read(member), dtype), ns, where)
             continue
         rows = ns if kind == "dps" else nv
