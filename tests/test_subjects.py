@@ -248,3 +248,36 @@ def test_subject_files_refuse_damage_and_unknown_versions(codec, subject_dir):
         load_latents(bumped)
     with pytest.raises(LatentsFormatError):
         load_latents(data[: len(data) // 2])
+
+
+def test_roundtrip_cli_on_a_subject_trx_and_a_tck(subject_dir, tmp_path, capsys):
+    """`vqdiff-roundtrip subject.trx out.vqlat recon.trx` (same arguments as for one bundle); `.tck` with
+    --reference as before."""
+    from vqdiff.cli.roundtrip import main
+
+    b = _sample(subject_dir)
+    b.groups = {"PYT_R": np.arange(0, 50), "PYT_R_tail": np.arange(40, 70)}
+    b.dps = {"w": np.arange(len(b), dtype=np.float32)}
+    save_bundle(b, tmp_path / "subject.trx")
+    with pytest.raises(SystemExit) as done:
+        main([str(tmp_path / "subject.trx"), str(tmp_path / "s.vqlat"), str(tmp_path / "r.trx")])
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["bundles"]) == {"PYT_R", "PYT_R_tail"} and report["bundles"]["PYT_R_tail"]["streamlines"] == 20
+    assert all(v["fidelity"]["mean_mdf_mm"] > 0 for v in report["bundles"].values())
+    back = load_bundle(tmp_path / "r.trx")
+    assert carried_equal(back, load_bundle(tmp_path / "subject.trx"))
+    save_bundle(b, tmp_path / "b.tck")
+    with pytest.raises(SystemExit) as done:
+        main([str(tmp_path / "b.tck"), str(tmp_path / "b.vqlat"), str(tmp_path / "b_recon.trk"), "--reference",
+              str(subject_dir / "PYT_R.trk")])
+    assert done.value.code == 0 and "fidelity" in json.loads(capsys.readouterr().out)
+
+
+def test_groups_ride_along_in_a_single_latents(codec, subject_dir):
+    """`Codec.encode` keeps returning `Latents` for a bundle with groups; they are carried and come back."""
+    b = _sample(subject_dir)
+    b.groups = {"x": np.array([5, 1, 3])}
+    lat = codec.encode(b, fidelity=False)
+    out = codec.decode(load_latents(lat.to_bytes()))
+    assert type(lat).__name__ == "Latents" and out.groups["x"].tolist() == [5, 1, 3]
