@@ -108,6 +108,52 @@ def test_latents_reader_raises_only_our_error(subject_dir):
     run_cases(read, data, rng, header, LatentsFormatError, "latents")
 
 
+def _with_carried(bundle: Bundle) -> Bundle:
+    rng = np.random.default_rng(3)
+    m = sum(len(s) for s in bundle.streamlines)
+    bundle.dps = {"w": rng.random(len(bundle)).astype(np.float32), "rgb": rng.random((len(bundle), 3)).astype(np.float32)}
+    bundle.dpv = {"fa": rng.random(m).astype(np.float32)}
+    bundle.groups = {"a": np.arange(0, 40), "b": np.arange(30, 70)}
+    return bundle
+
+
+@pytest.mark.parametrize("fmt, header", [("trk", 1000), ("trx", 600)])
+def test_readers_of_carried_data_raise_only_our_error(subject_dir, fmt, header):
+    """TRX groups / dps / dpv and TRK scalars / properties (named in the header)."""
+    data = bundle_to_bytes(_with_carried(_sample(subject_dir)), format=fmt)
+    rng = np.random.default_rng([SEED, ord(fmt[1]), 1])
+    run_cases(lambda d: load_bundle_bytes(d, format=fmt, max_streamlines=100_000, max_points=10_000_000), data, rng,
+              header, BundleFormatError, f"{fmt} with carried data")
+
+
+def test_subject_reader_raises_only_our_error(subject_dir):
+    from vqdiff.codec import Pipeline
+    from vqdiff.normalise import Normalisation
+    from vqdiff.subject import (
+        assemble_bundles,
+        assemble_file,
+        assemble_subject,
+        load_latents,
+        prepare_subject,
+    )
+
+    bundle = _with_carried(_sample(subject_dir))
+    pipe = Pipeline(Normalisation.fit(np.concatenate(bundle.streamlines)), {"id": "fuzz", "sha256": "0" * 64})
+    x, state = prepare_subject(pipe, bundle, register="off")
+    subject = assemble_subject(pipe, state, np.zeros((len(x), 8, 16, 16), np.float32), None)
+    data = subject.to_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng([SEED, 11])
+
+    def read(d):
+        back = load_latents(d)
+        if hasattr(back, "parts"):
+            g = np.zeros((sum(p.latents.n_groups for p in back.parts), 3, 64, 64), np.float32)
+            assemble_file(back, assemble_bundles(pipe, back, g, restore_points=True), restore_points=True)
+
+    run_cases(read, data, rng, header, LatentsFormatError, "subject latents")
+
+
 def test_the_harness_fails_on_a_foreign_error():
     """A reader that lets a foreign exception out fails the harness (so the tests above can fail)."""
     def leaky(data: bytes):

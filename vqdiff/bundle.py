@@ -75,6 +75,10 @@ class Bundle:
         ``"trk"``, ``"tck"``, ``"trx"`` or ``"memory"``.
     name : str
         Bundle name (file stem by default), e.g. ``"IFOF_R"``.
+    groups, dps, dpv : dict
+        What the file carries besides the streamlines (`vqdiff.carried`): group name -> member
+        indices; per-streamline data (N, ...) (TRX ``dps``, TRK properties); per-point data (M, ...)
+        over the concatenated points (TRX ``dpv``, TRK scalars). Empty when the file has none.
     """
 
     streamlines: list[np.ndarray]
@@ -82,6 +86,9 @@ class Bundle:
     source_format: str = "memory"
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+    dps: dict[str, np.ndarray] = field(default_factory=dict)
+    dpv: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.streamlines)

@@ -5,15 +5,14 @@
 >>> lat = codec.encode_file("IFOF_R.trk")                     # Latents; lat.save("IFOF_R.vqlat")
 >>> bundle = codec.decode(lat)                                # same order, direction and space
 
-Encode: bundle -> `Pipeline.prepare_encode` (register into model space and recognise the bundle
-against the model's templates, `vqdiff.registration`; canonicalise, normalise, model layout; range
-and recognition warnings) -> engine -> `Pipeline.assemble_latents` (the self-describing `Latents`,
-transform included). Decode: `Latents` -> `Pipeline.prepare_decode` (the one model-identity check)
--> engine -> `Pipeline.assemble_bundle` (denormalise, un-pad, un-permute, un-flip, the inverse
-transform; the input's header). `Codec` runs the steps around any
-`vqdiff.engine.Engine` in one call; the HTTP gateway (whose engine is the remote model service) and
-batch encoding (whose engine calls are shared between files) run the same steps around their own
-engine calls, so every path writes the same bytes for the same input and model.
+Encode: bundle -> `Pipeline.prepare_encode` (register into model space and recognise the bundle against
+the model's templates, `vqdiff.registration`; canonicalise, normalise, model layout; range and recognition
+warnings) -> engine -> `Pipeline.assemble_latents` (the self-describing `Latents`, transform and measured
+fidelity included). Decode: `Latents` -> `Pipeline.prepare_decode` (the one model-identity check) -> engine
+-> `Pipeline.assemble_bundle` (denormalise, un-pad, un-permute, un-flip, the inverse transform; the input's
+header). `Codec` runs the steps around any `vqdiff.engine.Engine` in one call; the HTTP gateway and batch
+encoding run the same steps around their own engine calls, so every path writes the same bytes for the
+same input and model. A file with groups is a `vqdiff.subject.Subject` (`Codec.encode_subject`).
 """
 
 from __future__ import annotations
@@ -32,14 +31,13 @@ from .engine import Engine, encode_with_indices
 from .errors import BundleFormatError, CheckpointError, LatentsFormatError, ModelMismatchError
 from .geometry import model_to_groups
 from .latents import Latents
-from .normalise import Normalisation
+from .normalise import Normalisation, model_input, range_warnings
 
 log = logging.getLogger(__name__)
 
 MODEL_ENV = "VQDIFF_MODEL"
 TEMPLATES_FILE = "templates.safetensors"  # in checkpoint and export directories
 REGISTER_MODES = "'auto' (register and recognise), 'off' (encode as given) or a template name"
-OOD_MARGIN = 0.25  # fraction of the training extent added on each side before warning
 
 
 def default_model_dir() -> Path:
@@ -64,11 +62,9 @@ def load_templates(model_dir: str | os.PathLike):
 
 def to_input_space(streamlines: list[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
     """Model space -> the input's space: the inverse of the recorded input -> model ``matrix``."""
-    if np.array_equal(matrix, np.eye(4)):
-        return streamlines
     from .registration import transform
 
-    return transform(streamlines, np.linalg.inv(np.asarray(matrix, np.float64)))
+    return streamlines if np.array_equal(matrix, np.eye(4)) else transform(streamlines, np.linalg.inv(matrix))
 
 
 def engine_provenance(engine) -> dict[str, Any]:
@@ -110,48 +106,6 @@ def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:
         )
 
 
-def model_input(groups: np.ndarray, normalisation: Normalisation) -> np.ndarray:
-    """Oriented groups (G, S, P, 3) RAS mm -> normalised model input (G, 3, S, P) float32, one axis at a
-    time: the same numbers as ``groups_to_model(normalisation.apply(groups))`` without the temporaries."""
-    g, s, p, _ = groups.shape
-    x = np.empty((g, 3, s, p), np.float32)
-    center = np.asarray(normalisation.center, np.float64)
-    for a in range(3):
-        x[:, a] = (groups[..., a].astype(np.float64) - center[a]) / normalisation.scale
-    return x
-
-
-def range_warnings(x: np.ndarray, groups: np.ndarray, normalisation: Normalisation,
-                   real: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """A warning with the numbers when the points leave the model's training range.
-
-    ``x`` is the model input (G, 3, S, P) (its per-channel extremes give the bounding box cheaply),
-    ``groups`` the same points in RAS mm (G, S, P, 3), ``real`` the mask of real slots (pads copy real
-    streamlines, so they never widen the box).
-    """
-    lo, hi = np.asarray(normalisation.data_min), np.asarray(normalisation.data_max)
-    pad = OOD_MARGIN * (hi - lo)
-    center, scale = np.asarray(normalisation.center), normalisation.scale
-    box_lo = np.array([x[:, a].min() for a in range(3)], np.float64) * scale + center
-    box_hi = np.array([x[:, a].max() for a in range(3)], np.float64) * scale + center
-    if (box_lo >= lo - pad).all() and (box_hi <= hi + pad).all():
-        return []  # the bounding box is inside: skip the per-point statistics
-    pts = groups.reshape(-1, groups.shape[2], 3)
-    info = normalisation.out_of_range(pts if real is None else pts[real], margin=OOD_MARGIN)
-    if info is None:
-        return []
-    return [{"code": "out_of_training_range",
-             "message": f"{_percent(info['fraction_points_outside'])} of the points lie outside the model's "
-                        f"training range (widened by {100 * OOD_MARGIN:.0f}% of its extent on each side); the "
-                        "reconstruction may be poor. Is the bundle in RAS mm of a comparable space?", **info}]
-
-
-def _percent(fraction: float) -> str:
-    """``0.0004`` -> ``"0.04%"``, ``0.05`` -> ``"5.0%"``, below 0.01% ``"<0.01%"`` (never a "0.0%" that warns)."""
-    pct = 100 * float(fraction)
-    return f"{pct:.1f}%" if pct >= 1 else f"{pct:.2f}%" if pct >= 0.01 else "<0.01%"
-
-
 @dataclass
 class EncodeState:
     """What `Pipeline.assemble_latents` needs besides the engine's output (no point data)."""
@@ -165,6 +119,8 @@ class EncodeState:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     transform: np.ndarray | None = None  # (4, 4) input -> model space; None: encoded as given
     registration: dict[str, Any] = field(default_factory=dict)
+    carried: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # the file's groups, dps, dpv
+    bundle: Bundle | None = field(default=None, repr=False)  # the input, for the fidelity measurement
 
     @property
     def n_streamlines(self) -> int:
@@ -186,11 +142,14 @@ class Pipeline:
     """
 
     def __init__(self, normalisation: Normalisation, model_info: dict[str, Any], templates=None,
-                 engine_info: dict[str, Any] | None = None):
+                 engine_info: dict[str, Any] | None = None, limits: dict[str, Any] | None = None):
+        from .quality import poor_limits
+
         self.normalisation = normalisation
         self.model_info = dict(model_info)
         self.templates = templates
         self.provenance = provenance(engine_info or {"backend": "unknown", "variant": "unknown"})
+        self.limits = limits or poor_limits(None)  # poor_reconstruction (`vqdiff.quality.poor_limits`)
 
     def register(self, bundle: Bundle, mode: str = "auto"):
         """The bundle's `vqdiff.registration.Registration` into model space (None when the model has no
@@ -214,6 +173,9 @@ class Pipeline:
         as the readers', plus ``degenerate_bundle`` and ``coordinates_too_large``) and ValueError for
         an unknown ``register``.
         """
+        from .carried import check_carried
+
+        check_carried(bundle)
         validated = None
         if self.templates is not None and register != "off":  # registration needs valid input first
             validated = validate_streamlines(bundle.streamlines)  # (points, counts): not validated twice
@@ -236,16 +198,29 @@ class Pipeline:
         source = {"format": bundle.source_format, "name": bundle.name}
         if input_sha256:
             source["input_sha256"] = input_sha256
+        carried = {k: dict(getattr(bundle, k)) for k in ("groups", "dps", "dpv") if getattr(bundle, k)}
         state = EncodeState(canon.order, canon.pad_mask, canon.flipped, canon.n_points, bundle.header, source,
-                            warnings, None if reg is None else reg.matrix, registration)
+                            warnings, None if reg is None else reg.matrix, registration, carried, bundle)
         return x, state
 
-    def assemble_latents(self, state: EncodeState, latents: np.ndarray, indices: np.ndarray | None) -> Latents:
-        """The self-describing `Latents` of an encoded bundle."""
-        return Latents(latents=latents, order=state.order, pad_mask=state.pad_mask, flipped=state.flipped,
-                       n_points=state.n_points, header=state.header, model=self.model_info,
-                       normalisation=self.normalisation.to_dict(), source=state.source, indices=indices,
-                       transform=state.transform, registration=state.registration, provenance=self.provenance)
+    def assemble_latents(self, state: EncodeState, latents: np.ndarray, indices: np.ndarray | None,
+                         decoded: np.ndarray | None = None) -> Latents:
+        """The self-describing `Latents` of an encoded bundle; with ``decoded`` (the decoder's output for
+        ``latents``) it records the measured fidelity and adds ``poor_reconstruction`` to ``state.warnings``."""
+        lat = Latents(latents=latents, order=state.order, pad_mask=state.pad_mask, flipped=state.flipped,
+                      n_points=state.n_points, header=state.header, model=self.model_info,
+                      normalisation=self.normalisation.to_dict(), source=state.source, indices=indices,
+                      transform=state.transform, registration=state.registration, provenance=self.provenance,
+                      carried=state.carried)
+        if decoded is not None and state.bundle is not None:
+            from .quality import fidelity, fidelity_warning
+
+            recon = self.assemble_bundle(lat, decoded, carry=False)
+            lat.fidelity = fidelity(state.bundle, recon, self.limits)
+            if (w := fidelity_warning(lat.fidelity, state.source.get("name", ""))) is not None:
+                state.warnings.append(w)
+        state.bundle = None  # the input's points are not kept past the encoding
+        return lat
 
     def prepare_decode(self, latents: Latents, *, strict: bool = True) -> np.ndarray:
         """The engine input of a decode (the latents), after the model-identity check (``strict``)."""
@@ -254,10 +229,13 @@ class Pipeline:
         return latents.latents
 
     @staticmethod
-    def assemble_bundle(latents: Latents, groups: np.ndarray, *, restore_points: bool = False) -> Bundle:
+    def assemble_bundle(latents: Latents, groups: np.ndarray, *, restore_points: bool = False,
+                        carry: bool = True) -> Bundle:
         """Decoder output (G, 3, 64, 64) -> the bundle in the input's order, direction, header and space.
 
-        ``restore_points`` resamples each streamline to its original point count (otherwise 64).
+        ``restore_points`` resamples each streamline to its original point count (otherwise 64). The
+        carried groups and dps come back (``carry``), the dpv with ``restore_points`` (else a warning
+        names them).
         """
         try:
             norm = Normalisation.from_dict(latents.normalisation)
@@ -267,8 +245,13 @@ class Pipeline:
                                      latents.flipped, n_points=latents.n_points if restore_points else None)
         streamlines = to_input_space(streamlines, latents.matrix)
         header = latents.header if isinstance(latents.header, SpatialHeader) else SpatialHeader.identity()
+        c = latents.carried if carry else {}
+        if c.get("dpv") and not restore_points:
+            log.warning("per-point data %s not restored: the decoded streamlines have 64 points, the data the "
+                        "original counts; decode with restore_points", ", ".join(map(repr, c["dpv"])))
         return Bundle(streamlines=streamlines, header=header, source_format="memory",
-                      name=latents.source.get("name", ""))
+                      name=latents.source.get("name", ""), groups=dict(c.get("groups", {})),
+                      dps=dict(c.get("dps", {})), dpv=dict(c.get("dpv", {})) if restore_points else {})
 
 
 class Codec:
@@ -287,9 +270,10 @@ class Codec:
         The model's registration templates (`load_templates`); without them bundles are encoded as given.
     """
 
-    def __init__(self, engine: Engine, normalisation: Normalisation, model_info: dict[str, Any], templates=None):
+    def __init__(self, engine: Engine, normalisation: Normalisation, model_info: dict[str, Any], templates=None,
+                 limits: dict[str, Any] | None = None):
         self.engine = engine
-        self.pipeline = Pipeline(normalisation, model_info, templates, engine_provenance(engine))
+        self.pipeline = Pipeline(normalisation, model_info, templates, engine_provenance(engine), limits)
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:
@@ -299,8 +283,10 @@ class Codec:
 
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
         templates = load_templates(ckpt.path) if ckpt.path is not None else None
+        from .quality import poor_limits
+
         return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, ckpt.model_info,
-                   templates)
+                   templates, poor_limits(ckpt.path))
 
     @classmethod
     def default(cls, **kwargs: Any) -> Codec:
@@ -314,13 +300,8 @@ class Codec:
     def model_info(self) -> dict[str, Any]:
         return self.pipeline.model_info
 
-    @property
-    def model_id(self) -> str:
-        return self.model_info.get("id", "")
-
-    @property
-    def model_hash(self) -> str:
-        return self.model_info.get("sha256", "")
+    model_id = property(lambda self: self.model_info.get("id", ""))
+    model_hash = property(lambda self: self.model_info.get("sha256", ""))
 
     # ------------------------------------------------------------------ group level
     def encode_groups(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -332,36 +313,74 @@ class Codec:
         return self.engine.decode_groups(latents)
 
     # ------------------------------------------------------------------ bundle level
-    def encode(self, bundle: Bundle, *, register: str = "auto", input_sha256: str | None = None) -> Latents:
-        """Register into model space, canonicalise, normalise and encode a bundle.
+    def encode(self, bundle: Bundle, *, register: str = "auto", input_sha256: str | None = None,
+               fidelity: bool = True) -> Latents:
+        """Register into model space, canonicalise, normalise and encode a bundle (one `Latents`, whatever
+        groups it has: they are carried as data; `encode_subject` encodes them group by group).
 
-        ``register``: "auto" (recognise the bundle among the model's templates and register it; the
-        bundle's name may narrow the choice), "off" (the bundle is in model space already) or a
-        template name (register onto it). ``input_sha256``: recorded as its source file's.
+        ``register``: "auto" (recognise the bundle among the model's templates and register it; its name may
+        narrow the choice), "off" (the bundle is in model space already) or a template name (register onto
+        it). ``input_sha256``: recorded as its source file's. ``fidelity``: decode the latents and record
+        the reconstruction's MDF (`Latents.fidelity`; ``poor_reconstruction`` above the model's limits).
         """
         x, state = self.pipeline.prepare_encode(bundle, input_sha256=input_sha256, register=register)
+        latents, indices = self.encode_groups(x)
+        decoded = self.decode_groups(latents) if fidelity else None
+        lat = self.pipeline.assemble_latents(state, latents, indices, decoded)
         for w in state.warnings:
             log.warning("%s: %s", bundle.name or "bundle", w["message"])
-        return self.pipeline.assemble_latents(state, *self.encode_groups(x))
+        return lat
 
-    def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto") -> Latents:
-        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256."""
+    def encode_subject(self, bundle: Bundle, *, parts=None, register: str = "auto", input_sha256: str | None = None,
+                       fidelity: bool = True):
+        """Encode a file part by part into a `vqdiff.subject.Subject`: ``parts`` ``[(name, indices)]``, by
+        default `vqdiff.subject.subject_parts` (its groups, else the whole file); each part registered,
+        recognised by its name and encoded on its own; the file's groups, dps and dpv carried."""
+        from .subject import assemble_subject, prepare_subject
+
+        x, state = prepare_subject(self.pipeline, bundle, parts=parts, input_sha256=input_sha256, register=register)
+        latents, indices = self.encode_groups(x)
+        decoded = self.decode_groups(latents) if fidelity else None
+        subject = assemble_subject(self.pipeline, state, latents, indices, decoded)
+        for name, w in state.warnings:
+            log.warning("%s: %s", name, w["message"])
+        return subject
+
+    def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto", fidelity: bool = True):
+        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256: `Latents`
+        for a file without groups (as always), a `vqdiff.subject.Subject` for a TRX with groups (`encode_subject`)."""
         from .fileio import file_sha256
         from .io import load_bundle
+        bundle, sha = load_bundle(path, reference=reference), file_sha256(path)
+        if bundle.groups:
+            return self.encode_subject(bundle, register=register, input_sha256=sha, fidelity=fidelity)
+        return self.encode(bundle, register=register, input_sha256=sha, fidelity=fidelity)
 
-        return self.encode(load_bundle(path, reference=reference), register=register, input_sha256=file_sha256(path))
-
-    def decode(self, latents: Latents, *, restore_points: bool = False, strict: bool = True) -> Bundle:
+    def decode(self, latents, *, restore_points: bool = False, strict: bool = True):
         """Decode latents back to a bundle in the original order, direction and space.
 
-        ``restore_points`` resamples each streamline to its original point count (otherwise 64).
-        ``strict`` refuses latents made by another model (compared by weights hash).
+        ``restore_points`` resamples each streamline to its original point count (otherwise 64) and
+        brings back per-point data. ``strict`` refuses latents made by another model (compared by
+        weights hash). A `vqdiff.subject.Subject` decodes to the whole file as one `Bundle` (every
+        streamline at its place, its groups, dps and dpv); `decode_subject` gives the bundles by name.
         """
+        from .subject import Subject, assemble_file
+
+        if isinstance(latents, Subject):
+            bundles = self.decode_subject(latents, restore_points=restore_points, strict=strict)
+            return assemble_file(latents, bundles, restore_points=restore_points)
         groups = self.decode_groups(self.pipeline.prepare_decode(latents, strict=strict))
         return self.pipeline.assemble_bundle(latents, groups, restore_points=restore_points)
 
+    def decode_subject(self, subject, *, restore_points: bool = False, strict: bool = True) -> dict[str, Bundle]:
+        """A subject's bundles by name, each in its own order and the file's space (one decoder pass)."""
+        from .subject import assemble_bundles, decode_input
+
+        groups = self.decode_groups(decode_input(self.pipeline, subject, strict=strict))
+        return assemble_bundles(self.pipeline, subject, groups, restore_points=restore_points)
+
     def reconstruct(self, bundle: Bundle) -> Bundle:
-        return self.decode(self.encode(bundle))
+        return self.decode(self.encode(bundle, fidelity=False))
 
 
 def encode(bundle: Bundle, *, model: str | os.PathLike | Codec | None = None) -> Latents:

@@ -6,7 +6,10 @@ per position), ``transform`` (4, 4) float64 (input RAS mm -> model space; the id
 bundle was encoded as given), and a JSON header in the safetensors metadata: format name and
 version, the model (id, kind, sha256), the normalisation, the input's spatial header, the source
 (format, name, sha256 of the file), the registration (recognised bundle, residual, method) and the
-provenance (engine backend and variant, vqdiff and canonicalisation versions).
+provenance (engine backend and variant, vqdiff and canonicalisation versions). Optional, in version 2
+files (absent keys leave the bytes as before): ``fidelity`` (the encoding's measured reconstruction,
+`vqdiff.quality.fidelity`) and ``carried`` (names of the file's groups, dps and dpv, whose arrays are
+the tensors ``carried.<groups|dps|dpv>.<k>``). A subject (several bundles) is `vqdiff.subject`'s file.
 Readers refuse other formats and unknown versions; version 1 files (no transform) read as identity.
 """
 
@@ -50,6 +53,8 @@ class Latents:
     registration: dict[str, Any] = field(default_factory=dict)  # {"template", "residual_mm", "method", ...}
     provenance: dict[str, Any] = field(default_factory=dict)  # {"engine": {"backend", "variant"}, "vqdiff", ...}
     format_version: int = FORMAT_VERSION
+    carried: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # {"groups", "dps", "dpv"}: name -> array
+    fidelity: dict[str, Any] = field(default_factory=dict)  # measured reconstruction (`vqdiff.quality.fidelity`)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -96,6 +101,8 @@ class Latents:
         if t.shape != (4, 4) or not np.isfinite(t).all() or not np.array_equal(t[3], [0, 0, 0, 1]) \
                 or abs(np.linalg.det(t[:3, :3])) < 1e-9:
             problems.append(f"transform must be a finite invertible affine 4x4, got {t.tolist()}")
+        if not problems and self.carried:
+            problems += carried_problems(self.carried, n, self.total_points)
         sha = self.model.get("sha256") if isinstance(self.model, dict) else None
         if not (isinstance(sha, str) and len(sha) == 64):
             problems.append("the model's weights hash (model.sha256, 64 hex digits) is missing: without it the "
@@ -120,6 +127,7 @@ class Latents:
         if self.indices is not None:
             t["indices"] = np.ascontiguousarray(self.indices, np.int64)
         t["transform"] = np.ascontiguousarray(self.matrix, np.float64)
+        t.update(carried_tensors(self.carried))
         return t
 
     def _metadata(self) -> dict[str, str]:
@@ -132,6 +140,7 @@ class Latents:
             "source": json.dumps(self.source),
             "registration": json.dumps(self.registration),
             "provenance": json.dumps(self.provenance),
+            **optional_metadata(self.carried, self.fidelity),
         }
 
     def to_bytes(self) -> bytes:
@@ -193,12 +202,63 @@ class Latents:
                 registration=json.loads(meta.get("registration", "{}")),
                 provenance=json.loads(meta.get("provenance", "{}")),
                 format_version=int(meta["format_version"]),
+                carried=read_carried(tensors, meta),
+                fidelity=json.loads(meta.get("fidelity", "{}")),
             )
             Normalisation.from_dict(obj.normalisation)  # usable for decoding, or refused here
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LatentsFormatError(f"latents metadata is incomplete or invalid: {e}") from e
         obj._check()
         return obj
+
+
+CARRIED_KINDS = ("groups", "dps", "dpv")
+
+
+def carried_tensors(carried: dict[str, dict[str, np.ndarray]], prefix: str = "") -> dict[str, np.ndarray]:
+    """The carried arrays as tensors ``<prefix>carried.<kind>.<k>`` (names in `optional_metadata`)."""
+    out = {}
+    for kind in CARRIED_KINDS:
+        for k, v in enumerate(carried.get(kind, {}).values()):
+            arr = np.asarray(v)
+            out[f"{prefix}carried.{kind}.{k}"] = np.ascontiguousarray(arr.astype(np.uint8) if arr.dtype == bool else arr)
+    return out
+
+
+def optional_metadata(carried: dict, fidelity: dict) -> dict[str, str]:
+    """The metadata keys a file has only when it carries data or a fidelity record (a file without them
+    has the same bytes as before they existed)."""
+    out = {}
+    if any(carried.get(k) for k in CARRIED_KINDS):
+        out["carried"] = json.dumps({k: list(carried.get(k, {})) for k in CARRIED_KINDS})
+    if fidelity:
+        out["fidelity"] = json.dumps(fidelity)
+    return out
+
+
+def read_carried(tensors: dict[str, np.ndarray], meta: dict[str, str], prefix: str = "") -> dict[str, dict]:
+    if "carried" not in meta:
+        return {}
+    names = json.loads(meta["carried"])
+    return {kind: {str(name): tensors[f"{prefix}carried.{kind}.{k}"] for k, name in enumerate(names.get(kind, []))}
+            for kind in CARRIED_KINDS}
+
+
+def carried_problems(carried: dict, n: int, points: int) -> list[str]:
+    """What does not fit ``n`` streamlines of ``points`` points in carried data (empty when all fits)."""
+    from .carried import check_group
+    from .errors import BundleFormatError
+
+    problems = []
+    for name, members in carried.get("groups", {}).items():
+        try:
+            check_group(name, members, n)
+        except BundleFormatError as exc:
+            problems.append(str(exc))
+    for kind, rows in (("dps", n), ("dpv", points)):
+        problems += [f"{kind} {name!r} has {np.shape(v)[0] if np.ndim(v) else 0} rows, not {rows}"
+                     for name, v in carried.get(kind, {}).items() if np.ndim(v) not in (1, 2) or len(v) != rows]
+    return problems
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -87,3 +87,48 @@ class Normalisation:
                 or not scale > 0:
             raise ValueError(f"normalisation needs finite 3-vectors center, data_min, data_max and a scale > 0; got {d}")
         return cls(vectors["center"], scale, vectors["data_min"], vectors["data_max"])
+
+
+OOD_MARGIN = 0.25  # fraction of the training extent added on each side before warning
+
+
+def model_input(groups: np.ndarray, normalisation: Normalisation) -> np.ndarray:
+    """Oriented groups (G, S, P, 3) RAS mm -> normalised model input (G, 3, S, P) float32, one axis at a
+    time: the same numbers as ``groups_to_model(normalisation.apply(groups))`` without the temporaries."""
+    g, s, p, _ = groups.shape
+    x = np.empty((g, 3, s, p), np.float32)
+    center = np.asarray(normalisation.center, np.float64)
+    for a in range(3):
+        x[:, a] = (groups[..., a].astype(np.float64) - center[a]) / normalisation.scale
+    return x
+
+
+def range_warnings(x: np.ndarray, groups: np.ndarray, normalisation: Normalisation,
+                   real: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """A warning with the numbers when the points leave the model's training range.
+
+    ``x`` is the model input (G, 3, S, P) (its per-channel extremes give the bounding box cheaply),
+    ``groups`` the same points in RAS mm (G, S, P, 3), ``real`` the mask of real slots (pads copy real
+    streamlines, so they never widen the box).
+    """
+    lo, hi = np.asarray(normalisation.data_min), np.asarray(normalisation.data_max)
+    pad = OOD_MARGIN * (hi - lo)
+    center, scale = np.asarray(normalisation.center), normalisation.scale
+    box_lo = np.array([x[:, a].min() for a in range(3)], np.float64) * scale + center
+    box_hi = np.array([x[:, a].max() for a in range(3)], np.float64) * scale + center
+    if (box_lo >= lo - pad).all() and (box_hi <= hi + pad).all():
+        return []  # the bounding box is inside: skip the per-point statistics
+    pts = groups.reshape(-1, groups.shape[2], 3)
+    info = normalisation.out_of_range(pts if real is None else pts[real], margin=OOD_MARGIN)
+    if info is None:
+        return []
+    return [{"code": "out_of_training_range",
+             "message": f"{_percent(info['fraction_points_outside'])} of the points lie outside the model's "
+                        f"training range (widened by {100 * OOD_MARGIN:.0f}% of its extent on each side); the "
+                        "reconstruction may be poor. Is the bundle in RAS mm of a comparable space?", **info}]
+
+
+def _percent(fraction: float) -> str:
+    """``0.0004`` -> ``"0.04%"``, ``0.05`` -> ``"5.0%"``, below 0.01% ``"<0.01%"`` (never a "0.0%" that warns)."""
+    pct = 100 * float(fraction)
+    return f"{pct:.1f}%" if pct >= 1 else f"{pct:.2f}%" if pct >= 0.01 else "<0.01%"

@@ -57,3 +57,60 @@ def reconstruction_quality(original: Bundle, recon: Bundle) -> dict[str, Any]:
     return {"mean_mdf_mm": round(float(d.mean()), 4), "median_mdf_mm": round(float(np.median(d)), 4),
             "p95_mdf_mm": round(float(np.percentile(d, 95)), 4), "max_mdf_mm": round(float(d.max()), 4),
             "buan_t5": round(buan, 4), "buan_groups": groups}
+
+
+# What `fidelity` calls poor when the model records no test figures: 3 x the bundled model's within-subject
+# test mean MDF (0.597 mm, models/default/metrics.json ``mdf_mm``) for the mean, twice that for the p95.
+POOR_FACTOR = 3.0
+P95_OVER_MEAN = 2.0  # p95 limit / mean limit when the model records no test p95
+DEFAULT_TEST_MDF_MM = 0.5967
+METRICS_FILE = "metrics.json"
+
+
+def poor_limits(model_dir=None) -> dict[str, Any]:
+    """The limits above which an encoding's measured fidelity is ``poor_reconstruction``: ``POOR_FACTOR``
+    times the model's own test MDF (``metrics.json`` in ``model_dir``: ``mdf_mm``, and ``mdf_p95_mm`` when
+    recorded, else ``P95_OVER_MEAN`` times the mean limit), with their origin; the bundled model's figure
+    when ``model_dir`` has no ``metrics.json``."""
+    import json
+    from pathlib import Path
+
+    metrics, origin = {}, "vqdiff's default (the bundled model's within-subject test mean MDF 0.597 mm)"
+    path = Path(model_dir) / METRICS_FILE if model_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            metrics = json.loads(path.read_text())
+            origin = f"the model's {metrics.get('split_label') or metrics.get('split', 'test')} figures ({METRICS_FILE})"
+        except (OSError, ValueError):
+            metrics = {}
+    mean = float(metrics.get("mdf_mm") or DEFAULT_TEST_MDF_MM)
+    p95 = metrics.get("mdf_p95_mm")
+    p95_limit = POOR_FACTOR * float(p95) if p95 else P95_OVER_MEAN * POOR_FACTOR * mean
+    return {"mean_mdf_mm": round(POOR_FACTOR * mean, 4), "p95_mdf_mm": round(p95_limit, 4),
+            "origin": f"{POOR_FACTOR:g} x test mean MDF {mean:.4f} mm" + (
+                f", {POOR_FACTOR:g} x test p95 {float(p95):.4f} mm" if p95 else
+                f"; p95 limit {P95_OVER_MEAN:g} x the mean limit (no test p95 recorded)") + f": {origin}"}
+
+
+def fidelity(original: Bundle, recon: Bundle, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an encoding records of its own reconstruction: MDF in the input's mm (module doc), mean,
+    p95 and max, and ``poor`` when the mean or the p95 exceeds ``limits`` (`poor_limits`)."""
+    d = streamline_mdf(original, recon)
+    out = {"mean_mdf_mm": round(float(d.mean()), 4), "p95_mdf_mm": round(float(np.percentile(d, 95)), 4),
+           "max_mdf_mm": round(float(d.max()), 4), "streamlines": int(len(d))}
+    if limits:
+        out["limits"] = dict(limits)
+        out["poor"] = bool(out["mean_mdf_mm"] > limits["mean_mdf_mm"] or out["p95_mdf_mm"] > limits["p95_mdf_mm"])
+    return out
+
+
+def fidelity_warning(fid: dict[str, Any], name: str = "") -> dict[str, Any] | None:
+    """The ``poor_reconstruction`` warning of a `fidelity` record (None when it is not poor)."""
+    if not fid.get("poor"):
+        return None
+    lim = fid["limits"]
+    return {"code": "poor_reconstruction",
+            "message": f"{name or 'the bundle'} comes back at mean MDF {fid['mean_mdf_mm']:.2f} mm, p95 "
+                       f"{fid['p95_mdf_mm']:.2f} mm (measured on this encoding), above the limits "
+                       f"{lim['mean_mdf_mm']:.2f} / {lim['p95_mdf_mm']:.2f} mm ({lim['origin']})",
+            "mean_mdf_mm": fid["mean_mdf_mm"], "p95_mdf_mm": fid["p95_mdf_mm"], "limits": lim}

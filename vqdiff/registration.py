@@ -126,8 +126,9 @@ class Registration:
         what = f"closest to {self.template}" if self.template else "not recognised"
         return {"code": "unknown_bundle",
                 "message": f"the bundle is not one the model knows ({self.reason}; {what}, residual "
-                           f"{self.residual_mm:.1f} mm against a threshold of {self.threshold_mm:.1f} mm); "
-                           "the reconstruction may be poor", **nums}
+                           f"{self.residual_mm:.1f} mm against a threshold of {self.threshold_mm:.1f} mm): its "
+                           "name and latent codes are not comparable with that template's (the reconstruction's "
+                           "quality is measured separately: see fidelity and poor_reconstruction)", **nums}
 
     def bound_warning(self) -> dict[str, Any] | None:
         """A ``registration_at_bound`` warning with the numbers when the transform sits at a bound of the

@@ -5,6 +5,8 @@ bundle's original space (its header is in the latents), with every streamline in
 and direction, resampled back to its original point count unless --no-restore-points. Outputs
 recorded in OUT_DIR/index.jsonl with the same input sha256, model and format are skipped, so
 re-running resumes. Bad files are reported and skipped; the exit status is 1 when any failed.
+A subject latents file (vqdiff-encode-batch --per-subject) becomes one file with every streamline
+of the subject, a group per bundle (--format trx keeps the groups; TRK/TCK cannot and say so).
 
 Examples::
 

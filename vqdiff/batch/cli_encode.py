@@ -1,7 +1,9 @@
 """Encode every bundle of a folder tree into latents, resumably, locally or on Ray.
 
 IN_DIR is a TractoInferno tree (sub-X/tractography/sub-X__B.trk) or flat folders
-(<subject>/<bundle>.trk); outputs mirror it: OUT_DIR/<subject>/<bundle>.vqlat. Files whose output
+(<subject>/<bundle>.trk); outputs mirror it: OUT_DIR/<subject>/<bundle>.vqlat (with --per-subject,
+one OUT_DIR/<subject>.vqlat per subject). Each latents file records its measured fidelity
+(--no-fidelity skips the measurement). Files whose output
 already records the same input sha256 and model are skipped, so re-running resumes an interrupted
 job. Bad files are reported and skipped; the exit status is 1 when any failed. The run ends with
 OUT_DIR/index.jsonl (one JSON line per file) and OUT_DIR/summary.json; a --shard K/N run writes
@@ -83,6 +85,13 @@ def _build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("in_dir", help="Folder tree of bundles (.trk; .tck with --reference; .trx).")
     p.add_argument("out_dir", help="Output folder: <subject>/<bundle>.vqlat, index.jsonl, summary.json.")
     p.add_argument("--reference", help="NIfTI or TRK giving the space of every .tck input.")
+    p.add_argument("--per-subject", action="store_true",
+                   help="Write one subject latents file per subject folder, OUT_DIR/<subject>.vqlat, holding every "
+                        "bundle of the subject (vqdiff-decode-batch writes it back as one file, a TRX with a "
+                        "group per bundle with --format trx).")
+    p.add_argument("--no-fidelity", action="store_true",
+                   help="Do not measure each encoding's reconstruction (saves one decoder pass per bundle; the "
+                        "latents then record no fidelity and no poor_reconstruction warning is given).")
     add_batch_args(p)
     return p
 
@@ -90,7 +99,8 @@ def _build_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     parser = _build_arg_parser()
     args = parser.parse_args(argv)
-    run_batch_cli(parser, args, "encode", reference=args.reference)
+    run_batch_cli(parser, args, "encode", reference=args.reference, fidelity=not args.no_fidelity,
+                  per_subject=args.per_subject)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .tasks import (
     read_index,
     shard_suffix,
     shard_tasks,
+    subject_tasks,
 )
 
 
@@ -38,13 +39,17 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
               backend: str = "auto", device: str | None = None, threads: int | None = None,
               batch_size: int = DEFAULT_BATCH, workers: int = 2, processes: bool = False, overwrite: bool = False,
               reference: str | None = None, format: str = "trk", restore_points: bool = True,
-              progress: bool = True, throttle: float = 0.0, ray_actors: int | None = None) -> dict:
+              progress: bool = True, throttle: float = 0.0, ray_actors: int | None = None, fidelity: bool = True,
+              per_subject: bool = False) -> dict:
     """Encode (``kind="encode"``) or decode every file of shard ``shard`` of ``in_dir`` into ``out_dir``.
 
     Writes ``out_dir/index[.shard-K-of-N].jsonl`` (one record per file of the shard, sorted by input)
     and ``summary[...].json``; returns the summary. ``ray``: None runs here, ``"local"`` starts a
     local Ray, ``"auto"`` or an address joins a cluster (`vqdiff.batch.ray_runner`). Locally, ``workers``
     threads prepare the files, or worker processes with ``processes`` (`vqdiff.batch.local`).
+    Encode: ``fidelity`` records each bundle's measured reconstruction (one more decoder pass);
+    ``per_subject`` writes one subject latents file per subject (``out_dir/<subject>.vqlat``,
+    `vqdiff.batch.subjects`). Decode reads either kind of latents file.
     """
     from tqdm.auto import tqdm
 
@@ -55,7 +60,10 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     if batch_size < 1 or workers < 1:
         raise BatchError(f"batch size and workers must be >= 1 (got {batch_size}, {workers})")
     out_dir = Path(out_dir).resolve()
-    tasks = encode_tasks(in_dir, out_dir) if kind == "encode" else decode_tasks(in_dir, out_dir, format)
+    if kind == "encode":
+        tasks = subject_tasks(in_dir, out_dir) if per_subject else encode_tasks(in_dir, out_dir)
+    else:
+        tasks = decode_tasks(in_dir, out_dir, format)
     tasks = shard_tasks(tasks, *shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "decode":
@@ -70,7 +78,7 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                        batch_size=batch_size)
     spec = JobSpec(kind, str(model_dir), dict(codec.model_info), codec.normalisation.to_dict(), batch_size,
                    backend, device, threads, overwrite, reference, format, restore_points, throttle,
-                   engine=dict(codec.pipeline.provenance["engine"]))
+                   engine=dict(codec.pipeline.provenance["engine"]), fidelity=fidelity, per_subject=per_subject)
 
     records: dict[str, dict] = {}
     counts = {"done": 0, "skipped": 0, "failed": 0}

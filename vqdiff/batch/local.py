@@ -78,7 +78,7 @@ def run_local(spec: JobSpec, codec, tasks: list[BatchTask], on_record: Callable[
     this thread runs the engine on full batches and one writer thread finishes them.
     ``on_record(record, outcome)`` is called here. A worker process that dies (killed, out of
     memory) stops the job with a `BatchError`; what was written so far is kept and a rerun resumes."""
-    batcher = Batcher(partial(engine_call, codec, spec.kind), spec.batch_size)
+    batcher = Batcher(partial(engine_call, codec, spec.kind, fidelity=spec.fidelity), spec.batch_size)
     prefetch = prefetch or max(PREFETCH_FILES, 2 * workers + 2)
     todo, pending, writes = iter(tasks), deque(), deque()
     pending_bytes = 0

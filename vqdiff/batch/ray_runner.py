@@ -68,7 +68,8 @@ class _EngineActor:
                                 batch_size=spec.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batcher = Batcher(lambda x: engine_call(self.codec, self.spec.kind, x), self.spec.batch_size)
+        batcher = Batcher(lambda x: engine_call(self.codec, self.spec.kind, x, self.spec.fidelity),
+                          self.spec.batch_size)
         items, outputs = batch["item"].copy(), np.empty(len(batch["task"]), dtype=object)
         done = []
         for i, blob in enumerate(batch["item"]):

@@ -36,6 +36,14 @@ from vqdiff.errors import VQDiffError
 from vqdiff.fileio import TMP_MARK, atomic_write_bytes, file_sha256
 from vqdiff.latents import FORMAT, FORMAT_VERSION
 
+from .subjects import (
+    fidelity_summary,
+    latents_summary,
+    prepare_subject_task,
+    registration_summary,
+    subject_sha,
+    subject_up_to_date,
+)
 from .tasks import BatchTask
 
 log = logging.getLogger(__name__)
@@ -65,15 +73,18 @@ class JobSpec:
     restore_points: bool = True  # decode: resample to the original point counts
     throttle: float = 0.0  # seconds slept after each written file (lets tests kill a run mid-way)
     engine: dict | None = None  # {"backend", "variant"} of the engine that runs the job (provenance)
+    fidelity: bool = True  # encode: decode the latents and record the measured fidelity
+    per_subject: bool = False  # encode: one subject latents file per subject (tasks with members)
 
     @cached_property
     def pipeline(self):
         """The codec core's steps for this job's model (built where the spec is used, e.g. on a Ray worker)."""
         from vqdiff.codec import Pipeline, load_templates
         from vqdiff.normalise import Normalisation
+        from vqdiff.quality import poor_limits
 
         return Pipeline(Normalisation.from_dict(self.normalisation), self.model_info, load_templates(self.model),
-                        self.engine)
+                        self.engine, poor_limits(self.model))
 
     def __getstate__(self) -> dict:  # the cached pipeline is rebuilt on the other side
         return {k: v for k, v in self.__dict__.items() if k != "pipeline"}
@@ -86,12 +97,20 @@ class Prepared:
     input_sha256: str
 
 
-def engine_call(codec, kind: str, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """One engine call: encode -> (latents, indices) or (latents,); decode -> (normalised groups,)."""
+def engine_call(codec, kind: str, x: np.ndarray, fidelity: bool = False) -> tuple[np.ndarray, ...]:
+    """One engine call: encode -> (latents, [decoded groups with ``fidelity``,] [indices]); decode ->
+    (normalised groups,)."""
     if kind == "encode":
         latents, indices = codec.encode_groups(x)
-        return (latents,) if indices is None else (latents, indices)
+        decoded = (codec.decode_groups(latents),) if fidelity else ()
+        return (latents, *decoded) if indices is None else (latents, *decoded, indices)
     return (codec.decode_groups(x),)
+
+
+def _encode_outputs(spec: JobSpec, outputs: tuple) -> tuple:
+    """(latents, indices | None, decoded | None) of `engine_call`'s encode outputs."""
+    decoded, rest = (outputs[1], outputs[2:]) if spec.fidelity else (None, outputs[1:])
+    return outputs[0], rest[0] if rest else None, decoded
 
 
 class Batcher:
@@ -194,11 +213,18 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
     """(record, "") when ``task.output`` is this input's output under this model, else (None, why not)."""
     out = Path(task.output)
     try:
+        if spec.kind == "encode" and spec.per_subject:
+            fields, why = subject_up_to_date(spec, sha, _latents_header(out))
+            if fields is None:
+                return None, why
+            return record(spec, task, input_sha256=sha, output_sha256=file_sha256(out), **fields), ""
         if spec.kind == "encode":
             header = _latents_header(out)
             meta = header["__metadata__"]
             if (meta.get("format"), meta.get("format_version")) != (FORMAT, str(FORMAT_VERSION)):
                 return None, f"it is not a {FORMAT} v{FORMAT_VERSION} file"
+            if spec.fidelity and "fidelity" not in meta:
+                return None, "it records no fidelity"
             theirs = (json.loads(meta["source"]).get("input_sha256"), json.loads(meta["model"]).get("sha256"))
             if theirs != (sha, spec.model_info.get("sha256")):
                 return None, f"it records input {str(theirs[0])[:12]} / model {str(theirs[1])[:12]}"
@@ -207,7 +233,8 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
                 return None, f"it was made by {made or 'an older vqdiff'}, not {spec.pipeline.provenance}"
             return record(spec, task, input_sha256=sha, output_sha256=file_sha256(out),
                           streamlines=header["flipped"]["shape"][0], groups=header["latents"]["shape"][0],
-                          registration=registration_summary(json.loads(meta.get("registration", "{}")))), ""
+                          registration=registration_summary(json.loads(meta.get("registration", "{}"))),
+                          fidelity=fidelity_summary(json.loads(meta.get("fidelity", "{}")))), ""
         prev = task.previous or {}
         want = {"input_sha256": sha, "model_sha256": spec.model_info.get("sha256"), "format": spec.format,
                 "restore_points": spec.restore_points, "vqdiff": __version__, "status": "ok"}
@@ -229,8 +256,10 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
         from vqdiff.io import read_whole
 
         # read once when the reader parses the bytes whole: hashed here, parsed below
-        data = Path(task.input).read_bytes() if spec.kind == "encode" and read_whole(task.input) else None
-        sha = file_sha256(task.input) if data is None else hashlib.sha256(data).hexdigest()
+        whole = spec.kind == "encode" and not task.members and read_whole(task.input)
+        data = Path(task.input).read_bytes() if whole else None
+        sha = (subject_sha(task.members) if task.members else file_sha256(task.input) if data is None
+               else hashlib.sha256(data).hexdigest())
         if out.exists():
             rec, why = _up_to_date(spec, task, sha)
             if rec is not None:
@@ -238,16 +267,19 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
             if not spec.overwrite:
                 raise FileExistsError(f"{task.out_rel} exists but is not this input's output under this model "
                                       f"({why}); use -f to replace it")
+        if spec.kind == "encode" and task.members:
+            return Prepared(*prepare_subject_task(spec, task, sha), sha)
         if spec.kind == "encode":
             from vqdiff.io import load_bundle
 
             bundle = load_bundle(task.input, reference=spec.reference, data=data)
             x, state = spec.pipeline.prepare_encode(bundle, input_sha256=sha)
             return Prepared(x, state, sha)
-        from vqdiff.latents import Latents
+        from vqdiff.subject import Subject, decode_input, load_latents
 
-        lat = Latents.load(task.input)
-        return Prepared(spec.pipeline.prepare_decode(lat), lat, sha)
+        lat = load_latents(task.input)
+        x = decode_input(spec.pipeline, lat) if isinstance(lat, Subject) else spec.pipeline.prepare_decode(lat)
+        return Prepared(x, lat, sha)
     except Exception as exc:  # noqa: BLE001 (see _EXPECTED)
         return _failed(spec, task, exc, sha)
 
@@ -257,23 +289,33 @@ def finish(spec: JobSpec, task: BatchTask, item: Prepared, outputs: tuple[np.nda
     out = Path(task.output)
     try:
         if spec.kind == "encode":
-            lat = spec.pipeline.assemble_latents(item.state, outputs[0], outputs[1] if len(outputs) > 1 else None)
+            from vqdiff.subject import SubjectState, assemble_subject
+
+            latents, indices, decoded = _encode_outputs(spec, outputs)
+            if isinstance(item.state, SubjectState):
+                lat = assemble_subject(spec.pipeline, item.state, latents, indices, decoded)
+            else:
+                lat = spec.pipeline.assemble_latents(item.state, latents, indices, decoded)
             parts = lat.to_parts()
             atomic_write_bytes(out, parts)
             digest = hashlib.sha256()
             for part in parts:
                 digest.update(part)
-            n, g, out_sha = lat.n_streamlines, lat.n_groups, digest.hexdigest()
-            extra = {"registration": registration_summary(lat.registration)}  # as a rerun reads it back
+            n, g, out_sha, extra = lat.n_streamlines, len(latents), digest.hexdigest(), latents_summary(lat)
         else:
             from vqdiff.io import save_bundle
+            from vqdiff.subject import Subject, assemble_bundles, assemble_file
 
             lat = item.state
-            bundle = spec.pipeline.assemble_bundle(lat, outputs[0], restore_points=spec.restore_points)
+            if isinstance(lat, Subject):
+                parts = assemble_bundles(spec.pipeline, lat, outputs[0], restore_points=spec.restore_points)
+                bundle = assemble_file(lat, parts, restore_points=spec.restore_points)
+            else:
+                bundle = spec.pipeline.assemble_bundle(lat, outputs[0], restore_points=spec.restore_points)
             bundle.name = bundle.name or task.bundle
             out.parent.mkdir(parents=True, exist_ok=True)
             save_bundle(bundle, out, format=spec.format, overwrite=True)
-            n, g, out_sha = lat.n_streamlines, lat.n_groups, file_sha256(out)
+            n, g, out_sha = lat.n_streamlines, len(outputs[0]), file_sha256(out)
             extra = {}
     except Exception as exc:  # noqa: BLE001 (see _EXPECTED)
         return _failed(spec, task, exc, item.input_sha256)
@@ -281,8 +323,3 @@ def finish(spec: JobSpec, task: BatchTask, item: Prepared, outputs: tuple[np.nda
         time.sleep(spec.throttle)
     return record(spec, task, input_sha256=item.input_sha256, output_sha256=out_sha, streamlines=n, groups=g,
                   **extra), "done"
-
-
-def registration_summary(registration: dict) -> dict:
-    """What the index records of a file's registration: the recognised bundle, method, residual, known."""
-    return {k: registration.get(k) for k in ("template", "method", "residual_mm", "known")}

@@ -34,6 +34,7 @@ class BatchTask:
     output: str  # absolute path of the output file
     out_rel: str  # output path relative to OUT_DIR
     previous: dict | None = field(default=None, compare=False)  # decode: this output's last index record
+    members: tuple = ()  # encode per subject: ((path, bundle name), ...) of the subject's files
 
 
 
@@ -79,6 +80,27 @@ def encode_tasks(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[
     files = find_bundle_files(in_dir)
     return _tasks(((f.path, f.subject, f.bundle, f"{f.subject}/{f.bundle}{LATENTS_SUFFIX}") for f in files),
                   in_dir, out_dir)
+
+
+def subject_tasks(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[BatchTask]:
+    """One task per subject of ``in_dir`` (the subjects of `encode_tasks`): its bundle files, in path order,
+    -> ``out_dir/<subject>.vqlat`` (one subject latents file, `vqdiff.subject`)."""
+    from vqdiff.discovery import find_bundle_files
+
+    in_dir, out_dir = Path(in_dir).resolve(), Path(out_dir).resolve()
+    by_subject: dict[str, list] = {}
+    for f in find_bundle_files(in_dir):
+        if out_dir == in_dir or out_dir not in f.path.parents:
+            by_subject.setdefault(f.subject, []).append(f)
+    tasks = []
+    for subject, files in sorted(by_subject.items()):
+        bundles = [f.bundle for f in files]
+        if len(set(bundles)) != len(bundles):
+            raise BatchError(f"subject {subject} has several files of one bundle ({bundles}); rename them")
+        out_rel = f"{subject or 'subject'}{LATENTS_SUFFIX}"
+        tasks.append(BatchTask(str(files[0].path.parent), subject, subject, "", str(out_dir / out_rel), out_rel,
+                               members=tuple((str(f.path), f.bundle) for f in files)))
+    return tasks
 
 
 def decode_tasks(in_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "trk") -> list[BatchTask]:

@@ -1,8 +1,14 @@
-"""Encode a bundle with a model, save the latents, decode them back and report the error.
+"""Encode a bundle (or a subject: a TRX with groups) with a model, save the latents, decode them back
+and report the error.
 
-Example::
+A TRX with groups is encoded group by group into one subject latents file (`vqdiff.subject`) and
+decoded back to a TRX with the same groups, every streamline in its original order; the report then
+gives each bundle's figures too. Per-point data come back (the decode restores the point counts).
+
+Examples::
 
     vqdiff-roundtrip ../shared/data/subject01/IFOF_R.trk out/IFOF_R.vqlat out/IFOF_R_recon.trk
+    vqdiff-roundtrip subject.trx out/subject.vqlat out/recon.trx
 """
 
 from __future__ import annotations
@@ -35,29 +41,37 @@ def main(argv=None) -> None:
         from vqdiff.codec import Codec
         from vqdiff.fileio import file_sha256
         from vqdiff.io import load_bundle, save_bundle
-        from vqdiff.latents import Latents
         from vqdiff.quality import reconstruction_quality
+        from vqdiff.subject import Subject, load_latents
 
         check_outputs(parser, [args.out_latents, args.out_bundle], args.overwrite)
         codec = Codec.from_checkpoint(args.model) if args.model else Codec.default()
         bundle = load_bundle(args.in_bundle, reference=args.reference)
         t0 = time.perf_counter()
-        lat = codec.encode(bundle, input_sha256=file_sha256(args.in_bundle))  # range warnings are logged
+        sha = file_sha256(args.in_bundle)  # warnings (range, recognition, fidelity) are logged
+        lat = codec.encode_subject(bundle, input_sha256=sha) if bundle.groups else codec.encode(bundle, input_sha256=sha)
         lat.save(args.out_latents, overwrite=args.overwrite)
-        out = codec.decode(Latents.load(args.out_latents), restore_points=True)
+        out = codec.decode(load_latents(args.out_latents), restore_points=True)
         elapsed = time.perf_counter() - t0
         save_bundle(out, args.out_bundle, overwrite=args.overwrite)
         figures = reconstruction_quality(bundle, out)
+        parts = lat.parts if isinstance(lat, Subject) else []
         report = {
             "model": codec.model_info,
             "streamlines_in": len(bundle),
             "streamlines_out": len(out),
-            "groups": lat.n_groups,
-            "latents_shape": list(lat.latents.shape),
+            "groups": sum(p.latents.n_groups for p in parts) if parts else lat.n_groups,
+            "latents_shape": [list(p.latents.latents.shape) for p in parts] if parts else list(lat.latents.shape),
             "mean_mdf_mm": figures["mean_mdf_mm"],
             "buan_t5": figures["buan_t5"],
             "seconds": round(elapsed, 3),
         }
+        if parts:
+            report["bundles"] = {p.name: {"streamlines": len(p.members), "template": p.latents.registration.get(
+                "template"), "known": p.latents.registration.get("known"), "fidelity": p.latents.fidelity}
+                for p in parts}
+        else:
+            report["fidelity"] = lat.fidelity
         print(json.dumps(report, indent=2))
 
     run_main(work)

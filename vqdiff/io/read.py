@@ -47,15 +47,18 @@ def _read(source: Path | bytes, fmt: str, reference, name: str | None, where: st
     if fmt == "tck":
         spatial = resolve_reference(reference, where)
         data, lengths = read_tck(source, where)
+        carried = {}
     elif fmt == "trk":
-        spatial, data, lengths = read_trk(source, where)
+        spatial, data, lengths, carried = read_trk(source, where)
     else:
-        spatial, data, lengths = read_trx(source, where, max_streamlines=max_streamlines, max_points=max_points)
+        spatial, data, lengths, carried = read_trx(source, where, max_streamlines=max_streamlines,
+                                                   max_points=max_points)
     offsets = check_flat(data, lengths, where)
     data = np.ascontiguousarray(data, dtype=np.float32)
     bounds = offsets.tolist()  # slicing views from a list of ints is ~5x faster than np.split
     streamlines = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return Bundle(streamlines, spatial, source_format=fmt, name=name or "")
+    return Bundle(streamlines, spatial, source_format=fmt, name=name or "", groups=carried.get("groups", {}),
+                  dps=carried.get("dps", {}), dpv=carried.get("dpv", {}))
 
 
 def load_bundle(path, *, reference=None, name: str | None = None, max_streamlines: int | None = None,

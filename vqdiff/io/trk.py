@@ -11,7 +11,7 @@ import numpy as np
 from nibabel.streamlines import TrkFile
 from nibabel.streamlines.header import Field
 from nibabel.streamlines.tractogram_file import DataError, HeaderError
-from nibabel.streamlines.trk import get_affine_trackvis_to_rasmm
+from nibabel.streamlines.trk import decode_value_from_name, get_affine_trackvis_to_rasmm
 
 from ..bundle import SpatialHeader
 from ..geometry import map_points
@@ -78,8 +78,26 @@ def _records(buf: bytes, off: int, e: str, stride: int, nprop: int, where: str |
     return np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
 
 
+def _named(columns: np.ndarray | None, names, default: str) -> dict[str, np.ndarray]:
+    """Split the scalar / property ``columns`` by the header's names (nibabel's ``name\\x00<count>`` rule;
+    columns no name covers are ``default``, as nibabel names them); a 1-column item is 1-D."""
+    if columns is None or columns.shape[1] == 0:
+        return {}
+    out, at = {}, 0
+    for field in names:
+        name, count = decode_value_from_name(bytes(field))
+        if count == 0 or at >= columns.shape[1]:
+            continue
+        out[name] = columns[:, at:at + count]
+        at += count
+    if at < columns.shape[1]:
+        out[default] = columns[:, at:]
+    return {k: (v[:, 0] if v.shape[1] == 1 else v).astype(np.float32) for k, v in out.items()}
+
+
 def read_trk(source: Path | bytes, where: str | None):
-    """(SpatialHeader, points (M, 3) float32 in RAS mm, lengths (S,) int64) of a ``.trk`` file."""
+    """(SpatialHeader, points (M, 3) float32 in RAS mm, lengths (S,) int64, carried) of a ``.trk`` file;
+    ``carried``: ``{"dps": properties, "dpv": scalars}`` by the header's names."""
     buf = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
     if len(buf) < 1000:
         raise cut(f"file has {len(buf)} bytes but a TRK header alone is 1000 bytes", "trk", where)
@@ -96,9 +114,14 @@ def read_trk(source: Path | bytes, where: str | None):
         raise fail(f"header declares {declared} streamlines (n_count) but the file holds {len(lengths)} "
                    "complete records; expected the two to agree", "count_mismatch", where)
     words = np.frombuffer(buf, e + "f4", (len(buf) - off) // 4, off)
+    scalars = props = None
     if len(lengths) and np.all(lengths == lengths[0]):
         n = int(lengths[0])
-        pts = words.reshape(len(lengths), -1)[:, 1:1 + n * stride].reshape(len(lengths), n, stride)[..., :3]
+        recs = words.reshape(len(lengths), -1)
+        block = recs[:, 1:1 + n * stride].reshape(len(lengths), n, stride)
+        pts = block[..., :3]
+        if stride > 3 or nprop:
+            scalars, props = block[..., 3:].reshape(-1, stride - 3), recs[:, 1 + n * stride:1 + n * stride + nprop]
     elif stride == 3 and nprop == 0:  # points only: drop the count words
         keep = np.ones(len(words), dtype=bool)
         keep[(starts - off) // 4] = False
@@ -108,4 +131,8 @@ def read_trk(source: Path | bytes, where: str | None):
         within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         rows = np.repeat((starts - off) // 4 + 1, lengths) + within * stride
         pts = words[rows[:, None] + np.arange(3)]
-    return spatial, map_points(pts, affine), lengths
+        scalars = words[rows[:, None] + np.arange(3, stride)]
+        props = words[((starts - off) // 4 + 1 + lengths * stride)[:, None] + np.arange(nprop)]
+    carried = {"dps": _named(props, hdr["property_name"], "properties"),
+               "dpv": _named(scalars, hdr["scalar_name"], "scalars")} if scalars is not None else {}
+    return spatial, map_points(pts, affine), lengths, carried

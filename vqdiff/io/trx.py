@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import struct
 import zipfile
@@ -20,8 +21,13 @@ from ..bundle import SpatialHeader
 from ..errors import BundleFormatError
 from .common import cut, fail
 
+log = logging.getLogger(__name__)
+
 _TRX_POS = re.compile(r"^positions\.3\.(float16|float32|float64)$")
 _TRX_OFF = re.compile(r"^offsets\.(u?int32|u?int64)$")
+# groups/<name>.<int>, dps/<name>[.<k>].<num>, dpv/<name>[.<k>].<num> (trx-python's layout)
+_TRX_DATA = re.compile(r"^(groups|dps|dpv)/(.+?)(?:\.(\d+))?\.(u?int(?:8|16|32|64)|float(?:16|32|64)|bool)$")
+CARRIED = ("groups", "dps", "dpv")
 
 
 def _le(member: str) -> np.dtype:
@@ -73,7 +79,7 @@ def read_trx(source: Path | bytes, where: str | None, *, max_streamlines: int | 
             nv, ns = int(hdr["NB_VERTICES"]), int(hdr["NB_STREAMLINES"])
             codes = aff2axcodes(affine)
             if ns == 0:
-                return SpatialHeader(affine, dims, (1.0, 1.0, 1.0)), np.zeros((0, 3), np.float32), np.zeros(0)
+                return SpatialHeader(affine, dims, (1.0, 1.0, 1.0)), np.zeros((0, 3), np.float32), np.zeros(0), {}
             if pos_name is None or off_name is None or len(dims) != 3 or None in codes:
                 raise ValueError(f"members {names}, DIMENSIONS {dims}, axis codes {codes}")
             if nv < 0 or ns < 0:
@@ -86,6 +92,7 @@ def read_trx(source: Path | bytes, where: str | None, *, max_streamlines: int | 
             _check_member(zf, off_name, (ns + 1) * _le(off_name).itemsize, where)
             pos = np.frombuffer(zf.read(pos_name), _le(pos_name))
             offs = np.frombuffer(zf.read(off_name), _le(off_name)).astype(np.int64)
+            carried, ignored = _read_carried(zf, names, ns, nv, where)
         except BundleFormatError:
             raise
         except (KeyError, TypeError, ValueError, zipfile.BadZipFile, zlib.error, EOFError,
@@ -101,11 +108,63 @@ def read_trx(source: Path | bytes, where: str | None, *, max_streamlines: int | 
                    "expected them to agree", "count_mismatch", where)
     if offs[0] != 0 or offs[-1] != nv or np.any(np.diff(offs) < 0):
         raise fail("TRX offsets must start at 0, never decrease and end at NB_VERTICES", "unreadable", where)
-    return spatial, pos.reshape(-1, 3).astype(np.float32), np.diff(offs)
+    if ignored:
+        log.warning("%s: TRX member(s) %s are not carried through vqdiff (it carries groups, dps and dpv); they "
+                    "will not be in decoded files", where or "TRX", ", ".join(ignored))
+    return spatial, pos.reshape(-1, 3).astype(np.float32), np.diff(offs), carried
 
 
-def write_trx(arrays: list[np.ndarray], header: SpatialHeader, fh) -> None:
-    """Write float32 positions, uint64 offsets and the header JSON as a stored (uncompressed) zip."""
+def _read_carried(zf: zipfile.ZipFile, names: list[str], ns: int, nv: int, where: str | None):
+    """``{"groups", "dps", "dpv"}`` of the archive (file order), each member's inflated size checked against the
+    counts before it is read, and the names of data members vqdiff does not carry (``dpg/...``, others)."""
+    from ..carried import GROUPS_ACCEPTED, check_group
+
+    carried: dict[str, dict[str, np.ndarray]] = {k: {} for k in CARRIED}
+    ignored = []
+    for member in names:
+        if member.endswith("/") or "/" not in member:
+            continue
+        m = _TRX_DATA.match(member)
+        if m is None:
+            if member.split("/", 1)[0] == "groups":
+                raise fail(f"TRX group member {member!r} is not groups/<name>.<(u)int8|16|32|64>; {GROUPS_ACCEPTED}",
+                           "bad_groups", where)
+            ignored.append(member)
+            continue
+        kind, name, k, dtype = m.group(1), m.group(2), int(m.group(3) or 1), np.dtype(m.group(4)).newbyteorder("<")
+        size = zf.getinfo(member).file_size
+        if kind == "groups":
+            what = (f"holds {dtype.name} values, not integers" if dtype.kind not in "iu" else
+                    f"({size} bytes) lists more indices than the file's {ns} streamlines"
+                    if size % dtype.itemsize == 0 and size > ns * dtype.itemsize else
+                    f"({size} bytes) is not whole {dtype.name} indices" if size % dtype.itemsize else "")
+            if what:
+                raise fail(f"TRX group member {member!r} {what}; {GROUPS_ACCEPTED}", "bad_groups", where)
+            carried["groups"][name] = check_group(name, np.frombuffer(zf.read(member), dtype), ns, where)
+            continue
+        rows = ns if kind == "dps" else nv
+        if k < 1 or size != rows * k * dtype.itemsize:
+            raise fail(f"TRX member {member!r} would inflate to {size} bytes; {rows} rows of {k} {dtype.name} "
+                       f"need {rows * k * dtype.itemsize}: {kind} has one row per "
+                       f"{'streamline' if kind == 'dps' else 'point'}", "bad_carried_data", where)
+        values = np.frombuffer(zf.read(member), dtype).astype(dtype.newbyteorder("="))
+        carried[kind][name] = values if m.group(3) is None else values.reshape(rows, k)
+    return carried, ignored
+
+
+def _member(kind: str, name: str, values: np.ndarray) -> tuple[str, bytes]:
+    arr = np.asarray(values)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "iuf" or arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)
+    dims = f".{arr.shape[1]}" if arr.ndim == 2 else ""
+    return f"{kind}/{name}{dims}.{arr.dtype.name}", arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+
+
+def write_trx(arrays: list[np.ndarray], header: SpatialHeader, fh, *, groups=None, dps=None, dpv=None) -> None:
+    """Write float32 positions, uint64 offsets, the header JSON and the carried data (groups as uint32,
+    dps / dpv in their dtype) as a stored (uncompressed) zip."""
     affine = np.asarray(header.affine, dtype=np.float64)
     offsets = np.cumsum([0] + [len(a) for a in arrays]).astype("<u8")
     meta = {"VOXEL_TO_RASMM": affine.tolist(), "DIMENSIONS": [int(d) for d in header.dimensions],
@@ -114,3 +173,8 @@ def write_trx(arrays: list[np.ndarray], header: SpatialHeader, fh) -> None:
         zf.writestr("header.json", json.dumps(meta))
         zf.writestr("positions.3.float32", np.concatenate(arrays).astype("<f4").tobytes())
         zf.writestr("offsets.uint64", offsets.tobytes())
+        for name, members in (groups or {}).items():
+            zf.writestr(f"groups/{name}.uint32", np.asarray(members).astype("<u4").tobytes())
+        for kind, data in (("dps", dps or {}), ("dpv", dpv or {})):
+            for name, values in data.items():
+                zf.writestr(*_member(kind, name, values))

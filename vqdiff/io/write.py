@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -13,23 +14,57 @@ from nibabel.streamlines import ArraySequence, TckFile, Tractogram, TrkFile
 from nibabel.streamlines.header import Field
 from nibabel.streamlines.tractogram_file import DataError, HeaderError
 
-from ..bundle import Bundle, SpatialHeader
+from ..bundle import Bundle
+from ..carried import check_carried, dropped_names
 from ..errors import BundleFormatError
 from .common import check_flat, fail, format_from_path, normalise_format
 from .trx import write_trx
 
+log = logging.getLogger(__name__)
 
-def _write(fmt: str, arrays: list[np.ndarray], header: SpatialHeader, fh) -> None:
+
+MAX_TRK_NAMES = 10  # TrackVis names at most 10 scalars and 10 properties, of at most 18 characters
+MAX_TRK_NAME = 18
+
+
+def _trk_data(bundle: Bundle, lengths: np.ndarray, dropped: list[str]) -> tuple[dict, dict]:
+    """The bundle's dps / dpv as nibabel's data_per_streamline / data_per_point ((N, k), per-streamline
+    (n_i, k)); names TrackVis cannot hold are added to ``dropped``."""
+    def fits(kind: str, items: dict) -> dict:
+        keep = {}
+        for name, v in items.items():
+            if len(keep) >= MAX_TRK_NAMES or len(name) > MAX_TRK_NAME or "\x00" in name:
+                dropped.append(f"{kind} {name!r} (TRK holds at most {MAX_TRK_NAMES} names of {MAX_TRK_NAME} characters)")
+                continue
+            arr = np.asarray(v, np.float32)
+            keep[name] = arr[:, None] if arr.ndim == 1 else arr
+        return keep
+
+    dps = fits("dps", bundle.dps)
+    dpv = fits("dpv", bundle.dpv)
+    bounds = np.cumsum(lengths)[:-1]
+    return dps, {k: ArraySequence(np.split(v, bounds)) for k, v in dpv.items()}
+
+
+def _write(fmt: str, arrays: list[np.ndarray], bundle: Bundle, fh, lengths: np.ndarray) -> list[str]:
+    """Write the file; return what of the bundle's carried data the format could not hold."""
+    header = bundle.header
     if fmt == "trx":
-        return write_trx(arrays, header, fh)
-    tractogram = Tractogram(ArraySequence(arrays), affine_to_rasmm=np.eye(4))
+        write_trx(arrays, header, fh, groups=bundle.groups, dps=bundle.dps, dpv=bundle.dpv)
+        return []
     if fmt == "tck":
-        return TckFile(tractogram).save(fh)
+        TckFile(Tractogram(ArraySequence(arrays), affine_to_rasmm=np.eye(4))).save(fh)
+        return dropped_names(bundle)
+    dropped = [f"group {k!r}" for k in bundle.groups]
+    dps, dpv = _trk_data(bundle, lengths, dropped)
+    tractogram = Tractogram(ArraySequence(arrays), data_per_streamline=dps, data_per_point=dpv,
+                            affine_to_rasmm=np.eye(4))
     affine = np.asarray(header.affine, dtype=np.float64)
     hdr = {Field.VOXEL_TO_RASMM: affine.astype(np.float32), Field.DIMENSIONS: np.asarray(header.dimensions),
            Field.VOXEL_SIZES: np.asarray(header.voxel_sizes, dtype=np.float32),
            Field.VOXEL_ORDER: str(header.voxel_order).encode("latin-1")}
     TrkFile(tractogram, header=hdr).save(fh)
+    return dropped
 
 
 def _bad_header(detail: str, fmt: str, where: str) -> BundleFormatError:
@@ -59,6 +94,10 @@ def save_bundle(bundle: Bundle, path, *, format: str | None = None, overwrite: b
 
     Notes
     -----
+    TRX also writes the bundle's groups, dps and dpv; TRK its dps as properties and dpv as scalars
+    (float32, at most 10 names each); what a format cannot hold is named in a logged warning (TCK
+    holds none of them). Carried data that do not fit the streamlines raise `BundleFormatError`
+    (``bad_groups``, ``bad_carried_data``).
     TRK keeps affine (float32), dimensions, voxel sizes and voxel order; TRX keeps affine and
     dimensions (voxel sizes and order are derived from the affine on reload); TCK keeps world
     coordinates only, so reloading it needs the reference. Data go to a temporary file in the
@@ -74,6 +113,7 @@ def save_bundle(bundle: Bundle, path, *, format: str | None = None, overwrite: b
                        "bad_shape", where)
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     check_flat(np.concatenate(arrays) if arrays else np.zeros((0, 3), np.float32), lengths, where)
+    check_carried(bundle, where=where)
     h, affine = bundle.header, np.asarray(bundle.header.affine, dtype=np.float64)
     if fmt != "tck" and (  # TCK stores no header
             affine.shape != (4, 4) or not np.isfinite(affine).all() or np.linalg.det(affine[:3, :3]) == 0
@@ -89,7 +129,7 @@ def save_bundle(bundle: Bundle, path, *, format: str | None = None, overwrite: b
     try:
         with os.fdopen(fd, "wb") as fh:
             try:
-                _write(fmt, arrays, bundle.header, fh)
+                dropped = _write(fmt, arrays, bundle, fh, lengths)
             except (HeaderError, DataError, ValueError, OverflowError) as exc:  # LinAlgError is a ValueError
                 raise _bad_header(f"{exc}", fmt, where) from exc
             fh.flush()
@@ -99,6 +139,9 @@ def save_bundle(bundle: Bundle, path, *, format: str | None = None, overwrite: b
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if dropped:
+        log.warning("%s: a %s file cannot hold %s: not written (write .trx to keep groups, dps and dpv)",
+                    where, fmt.upper(), ", ".join(dropped))
     return path
 
 
