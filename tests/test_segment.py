@@ -165,3 +165,58 @@ def test_pipeline_warns_when_the_registration_sits_at_a_bound(templates, bundles
     big = transform(bundles["IFOF_L"], compose44([0, 0, 0, 0, 0, 0, 2.5]))
     _, state = pipe.prepare_encode(Bundle(big, SpatialHeader.identity(), name="IFOF_L"))
     assert "registration_at_bound" in {w["code"] for w in state.warnings}
+
+
+@pytest.fixture(scope="module")
+def codec():
+    from vqdiff.codec import Codec
+
+    return Codec.default()
+
+
+def test_encode_file_segments_a_multi_bundle_file(codec, concatenated, subject_dir, tmp_path):
+    """`Codec.encode_file` on a concatenation written as one TRK: a subject whose parts are the found
+    bundles, the segmentation recorded, every streamline back at its place; ``segment="off"`` encodes
+    it as one bundle, as before."""
+    from vqdiff.bundle import Bundle
+    from vqdiff.io import load_bundle, save_bundle
+    from vqdiff.latents import Latents
+    from vqdiff.quality import streamline_mdf
+    from vqdiff.subject import Subject, load_latents
+
+    header = load_bundle(subject_dir / "MCP.trk").header
+    save_bundle(Bundle(concatenated[0], header, "trk", "file"), tmp_path / "file.trk")
+    original = load_bundle(tmp_path / "file.trk")
+    subject = codec.encode_file(tmp_path / "file.trk")
+    assert isinstance(subject, Subject) and {"CC_Fr_1", "IFOF_L", "MCP"} <= set(subject.names)
+    assert subject.source["segmentation"]["method"] == "recobundles"
+    subject.save(tmp_path / "file.vqlat")
+    back = load_latents(tmp_path / "file.vqlat")
+    assert back.source["segmentation"] == json_roundtrip(subject.source["segmentation"])
+    recon = codec.decode(back, restore_points=True)
+    assert [len(s) for s in recon.streamlines] == [len(s) for s in original.streamlines]
+    assert float(streamline_mdf(original, recon).mean()) < 1.0  # streamline i against streamline i
+    assert isinstance(codec.encode_file(tmp_path / "file.trk", segment="off", fidelity=False), Latents)
+
+
+def test_roundtrip_cli_segments(concatenated, subject_dir, tmp_path, capsys):
+    import json
+
+    from vqdiff.bundle import Bundle
+    from vqdiff.cli.roundtrip import main
+    from vqdiff.io import load_bundle, save_bundle
+
+    header = load_bundle(subject_dir / "MCP.trk").header
+    save_bundle(Bundle(concatenated[0], header, "trk", "file"), tmp_path / "file.trk")
+    with pytest.raises(SystemExit) as done:
+        main([str(tmp_path / "file.trk"), str(tmp_path / "f.vqlat"), str(tmp_path / "r.trk"), "--segment", "on"])
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"CC_Fr_1", "IFOF_L", "MCP"} <= set(report["bundles"])
+    assert report["streamlines_out"] == len(concatenated[0])
+
+
+def json_roundtrip(d):
+    import json
+
+    return json.loads(json.dumps(d))

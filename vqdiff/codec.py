@@ -12,7 +12,7 @@ fidelity included). Decode: `Latents` -> `Pipeline.prepare_decode` (the one mode
 -> `Pipeline.assemble_bundle` (denormalise, un-pad, un-permute, un-flip, the inverse transform; the input's
 header). `Codec` runs the steps around any `vqdiff.engine.Engine` in one call; the HTTP gateway and batch
 encoding run the same steps around their own engine calls, so every path writes the same bytes for the
-same input and model. A file with groups is a `vqdiff.subject.Subject` (`Codec.encode_subject`).
+same input and model. A file with groups or several bundles is a `vqdiff.subject.Subject` (`Codec.encode_file`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ def engine_provenance(engine) -> dict[str, Any]:
     """What made the numbers: the engine's backend, its variant / precision (fp32, int8, fp16...) and,
     for an engine chosen by measurement, why (`vqdiff.engine.engine_info`)."""
     from .engine import engine_info
-
     return engine_info(engine)
 
 
@@ -346,15 +345,19 @@ class Codec:
             log.warning("%s: %s", name, w["message"])
         return subject
 
-    def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto", fidelity: bool = True):
-        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256: `Latents`
-        for a file without groups (as always), a `vqdiff.subject.Subject` for a TRX with groups (`encode_subject`)."""
+    def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto", fidelity: bool = True,
+                    segment: str = "auto"):
+        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256: `Latents` for one
+        bundle, a `vqdiff.subject.Subject` for a TRX with groups or a multi-bundle file (`vqdiff.segment.file_parts`)."""
         from .fileio import file_sha256
         from .io import load_bundle
+        from .segment import file_parts
         bundle, sha = load_bundle(path, reference=reference), file_sha256(path)
-        if bundle.groups:
-            return self.encode_subject(bundle, register=register, input_sha256=sha, fidelity=fidelity)
-        return self.encode(bundle, register=register, input_sha256=sha, fidelity=fidelity)
+        parts, seg = file_parts(bundle, self.pipeline.templates, mode=segment)  # (None, None): one bundle
+        if parts is None:
+            return self.encode(bundle, register=register, input_sha256=sha, fidelity=fidelity)
+        subject = self.encode_subject(bundle, parts=parts, register=register, input_sha256=sha, fidelity=fidelity)
+        return subject if seg is None else seg.record(subject)
 
     def decode(self, latents, *, restore_points: bool = False, strict: bool = True):
         """Decode latents back to a bundle in the original order, direction and space.
@@ -365,7 +368,6 @@ class Codec:
         streamline at its place, its groups, dps and dpv); `decode_subject` gives the bundles by name.
         """
         from .subject import Subject, assemble_file
-
         if isinstance(latents, Subject):
             bundles = self.decode_subject(latents, restore_points=restore_points, strict=strict)
             return assemble_file(latents, bundles, restore_points=restore_points)
@@ -375,7 +377,6 @@ class Codec:
     def decode_subject(self, subject, *, restore_points: bool = False, strict: bool = True) -> dict[str, Bundle]:
         """A subject's bundles by name, each in its own order and the file's space (one decoder pass)."""
         from .subject import assemble_bundles, decode_input
-
         groups = self.decode_groups(decode_input(self.pipeline, subject, strict=strict))
         return assemble_bundles(self.pipeline, subject, groups, restore_points=restore_points)
 

@@ -37,6 +37,7 @@ so every streamline is in exactly one part. Deterministic (strided subsamples, f
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ UNASSIGNED_MM = 20.0
 MIN_PART = 32
 UNASSIGNED = "unassigned"
 SEED = 0
+log = logging.getLogger(__name__)
 ATLAS_CENTROIDS = {"max_centroids": 64, "max_streamlines": 2000}  # the file's centroids for its registration
 
 
@@ -214,6 +216,11 @@ class Segmentation:
                                    "allows", "stage": "segmentation", **self.registration})
         return out
 
+    def record(self, subject):
+        """``subject`` (`vqdiff.subject.Subject` of these parts) with this provenance in its source."""
+        subject.source["segmentation"] = self.to_dict()
+        return subject
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready provenance (what a subject file records about how its parts were found)."""
         return {"method": self.method, "n_streamlines": self.n_streamlines, "matrix": self.matrix.tolist(),
@@ -326,6 +333,30 @@ def segment(streamlines: Sequence[np.ndarray], templates: Templates, *, mode: st
             k += 1
         parts.append(SegmentPart(f"{UNASSIGNED}_{k}", idx, None, float("nan"), matrix))
     return Segmentation(tuple(parts), det, "recobundles", n, matrix, reg, time.perf_counter() - t0)
+
+
+def file_parts(bundle, templates: Templates | None, *, mode: str = "auto"
+               ) -> tuple[list[tuple[str, np.ndarray]] | None, Segmentation | None]:
+    """How `Codec.encode_file` encodes a read file: (parts, segmentation) - a TRX's groups
+    (`vqdiff.subject.group_parts`, no segmentation), the parts of a file of several bundles
+    (`segment`), or ``(None, None)`` for one bundle, encoded as always. The segmentation's warnings
+    are logged (``multi_bundle`` also when ``mode="off"`` encodes such a file as one bundle). A model
+    without templates has no atlas: files are then encoded as given (``mode="on"`` is refused)."""
+    from .subject import group_parts
+
+    if mode not in MODES:
+        raise ValueError(f"segmentation mode must be one of {MODES}, got {mode!r}")
+    if bundle.groups:
+        return group_parts(bundle), None
+    if templates is None:
+        if mode == "on":
+            raise ValueError("segment='on' needs a model with templates (its atlas); this one has none: use 'auto' or 'off'")
+        return None, None
+    bundle.validate()
+    seg = segment(bundle.streamlines, templates, mode=mode, name=bundle.name)
+    for w in seg.warnings():
+        log.warning("%s: %s", bundle.name or "file", w["message"])
+    return (seg.to_parts(), seg) if seg.method == "recobundles" else (None, None)
 
 
 def segmenter(templates: Templates, *, mode: str = "auto"):

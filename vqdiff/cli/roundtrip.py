@@ -2,8 +2,9 @@
 and report the error.
 
 A TRX with groups is encoded group by group into one subject latents file (`vqdiff.subject`) and
-decoded back to a TRX with the same groups, every streamline in its original order; the report then
-gives each bundle's figures too. Per-point data come back (the decode restores the point counts).
+decoded back to a TRX with the same groups, every streamline in its original order; a file without
+groups that holds several bundles is segmented into bundles first and encoded the same way
+(`vqdiff.segment`; ``--segment``). The report then gives each bundle's figures too. Per-point data come back (the decode restores the point counts).
 
 Examples::
 
@@ -27,6 +28,9 @@ def _build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("out_bundle", help="Output reconstructed bundle (.trk, .tck, .trx).")
     p.add_argument("--model", help="Checkpoint directory (default: $VQDIFF_MODEL or the bundled models/default).")
     p.add_argument("--reference", help="NIfTI or TRK giving the space of a .tck input.")
+    p.add_argument("--segment", choices=("auto", "on", "off"), default="auto",
+                   help="A file without groups that holds several bundles: segment it into bundles (auto: when "
+                        "detected; on: always) or encode it as one bundle (off) [%(default)s].")
     add_overwrite_arg(p)
     add_verbose_arg(p)
     return p
@@ -42,6 +46,7 @@ def main(argv=None) -> None:
         from vqdiff.fileio import file_sha256
         from vqdiff.io import load_bundle, save_bundle
         from vqdiff.quality import reconstruction_quality
+        from vqdiff.segment import file_parts
         from vqdiff.subject import Subject, load_latents
 
         check_outputs(parser, [args.out_latents, args.out_bundle], args.overwrite)
@@ -49,7 +54,10 @@ def main(argv=None) -> None:
         bundle = load_bundle(args.in_bundle, reference=args.reference)
         t0 = time.perf_counter()
         sha = file_sha256(args.in_bundle)  # warnings (range, recognition, fidelity) are logged
-        lat = codec.encode_subject(bundle, input_sha256=sha) if bundle.groups else codec.encode(bundle, input_sha256=sha)
+        parts, seg = file_parts(bundle, codec.pipeline.templates, mode=args.segment)  # groups, segments or None
+        lat = codec.encode(bundle, input_sha256=sha) if parts is None else codec.encode_subject(
+            bundle, parts=parts, input_sha256=sha)
+        lat = lat if seg is None else seg.record(lat)
         lat.save(args.out_latents, overwrite=args.overwrite)
         out = codec.decode(load_latents(args.out_latents), restore_points=True)
         elapsed = time.perf_counter() - t0
