@@ -87,6 +87,20 @@ All bundles of that subject with this model:
 {markdown(mine)}"""
 
 
+def templates_row(path: Path) -> str:
+    """The card's row on the templates: registration templates and the segmentation atlas in one file."""
+    if not path.is_file():
+        return "| registration templates / segmentation atlas | none (inputs are encoded as given) |"
+    from vqdiff.templates import Templates
+
+    t = Templates.load(path)
+    return (f"| registration templates / segmentation atlas | `templates.safetensors` ({path.stat().st_size / 1024:.0f} KB): "
+            f"{sum(len(c) for c in t.centroids.values())} QuickBundles centroids at {t.params.get('n_points')} points of "
+            f"the {len(t)} training bundles, written with the model (`vqdiff-templates DATA CHECKPOINT` rebuilds them); "
+            "`vqdiff.registration` recognises and registers inputs on them, `vqdiff.segment` segments multi-bundle "
+            "files against them |")
+
+
 def write_card(run_dir: Path, eval_dir: Path, out: Path, *, command: str, cross: Path | None = None,
                compare: dict[str, Path] | None = None, selection: str = "") -> Path:
     cfg = read_config(run_dir / "best")
@@ -133,6 +147,7 @@ subject as released by the VQ-Diff authors, coordinates = the authors' [-1, 1] s
 | {label} BUAN (T = 5) | **{metrics['buan_mean']:.4f} ± {metrics['buan_std']:.4f}** over {metrics['groups']} groups |
 | {label} mean MDF | **{metrics['mdf_mm']:.3f}** units; point-wise {metrics['pointwise_mm']:.3f}; MSE {metrics['mse']:.2e} |
 | robustness AUC ({label}) | {metrics['robustness']['auc']:.4f} |
+{templates_row(out / "templates.safetensors")}
 
 Rebuild: `{command}`
 
