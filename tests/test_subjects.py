@@ -281,3 +281,21 @@ def test_groups_ride_along_in_a_single_latents(codec, subject_dir):
     lat = codec.encode(b, fidelity=False)
     out = codec.decode(load_latents(lat.to_bytes()))
     assert type(lat).__name__ == "Latents" and out.groups["x"].tolist() == [5, 1, 3]
+
+
+def test_carried_data_interoperate_with_trx_python(subject_dir, tmp_path):
+    """trx-python (the field's TRX library) reads our groups / dps / dpv, and we read what it writes."""
+    from trx import trx_file_memmap as tmm
+
+    b = _with_data(_sample(subject_dir))
+    b.groups = {"A": np.arange(0, 40), "B": np.arange(40, 70)}
+    theirs = tmm.load(str(save_bundle(b, tmp_path / "ours.trx")))
+    try:
+        assert {k: np.asarray(v).tolist() for k, v in theirs.groups.items()} == {k: v.tolist() for k, v in
+                                                                                b.groups.items()}
+        assert np.array_equal(np.asarray(theirs.data_per_streamline["rgb"]), b.dps["rgb"])
+        assert np.array_equal(np.asarray(theirs.data_per_vertex["fa"]._data).ravel(), b.dpv["fa"])
+        tmm.save(theirs, str(tmp_path / "theirs.trx"))
+    finally:
+        theirs.close()
+    assert carried_equal(load_bundle(tmp_path / "theirs.trx"), load_bundle(tmp_path / "ours.trx"))

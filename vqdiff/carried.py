@@ -99,10 +99,12 @@ def has_carried(bundle) -> bool:
 
 
 def carried_equal(a, b) -> bool:
-    """Whether two bundles carry the same groups, dps and dpv (names, order of members, values)."""
+    """Whether two bundles carry the same groups (names in the same order: it decides where a streamline
+    of several groups is encoded; members in the same order), dps and dpv (names in any order, values)."""
     for key in ("groups", "dps", "dpv"):
         x, y = getattr(a, key), getattr(b, key)
-        if list(x) != list(y) or any(not np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for k in x):
+        names_differ = list(x) != list(y) if key == "groups" else sorted(x) != sorted(y)
+        if names_differ or any(not np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for k in x):
             return False
     return True
 

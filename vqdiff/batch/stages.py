@@ -274,6 +274,7 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
 
             bundle = load_bundle(task.input, reference=spec.reference, data=data)
             x, state = spec.pipeline.prepare_encode(bundle, input_sha256=sha)
+            state.bundle = state.bundle if spec.fidelity else None  # kept only to measure the fidelity
             return Prepared(x, state, sha)
         from vqdiff.subject import Subject, decode_input, load_latents
 
