@@ -80,8 +80,9 @@ def take(carried: dict[str, dict[str, np.ndarray]], indices: np.ndarray, counts)
     out: dict[str, dict[str, np.ndarray]] = {"dps": {k: np.asarray(v)[idx] for k, v in carried.get("dps", {}).items()}}
     dpv = carried.get("dpv", {})
     if dpv:
-        off = point_offsets(counts)
-        rows = np.concatenate([np.arange(off[i], off[i + 1]) for i in idx.tolist()]) if idx.size else np.zeros(0, int)
+        counts = np.asarray(counts, np.int64)
+        k = counts[idx]  # each taken streamline's points, at its offset in the file: one vectorised gather
+        rows = np.repeat(point_offsets(counts)[idx] - point_offsets(k)[:-1], k) + np.arange(int(k.sum()))
         out["dpv"] = {k: np.asarray(v)[rows] for k, v in dpv.items()}
     else:
         out["dpv"] = {}

@@ -108,7 +108,7 @@ def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:
 
 @dataclass
 class EncodeState:
-    """What `Pipeline.assemble_latents` needs besides the engine's output (no point data)."""
+    """What `Pipeline.assemble_latents` needs besides the engine's output (the input only to measure fidelity)."""
 
     order: np.ndarray  # (G*64,) int64
     pad_mask: np.ndarray  # (G*64,) bool
@@ -280,12 +280,11 @@ class Codec:
     def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:
         """A checkpoint directory (or a loaded `Checkpoint`) on the torch engine."""
         from .checkpoint import Checkpoint, load_checkpoint
+        from .quality import poor_limits
         from .torch_engine import TorchEngine
 
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
         templates = load_templates(ckpt.path) if ckpt.path is not None else None
-        from .quality import poor_limits
-
         return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, ckpt.model_info,
                    templates, poor_limits(ckpt.path))
 
@@ -293,13 +292,8 @@ class Codec:
     def default(cls, **kwargs: Any) -> Codec:
         return cls.from_checkpoint(default_model_dir(), **kwargs)
 
-    @property
-    def normalisation(self) -> Normalisation:
-        return self.pipeline.normalisation
-
-    @property
-    def model_info(self) -> dict[str, Any]:
-        return self.pipeline.model_info
+    normalisation = property(lambda self: self.pipeline.normalisation)
+    model_info = property(lambda self: self.pipeline.model_info)
 
     model_id = property(lambda self: self.model_info.get("id", ""))
     model_hash = property(lambda self: self.model_info.get("sha256", ""))
@@ -349,12 +343,16 @@ class Codec:
 
     def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto", fidelity: bool = True):
         """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256: `Latents`
-        for a file without groups (as always), a `vqdiff.subject.Subject` for a TRX with groups (`encode_subject`)."""
+        for a file of one bundle (as always), a `vqdiff.subject.Subject` for a file of several
+        (`vqdiff.subject.subject_parts`: a TRX's groups) encoded part by part (`encode_subject`)."""
         from .fileio import file_sha256
         from .io import load_bundle
+        from .subject import subject_parts
+
         bundle, sha = load_bundle(path, reference=reference), file_sha256(path)
-        if bundle.groups:
-            return self.encode_subject(bundle, register=register, input_sha256=sha, fidelity=fidelity)
+        parts = subject_parts(bundle)
+        if bundle.groups or len(parts) > 1:
+            return self.encode_subject(bundle, parts=parts, register=register, input_sha256=sha, fidelity=fidelity)
         return self.encode(bundle, register=register, input_sha256=sha, fidelity=fidelity)
 
     def decode(self, latents, *, restore_points: bool = False, strict: bool = True):
@@ -395,6 +393,4 @@ def decode(latents: Latents, *, model: str | os.PathLike | Codec | None = None, 
 
 
 def _codec(model) -> Codec:
-    if isinstance(model, Codec):
-        return model
-    return Codec.default() if model is None else Codec.from_checkpoint(model)
+    return model if isinstance(model, Codec) else Codec.default() if model is None else Codec.from_checkpoint(model)
