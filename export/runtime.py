@@ -167,9 +167,10 @@ def make_codec(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any)
     ``backend``: ``load_engine(path, backend=backend, **kwargs)``.
     """
     from vqdiff.codec import Codec, load_templates
+    from vqdiff.quality import poor_limits
 
     engine = open_engine(path, backend=backend, **kwargs)
-    return Codec(engine, engine.normalisation, engine.model_info, load_templates(path))
+    return Codec(engine, engine.normalisation, engine.model_info, load_templates(path), poor_limits(path))
 
 
 def open_engine(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any) -> _GroupEngine:

@@ -110,12 +110,16 @@ def test_overlapping_groups_decode_exactly(codec, subject_dir, tmp_path):
     b = load_bundle(subject_dir / "PYT_R.trk")
     n = len(b)
     b.groups = {"PYT_R": np.arange(0, 200), "PYT_R_core": np.arange(150, 250)[::-1]}  # 70 streamlines in none
+    b.dps = {"id": np.arange(n)}
     subject = codec.encode_subject(b, fidelity=False)
     assert [(p.name, len(p.members)) for p in subject.parts] == [("PYT_R", 200), ("PYT_R_core", 50),
                                                                ("ungrouped", n - 250)]
     out = codec.decode(Subject.from_bytes(subject.to_bytes()))
     assert np.array_equal(out.groups["PYT_R_core"], np.arange(150, 250)[::-1])
     assert len(out) == n and reconstruction_quality(b, out)["mean_mdf_mm"] < 1.5
+    assert np.array_equal(out.dps["id"], np.arange(n))
+    by_name = codec.decode_subject(subject)  # each bundle with its rows of the file's dps
+    assert by_name["ungrouped"].dps["id"].tolist() == list(range(250, n)) and len(by_name["PYT_R_core"]) == 50
 
 
 def _with_data(b: Bundle) -> Bundle:
@@ -281,3 +285,39 @@ def test_groups_ride_along_in_a_single_latents(codec, subject_dir):
     lat = codec.encode(b, fidelity=False)
     out = codec.decode(load_latents(lat.to_bytes()))
     assert type(lat).__name__ == "Latents" and out.groups["x"].tolist() == [5, 1, 3]
+
+
+def test_carried_data_interoperate_with_trx_python(subject_dir, tmp_path):
+    """trx-python (the field's TRX library) reads our groups / dps / dpv, and we read what it writes."""
+    from trx import trx_file_memmap as tmm
+
+    b = _with_data(_sample(subject_dir))
+    b.groups = {"A": np.arange(0, 40), "B": np.arange(40, 70)}
+    theirs = tmm.load(str(save_bundle(b, tmp_path / "ours.trx")))
+    try:
+        assert {k: np.asarray(v).tolist() for k, v in theirs.groups.items()} == {k: v.tolist() for k, v in
+                                                                                b.groups.items()}
+        assert np.array_equal(np.asarray(theirs.data_per_streamline["rgb"]), b.dps["rgb"])
+        assert np.array_equal(np.asarray(theirs.data_per_vertex["fa"]._data).ravel(), b.dpv["fa"])
+        tmm.save(theirs, str(tmp_path / "theirs.trx"))
+    finally:
+        theirs.close()
+    assert carried_equal(load_bundle(tmp_path / "theirs.trx"), load_bundle(tmp_path / "ours.trx"))
+
+
+def test_batch_encodes_a_trx_with_groups_as_the_api_does(codec, subject_dir, tmp_path):
+    """A TRX with groups among per-file inputs is a subject there too: the same bytes as `encode_file`."""
+    from vqdiff.batch.job import run_batch
+
+    b = load_bundle(subject_dir / "PYT_R.trk")
+    b.groups = {"PYT_R": np.arange(0, 250), "Left_Arcuate": np.arange(250, 320)}
+    (tmp_path / "in" / "sub-01").mkdir(parents=True)
+    save_bundle(b, tmp_path / "in" / "sub-01" / "both.trx")
+    api = codec.encode_file(tmp_path / "in" / "sub-01" / "both.trx")
+    g = sum(p.latents.n_groups for p in api.parts)
+    summary = run_batch("encode", tmp_path / "in", tmp_path / "out", backend="torch", batch_size=g, progress=False)
+    assert summary["done"] == 1, summary
+    assert (tmp_path / "out" / "sub-01" / "both.vqlat").read_bytes() == api.to_bytes()
+    assert summary["flagged"]["unknown_bundle"] == ["sub-01/both.trx:Left_Arcuate"]  # no template of an arcuate
+    again = run_batch("encode", tmp_path / "in", tmp_path / "out", backend="torch", batch_size=g, progress=False)
+    assert again["skipped"] == 1, again

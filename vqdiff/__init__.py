@@ -15,6 +15,8 @@ _LAZY = {
     "encode": "vqdiff.codec",
     "decode": "vqdiff.codec",
     "Latents": "vqdiff.latents",
+    "Subject": "vqdiff.subject",
+    "load_latents": "vqdiff.subject",
     "load_bundle": "vqdiff.io",
     "save_bundle": "vqdiff.io",
     "load_checkpoint": "vqdiff.checkpoint",

@@ -71,6 +71,7 @@ def engine_provenance(engine) -> dict[str, Any]:
     """What made the numbers: the engine's backend, its variant / precision (fp32, int8, fp16...) and,
     for an engine chosen by measurement, why (`vqdiff.engine.engine_info`)."""
     from .engine import engine_info
+
     return engine_info(engine)
 
 
@@ -107,7 +108,7 @@ def check_model(made_by: dict[str, Any], model_info: dict[str, Any]) -> None:
 
 @dataclass
 class EncodeState:
-    """What `Pipeline.assemble_latents` needs besides the engine's output (no point data)."""
+    """What `Pipeline.assemble_latents` needs besides the engine's output (the input only to measure fidelity)."""
 
     order: np.ndarray  # (G*64,) int64
     pad_mask: np.ndarray  # (G*64,) bool
@@ -278,12 +279,11 @@ class Codec:
     def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:
         """A checkpoint directory (or a loaded `Checkpoint`) on the torch engine."""
         from .checkpoint import Checkpoint, load_checkpoint
+        from .quality import poor_limits
         from .torch_engine import TorchEngine
 
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
         templates = load_templates(ckpt.path) if ckpt.path is not None else None
-        from .quality import poor_limits
-
         return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, ckpt.model_info,
                    templates, poor_limits(ckpt.path))
 
@@ -291,13 +291,8 @@ class Codec:
     def default(cls, **kwargs: Any) -> Codec:
         return cls.from_checkpoint(default_model_dir(), **kwargs)
 
-    @property
-    def normalisation(self) -> Normalisation:
-        return self.pipeline.normalisation
-
-    @property
-    def model_info(self) -> dict[str, Any]:
-        return self.pipeline.model_info
+    normalisation = property(lambda self: self.pipeline.normalisation)
+    model_info = property(lambda self: self.pipeline.model_info)
 
     model_id = property(lambda self: self.model_info.get("id", ""))
     model_hash = property(lambda self: self.model_info.get("sha256", ""))
@@ -347,11 +342,14 @@ class Codec:
 
     def encode_file(self, path: str | os.PathLike, *, reference=None, register: str = "auto", fidelity: bool = True,
                     segment: str = "auto"):
-        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256: `Latents` for one
-        bundle, a `vqdiff.subject.Subject` for a TRX with groups or a multi-bundle file (`vqdiff.segment.file_parts`)."""
+        """Read a .trk / .tck (``reference``) / .trx file and encode it, recording the file's sha256: `Latents`
+        for a file of one bundle (as always), a `vqdiff.subject.Subject` for a file of several encoded part by
+        part (`encode_subject`): a TRX's groups, or the bundles a segmentation finds in a file without groups
+        (`vqdiff.segment.file_parts`; ``segment``: "auto" when detected, "on", "off": as one bundle)."""
         from .fileio import file_sha256
         from .io import load_bundle
         from .segment import file_parts
+
         bundle, sha = load_bundle(path, reference=reference), file_sha256(path)
         parts, seg = file_parts(bundle, self.pipeline.templates, mode=segment)  # (None, None): one bundle
         if parts is None:
@@ -368,6 +366,7 @@ class Codec:
         streamline at its place, its groups, dps and dpv); `decode_subject` gives the bundles by name.
         """
         from .subject import Subject, assemble_file
+
         if isinstance(latents, Subject):
             bundles = self.decode_subject(latents, restore_points=restore_points, strict=strict)
             return assemble_file(latents, bundles, restore_points=restore_points)
@@ -377,6 +376,7 @@ class Codec:
     def decode_subject(self, subject, *, restore_points: bool = False, strict: bool = True) -> dict[str, Bundle]:
         """A subject's bundles by name, each in its own order and the file's space (one decoder pass)."""
         from .subject import assemble_bundles, decode_input
+
         groups = self.decode_groups(decode_input(self.pipeline, subject, strict=strict))
         return assemble_bundles(self.pipeline, subject, groups, restore_points=restore_points)
 
@@ -395,6 +395,4 @@ def decode(latents: Latents, *, model: str | os.PathLike | Codec | None = None, 
 
 
 def _codec(model) -> Codec:
-    if isinstance(model, Codec):
-        return model
-    return Codec.default() if model is None else Codec.from_checkpoint(model)
+    return model if isinstance(model, Codec) else Codec.default() if model is None else Codec.from_checkpoint(model)

@@ -322,10 +322,18 @@ def decode_input(pipeline, subject: Subject, *, strict: bool = True) -> np.ndarr
 
 def assemble_bundles(pipeline, subject: Subject, groups: np.ndarray, *, restore_points: bool = False
                      ) -> dict[str, Bundle]:
-    """The decoder's output for all parts -> every part's bundle by name (its order, the file's space)."""
-    sizes = [p.latents.n_groups for p in subject.parts]
-    return {p.name: pipeline.assemble_bundle(p.latents, g, restore_points=restore_points)
-            for p, g in zip(subject.parts, _split(groups, sizes), strict=True)}
+    """The decoder's output for all parts -> every part's bundle by name (its order, the file's space, its
+    rows of the file's dps, and of its dpv with ``restore_points``)."""
+    from .carried import take
+
+    sizes, counts = [p.latents.n_groups for p in subject.parts], subject.n_points()
+    out = {}
+    for p, g in zip(subject.parts, _split(groups, sizes), strict=True):
+        out[p.name] = b = pipeline.assemble_bundle(p.latents, g, restore_points=restore_points)
+        if subject.carried.get("dps") or subject.carried.get("dpv"):  # the part's rows of the file's data
+            own = take(subject.carried, p.members, counts)
+            b.dps, b.dpv = own["dps"], own["dpv"] if restore_points else {}
+    return out
 
 
 def assemble_file(subject: Subject, bundles: dict[str, Bundle], *, restore_points: bool = False) -> Bundle:

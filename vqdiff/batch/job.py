@@ -21,6 +21,7 @@ from vqdiff.fileio import atomic_write_bytes
 from .local import run_local
 from .model import load_codec, resolve_model
 from .stages import DEFAULT_BATCH, JobSpec, remove_temps
+from .subjects import flagged
 from .tasks import (
     DECODE_FORMATS,
     BatchError,
@@ -135,5 +136,7 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         "streamlines_processed": now["streamlines"], "seconds": round(seconds, 3),
         "streamlines_per_s": round(rate, 1), "index": str(index_path), "failures": failures,
     }
+    if kind == "encode":  # the bundles the two warnings flag (recognition; measured fidelity)
+        summary["flagged"] = flagged(r for r in records.values() if r["status"] == "ok")
     atomic_write_bytes(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
     return summary

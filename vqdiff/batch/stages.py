@@ -35,6 +35,7 @@ from vqdiff.codec import same_provenance
 from vqdiff.errors import VQDiffError
 from vqdiff.fileio import TMP_MARK, atomic_write_bytes, file_sha256
 from vqdiff.latents import FORMAT, FORMAT_VERSION
+from vqdiff.subject import FORMAT as SUBJECT_FORMAT
 
 from .subjects import (
     fidelity_summary,
@@ -213,13 +214,13 @@ def _up_to_date(spec: JobSpec, task: BatchTask, sha: str) -> tuple[dict | None, 
     """(record, "") when ``task.output`` is this input's output under this model, else (None, why not)."""
     out = Path(task.output)
     try:
-        if spec.kind == "encode" and spec.per_subject:
-            fields, why = subject_up_to_date(spec, sha, _latents_header(out))
+        header = _latents_header(out) if spec.kind == "encode" else {}
+        if spec.kind == "encode" and (spec.per_subject or header["__metadata__"].get("format") == SUBJECT_FORMAT):
+            fields, why = subject_up_to_date(spec, sha, header)  # a subject folder, or a TRX with groups
             if fields is None:
                 return None, why
             return record(spec, task, input_sha256=sha, output_sha256=file_sha256(out), **fields), ""
         if spec.kind == "encode":
-            header = _latents_header(out)
             meta = header["__metadata__"]
             if (meta.get("format"), meta.get("format_version")) != (FORMAT, str(FORMAT_VERSION)):
                 return None, f"it is not a {FORMAT} v{FORMAT_VERSION} file"
@@ -273,7 +274,12 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
             from vqdiff.io import load_bundle
 
             bundle = load_bundle(task.input, reference=spec.reference, data=data)
+            if bundle.groups:  # a TRX with groups is a subject, as `Codec.encode_file` has it
+                from vqdiff.subject import prepare_subject
+
+                return Prepared(*prepare_subject(spec.pipeline, bundle, input_sha256=sha), sha)
             x, state = spec.pipeline.prepare_encode(bundle, input_sha256=sha)
+            state.bundle = state.bundle if spec.fidelity else None  # kept only to measure the fidelity
             return Prepared(x, state, sha)
         from vqdiff.subject import Subject, decode_input, load_latents
 

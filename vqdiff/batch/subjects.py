@@ -75,3 +75,18 @@ def latents_summary(lat) -> dict:
 def registration_summary(registration: dict) -> dict:
     """What the index records of a file's registration: the recognised bundle, method, residual, known."""
     return {k: registration.get(k) for k in ("template", "method", "residual_mm", "known")}
+
+
+def flagged(records) -> dict[str, list[str]]:
+    """The bundles a job's index flags, by warning: ``unknown_bundle`` (recognition) and
+    ``poor_reconstruction`` (measured fidelity above the model's limits), as ``input`` or ``input:bundle``."""
+    out: dict[str, list[str]] = {"unknown_bundle": [], "poor_reconstruction": []}
+    for rec in records:
+        items = [(f"{rec['input']}:{k}", v) for k, v in rec["bundles"].items()] if rec.get("bundles") else [
+            (rec["input"], rec)]
+        for name, item in items:
+            if (item.get("registration") or {}).get("known") is False:
+                out["unknown_bundle"].append(name)
+            if (item.get("fidelity") or {}).get("poor"):
+                out["poor_reconstruction"].append(name)
+    return out
