@@ -220,3 +220,29 @@ def json_roundtrip(d):
     import json
 
     return json.loads(json.dumps(d))
+
+
+def test_batch_segments_as_encode_file_does(codec, concatenated, subject_dir, tmp_path):
+    """`vqdiff-encode-batch` writes the same subject file for a multi-bundle file as `Codec.encode_file`
+    (one engine call of all the subject's groups on both paths), and ``segment="off"`` one bundle."""
+    from vqdiff.batch.job import run_batch
+    from vqdiff.bundle import Bundle
+    from vqdiff.io import load_bundle, save_bundle
+    from vqdiff.latents import Latents
+    from vqdiff.subject import load_latents
+
+    header = load_bundle(subject_dir / "MCP.trk").header
+    (tmp_path / "in" / "sub-01").mkdir(parents=True)
+    src = tmp_path / "in" / "sub-01" / "file.trk"
+    save_bundle(Bundle(concatenated[0], header, "trk", "file"), src)
+    api = codec.encode_file(src)
+    groups = sum(p.latents.n_groups for p in api.parts)
+    summary = run_batch("encode", tmp_path / "in", tmp_path / "out", backend="torch", batch_size=groups,
+                        progress=False)
+    assert summary["done"] == 1, summary
+    assert (tmp_path / "out" / "sub-01" / "file.vqlat").read_bytes() == api.to_bytes()
+    summary = run_batch("encode", tmp_path / "in", tmp_path / "off", backend="torch", progress=False,
+                        segment="off", fidelity=False)
+    assert summary["done"] == 1, summary
+    off = load_latents(tmp_path / "off" / "sub-01" / "file.vqlat")
+    assert isinstance(off, Latents) and off.n_streamlines == len(concatenated[0])

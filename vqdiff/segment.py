@@ -22,17 +22,22 @@ Detection (`detect`), three signals, any of which calls the file several bundles
 
 Segmentation (`segment`), in model space, against the model's templates as the atlas (up to 16
 QuickBundles centroids per training bundle at 20 points: `templates.safetensors`, which
-`vqdiff-train` / `vqdiff-templates` write; no other file): the file's centroids are registered onto
-all the atlas centroids at once (`vqdiff.slr.fit`, the bounded similarity; identity kept unless it
-lowers the residual by a fifth); then, per atlas bundle, dipy's RecoBundles
-(`dipy.segment.bundles.RecoBundles`) finds its neighbourhood, a local bounded SLR registers that onto
-the bundle (unless the file is in model space already: `claims`) and the streamlines within
-`PRUNING_MM` of a centroid are claimed. A streamline claimed by several atlas bundles goes to the one
-whose nearest centroid is closest (MDF, 20 points, after that bundle's local SLR); ties to the first
-in the atlas's order. The streamlines no atlas bundle
-claims are clustered by QuickBundles at `UNASSIGNED_MM`; clusters under `MIN_PART` streamlines join
-the nearest larger one within `UNASSIGNED_MM`, and each becomes an unnamed part (``unassigned_1``, ... by decreasing size),
-so every streamline is in exactly one part. Deterministic (strided subsamples, fixed seed, one thread).
+`vqdiff-train` / `vqdiff-templates` write; no other file: on subject01's 12 bundles concatenated, a
+346-centroid atlas named 97.8% of the streamlines right, the templates' 134 centroids 97.4%):
+
+1. the file's centroids are registered onto all the atlas centroids at once (`vqdiff.slr.fit`, the
+   bounded similarity; identity kept unless it lowers the residual by a fifth: `atlas_registration`);
+2. per atlas bundle, dipy's RecoBundles (`dipy.segment.bundles.RecoBundles`) finds its neighbourhood,
+   a local bounded SLR registers that onto the bundle (unless the file is in model space already) and
+   the streamlines within `PRUNING_MM` of a centroid are claimed (`claims`);
+3. a streamline claimed by several atlas bundles goes to the one whose nearest centroid is closest
+   (MDF, 20 points, after that bundle's local SLR); ties to the first in the atlas's order;
+4. the streamlines no atlas bundle claims are clustered by QuickBundles at `UNASSIGNED_MM`; clusters
+   under `MIN_PART` streamlines join the nearest larger one within `UNASSIGNED_MM`, and each becomes
+   an unnamed part (``unassigned_1``, ... by decreasing size), so every streamline is in exactly one
+   part (`unassigned_clusters`).
+
+Deterministic (strided subsamples, QuickBundles in input order, a fixed seed, one thread).
 """
 
 from __future__ import annotations
@@ -62,8 +67,9 @@ UNASSIGNED_MM = 20.0
 MIN_PART = 32
 UNASSIGNED = "unassigned"
 SEED = 0
-log = logging.getLogger(__name__)
 ATLAS_CENTROIDS = {"max_centroids": 64, "max_streamlines": 2000}  # the file's centroids for its registration
+
+log = logging.getLogger(__name__)
 
 
 def _resampled(streamlines: Sequence[np.ndarray], n_points: int) -> np.ndarray:

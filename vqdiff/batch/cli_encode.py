@@ -92,6 +92,10 @@ def _build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fidelity", action="store_true",
                    help="Do not measure each encoding's reconstruction (saves one decoder pass per bundle; the "
                         "latents then record no fidelity and no poor_reconstruction warning is given).")
+    p.add_argument("--segment", choices=("auto", "on", "off"), default="auto",
+                   help="A file without groups that holds several bundles: segment it into bundles, one subject "
+                        "latents file (auto: when detected; on: always) or encode it as one bundle (off) "
+                        "[%(default)s].")
     add_batch_args(p)
     return p
 
@@ -100,7 +104,7 @@ def main(argv=None) -> None:
     parser = _build_arg_parser()
     args = parser.parse_args(argv)
     run_batch_cli(parser, args, "encode", reference=args.reference, fidelity=not args.no_fidelity,
-                  per_subject=args.per_subject)
+                  per_subject=args.per_subject, segment=args.segment)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
               batch_size: int = DEFAULT_BATCH, workers: int = 2, processes: bool = False, overwrite: bool = False,
               reference: str | None = None, format: str = "trk", restore_points: bool = True,
               progress: bool = True, throttle: float = 0.0, ray_actors: int | None = None, fidelity: bool = True,
-              per_subject: bool = False) -> dict:
+              per_subject: bool = False, segment: str = "auto") -> dict:
     """Encode (``kind="encode"``) or decode every file of shard ``shard`` of ``in_dir`` into ``out_dir``.
 
     Writes ``out_dir/index[.shard-K-of-N].jsonl`` (one record per file of the shard, sorted by input)
@@ -50,7 +50,8 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     threads prepare the files, or worker processes with ``processes`` (`vqdiff.batch.local`).
     Encode: ``fidelity`` records each bundle's measured reconstruction (one more decoder pass);
     ``per_subject`` writes one subject latents file per subject (``out_dir/<subject>.vqlat``,
-    `vqdiff.batch.subjects`). Decode reads either kind of latents file.
+    `vqdiff.batch.subjects`); ``segment`` ("auto", "on", "off") what a file of several bundles without
+    groups becomes (`vqdiff.segment.file_parts`, as `Codec.encode_file`). Decode reads either kind of latents file.
     """
     from tqdm.auto import tqdm
 
@@ -79,7 +80,8 @@ def run_batch(kind: str, in_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                        batch_size=batch_size)
     spec = JobSpec(kind, str(model_dir), dict(codec.model_info), codec.normalisation.to_dict(), batch_size,
                    backend, device, threads, overwrite, reference, format, restore_points, throttle,
-                   engine=dict(codec.pipeline.provenance["engine"]), fidelity=fidelity, per_subject=per_subject)
+                   engine=dict(codec.pipeline.provenance["engine"]), fidelity=fidelity, per_subject=per_subject,
+                   segment=segment)
 
     records: dict[str, dict] = {}
     counts = {"done": 0, "skipped": 0, "failed": 0}

@@ -76,6 +76,7 @@ class JobSpec:
     engine: dict | None = None  # {"backend", "variant"} of the engine that runs the job (provenance)
     fidelity: bool = True  # encode: decode the latents and record the measured fidelity
     per_subject: bool = False  # encode: one subject latents file per subject (tasks with members)
+    segment: str = "auto"  # encode: a file of several bundles without groups (`vqdiff.segment.MODES`)
 
     @cached_property
     def pipeline(self):
@@ -274,10 +275,15 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
             from vqdiff.io import load_bundle
 
             bundle = load_bundle(task.input, reference=spec.reference, data=data)
-            if bundle.groups:  # a TRX with groups is a subject, as `Codec.encode_file` has it
+            from vqdiff.segment import file_parts
+
+            parts, seg = file_parts(bundle, spec.pipeline.templates, mode=spec.segment)
+            if parts is not None:  # a TRX with groups or a segmented file is a subject, as `Codec.encode_file` has it
                 from vqdiff.subject import prepare_subject
 
-                return Prepared(*prepare_subject(spec.pipeline, bundle, input_sha256=sha), sha)
+                x, state = prepare_subject(spec.pipeline, bundle, parts=parts, input_sha256=sha)
+                state.source.update({} if seg is None else {"segmentation": seg.to_dict()})  # as `seg.record`
+                return Prepared(x, state, sha)
             x, state = spec.pipeline.prepare_encode(bundle, input_sha256=sha)
             state.bundle = state.bundle if spec.fidelity else None  # kept only to measure the fidelity
             return Prepared(x, state, sha)
