@@ -321,3 +321,14 @@ def test_batch_encodes_a_trx_with_groups_as_the_api_does(codec, subject_dir, tmp
     assert summary["flagged"]["unknown_bundle"] == ["sub-01/both.trx:Left_Arcuate"]  # no template of an arcuate
     again = run_batch("encode", tmp_path / "in", tmp_path / "out", backend="torch", batch_size=g, progress=False)
     assert again["skipped"] == 1, again
+
+
+def test_trx_data_vqdiff_does_not_carry_is_named(subject_dir, tmp_path, caplog):
+    import zipfile
+
+    save_bundle(_sample(subject_dir), tmp_path / "x.trx")
+    with zipfile.ZipFile(tmp_path / "x.trx", "a") as zf:
+        zf.writestr("dpg/G/mean_fa.float32", np.zeros(1, np.float32).tobytes())
+    with caplog.at_level(logging.WARNING):
+        assert len(load_bundle(tmp_path / "x.trx")) == 70
+    assert "dpg/G/mean_fa.float32" in caplog.text and "not carried" in caplog.text
