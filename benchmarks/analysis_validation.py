@@ -74,7 +74,7 @@ def cached(path: Path, make):
 
 def auc(neg, pos) -> float:
     neg, pos = np.asarray(neg), np.asarray(pos)
-    return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
 def cosine(a, b) -> float:

@@ -122,13 +122,31 @@ class TractNorm:
     calibration: dict[str, Any] = field(default_factory=dict)  # {"bundle": [mu, sd], "nodes": [[mu, sd]...]}
     subjects: list[str] = field(default_factory=list)
 
+    _prep: tuple | None = field(default=None, repr=False, compare=False)
+
+    def _woodbury(self) -> tuple:
+        """(whole-profile kernel (n, n), node blocks of the deviations (N, n, D), node kernels (N, n, n)):
+        ``R^-1 = (I - Y' K Y) / lam`` with ``K = c (lam I + c Y Y')^-1``, computed once per norm."""
+        if self._prep is None:
+            y, lam = self.deviations, self.lam
+            n, p = y.shape
+            c = (1.0 - lam) / max(n - 1, 1)
+            eye = np.eye(n)
+            whole = c * np.linalg.inv(lam * eye + c * (y @ y.T))
+            blocks = y.reshape(n, self.n_nodes, p // self.n_nodes).transpose(1, 0, 2)
+            nodes = c * np.linalg.inv(lam * eye + c * blocks @ blocks.transpose(0, 2, 1))
+            self._prep = (whole, blocks, nodes)
+        return self._prep
+
     def distances(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Profiles (M, p) -> (bundle-level d2 (M,), node-level d2 (M, N))."""
+        """Profiles (M, p) -> (bundle-level d2 (M,), node-level d2 (M, N)) (module doc)."""
         z = (np.atleast_2d(np.asarray(x, np.float64)) - self.centre) / self.scale
-        whole = mahalanobis(z, self.deviations, self.lam)
-        q = z.shape[1] // self.n_nodes
-        nodes = np.stack([mahalanobis(z[:, k * q:(k + 1) * q], self.deviations[:, k * q:(k + 1) * q], self.lam)
-                          for k in range(self.n_nodes)], axis=1)
+        whole_k, blocks, node_k = self._woodbury()
+        yz = z @ self.deviations.T  # (M, n)
+        whole = (np.einsum("mq,mq->m", z, z) - np.einsum("mn,nl,ml->m", yz, whole_k, yz)) / self.lam
+        zb = z.reshape(len(z), self.n_nodes, -1)  # (M, N, D)
+        yzb = np.einsum("knd,mkd->mkn", blocks, zb)
+        nodes = (np.einsum("mkd,mkd->mk", zb, zb) - np.einsum("mkn,knl,mkl->mk", yzb, node_k, yzb)) / self.lam
         return whole, nodes
 
 

@@ -59,8 +59,8 @@ def score_profile(norms: Norms, tract: str, prof: np.ndarray, *, subject: str = 
     t = norms.tracts[tract]
     whole, nodes = t.distances(prof.reshape(1, -1))
     p = float(tail_probability(whole, t.calibration["bundle"])[0])
-    p_nodes = np.array([tail_probability(nodes[0, k:k + 1], t.calibration["nodes"][k])[0]
-                        for k in range(norms.n_nodes)])
+    cal = np.asarray(t.calibration["nodes"], np.float64)  # (N, 2): log-normal mean, sd per node
+    p_nodes = tail_probability(nodes[0], (cal[:, 0], cal[:, 1]))
     z = _ndtri(1.0 - p_nodes)
     peak = int(np.argmax(z))
     return BundleScore(subject, bundle or tract, tract, float(whole[0]), p, bool(p < alpha), peak, float(z[peak]),

@@ -35,9 +35,10 @@ def query_embedding(query, table) -> tuple[np.ndarray, tuple[str, str] | None]:
     return np.asarray(query, np.float64), None
 
 
-def nearest(query, table, *, k: int = 5, tract: str | None = None):
+def nearest(query, table, *, k: int = 5, tract: str | None = None, exclude_path=None):
     """The ``k`` nearest bundles of ``table`` (wide layout) to ``query`` (`query_embedding`), closest
-    first, with their ``distance``; ``tract`` keeps only bundles of that tract."""
+    first, with their ``distance``; ``tract`` keeps only bundles of that tract; ``exclude_path``
+    leaves out the table's row of that latents file (a query that is in the table)."""
     if k < 1:
         raise AnalysisError(f"k must be >= 1, got {k}")
     cols = embedding_columns(table)
@@ -49,6 +50,11 @@ def nearest(query, table, *, k: int = 5, tract: str | None = None):
     cand = table
     if own is not None:
         cand = cand[~((cand["subject"] == own[0]) & (cand["bundle"] == own[1]))]
+    if exclude_path is not None and "path" in cand:
+        from pathlib import Path
+
+        target = Path(exclude_path).resolve()
+        cand = cand[[Path(p).resolve() != target for p in cand["path"].astype(str)]]
     if tract is not None:
         cand = cand[cand["tract"] == tract]
     d = distance(cand[cols].to_numpy(np.float64), q)

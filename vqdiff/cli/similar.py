@@ -1,7 +1,7 @@
 """The bundles of a cohort table nearest to a query bundle (Euclidean distance on the embedding).
 
-QUERY is a latents file (.vqlat) or SUBJECT/BUNDLE naming a row of the table (left out of the
-answer). Prints the k nearest bundles with their distances (a table, or JSON with --json).
+QUERY is a latents file (.vqlat) or SUBJECT/BUNDLE naming a row of the table (the query's own row
+is left out of the answer). Prints the k nearest bundles with their distances (a table, or JSON with --json).
 
 Examples::
 
@@ -52,7 +52,8 @@ def main(argv=None) -> None:
             query = tuple(args.in_query.split("/"))
         else:
             raise AnalysisError(f"query {args.in_query!r}: expected a latents file (*{SUFFIX}) or SUBJECT/BUNDLE")
-        out = nearest(query, table, k=args.k, tract=args.tract)
+        own = args.in_query if args.in_query.endswith(SUFFIX) else None
+        out = nearest(query, table, k=args.k, tract=args.tract, exclude_path=own)
         if args.json:
             print(json.dumps(out.to_dict(orient="records"), indent=2, default=str))
         else:
