@@ -46,7 +46,6 @@ class BundleFeatures:
     """What `features` reads from one latents file."""
 
     profile: np.ndarray  # (N, D) float64
-    spread: np.ndarray  # (N, D) float64: weighted standard deviation over the streamline rows
     registration: dict[str, Any] = field(default_factory=dict)
     n_streamlines: int = 0
     n_groups: int = 0
@@ -74,29 +73,38 @@ def row_weights(pad_mask: np.ndarray, n_groups: int, rows: int) -> np.ndarray:
     return np.asarray(pad_mask, np.float64).reshape(n_groups, rows, per_row).mean(axis=2)
 
 
-def profile_and_spread(latents: np.ndarray, pad_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Latents (G, D, R, N) and pad_mask (G * 64,) -> (profile (N, D), spread (N, D)), float64 (module doc)."""
+def _weights(latents: np.ndarray, pad_mask: np.ndarray) -> np.ndarray:
     lat = np.asarray(latents)
     if lat.ndim != 4:
         raise ValueError(f"latents must be (G, D, rows, nodes), got shape {lat.shape}")
-    g, d, r, n = lat.shape
+    g, _, r, _ = lat.shape
     if GROUP_SIZE % r or np.asarray(pad_mask).size != g * GROUP_SIZE:
         raise ValueError(f"pad_mask of {np.asarray(pad_mask).size} slots does not fit {g} groups of "
                          f"{GROUP_SIZE} with {r} latent rows")
     w = row_weights(pad_mask, g, r)  # (G, R)
-    total = w.sum()
-    if total <= 0:
+    if w.sum() <= 0:
         raise ValueError("the latents hold no real streamline")
-    x = lat.transpose(0, 2, 3, 1).reshape(g * r, n * d).astype(np.float64)  # one row per latent row
-    wf = w.reshape(-1)
-    mean = wf @ x / total
-    var = wf @ (x - mean) ** 2 / total
-    return mean.reshape(n, d), np.sqrt(np.maximum(var, 0.0)).reshape(n, d)
+    return w / w.sum()
+
+
+def profile_of(latents: np.ndarray, pad_mask: np.ndarray) -> np.ndarray:
+    """Latents (G, D, R, N) and pad_mask (G * 64,) -> the profile (N, D) float64 (module doc)."""
+    w = _weights(latents, pad_mask)
+    return np.tensordot(w, np.asarray(latents, np.float64), axes=([0, 1], [0, 2])).T  # (D, N) -> (N, D)
+
+
+def profile_and_spread(latents: np.ndarray, pad_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(profile (N, D), spread (N, D): the weighted standard deviation over the streamline rows)."""
+    w = _weights(latents, pad_mask)
+    lat = np.asarray(latents, np.float64)
+    mean = np.tensordot(w, lat, axes=([0, 1], [0, 2]))  # (D, N)
+    var = np.tensordot(w, (lat - mean[None, :, None, :]) ** 2, axes=([0, 1], [0, 2]))
+    return mean.T, np.sqrt(np.maximum(var, 0.0)).T
 
 
 def profile(latents) -> np.ndarray:
     """The along-tract profile (N nodes, D features) of a `vqdiff.Latents` (module doc)."""
-    return profile_and_spread(latents.latents, latents.pad_mask)[0]
+    return profile_of(latents.latents, latents.pad_mask)
 
 
 def embedding_from_profile(prof: np.ndarray) -> np.ndarray:
@@ -145,11 +153,11 @@ def registration_features(matrix: np.ndarray, registration: dict[str, Any] | Non
 
 
 def features(latents) -> BundleFeatures:
-    """Everything the analysis reads from one `vqdiff.Latents`: profile, spread, registration features."""
-    prof, spread = profile_and_spread(latents.latents, latents.pad_mask)
+    """Everything the analysis reads from one `vqdiff.Latents`: profile, registration features."""
+    prof = profile_of(latents.latents, latents.pad_mask)
     reg = dict(latents.registration or {})
     return BundleFeatures(
-        profile=prof, spread=spread, registration=registration_features(latents.matrix, reg),
+        profile=prof, registration=registration_features(latents.matrix, reg),
         n_streamlines=latents.n_streamlines, n_groups=latents.n_groups, template=reg.get("template"),
         known=reg.get("known"), model_sha256=str(latents.model.get("sha256", "")),
         model_id=str(latents.model.get("id", "")))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .embedding import EMBEDDING_VERSION, profile_and_spread, profile_from_embedding
+from .embedding import EMBEDDING_VERSION, profile_from_embedding, profile_of
 from .norms import Norms, _ndtri, fit, tail_probability
 from .records import AnalysisError
 from .tables import embedding_columns, long_to_profiles, tract_key
@@ -80,7 +80,7 @@ def score_latents(latents, norms: Norms, *, bundle: str = "", subject: str = "",
     reg = latents.registration or {}
     name = bundle or str(latents.source.get("name") or reg.get("template") or "")
     key = tract or tract_key(name, reg.get("template"), reg.get("known"))
-    prof, _ = profile_and_spread(latents.latents, latents.pad_mask)
+    prof = profile_of(latents.latents, latents.pad_mask)
     return score_profile(norms, key, prof, subject=subject, bundle=name, alpha=alpha)
 
 
