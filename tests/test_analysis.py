@@ -176,7 +176,21 @@ def test_clis_help():
         assert r.returncode == 0 and "usage" in r.stdout
 
 
-def test_clis_from_a_batch_folder_to_scores_and_figures(codec, bundles, lat, tmp_path):
+def _main(capsys, module, *args) -> tuple[int, str, str]:
+    """Run a command's ``main`` in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    import importlib
+
+    capsys.readouterr()
+    try:
+        importlib.import_module(f"vqdiff.cli.{module}").main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_clis_from_a_batch_folder_to_scores_and_figures(codec, bundles, lat, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     rng = np.random.default_rng(4)
     root = tmp_path / "cohort"
@@ -186,44 +200,50 @@ def test_clis_from_a_batch_folder_to_scores_and_figures(codec, bundles, lat, tmp
             keep = rng.choice(len(s), int(0.8 * len(s)), replace=False)
             _encode(codec, [s[k] for k in keep], n).save(root / f"ref{i}" / f"{n}.vqlat")
     table = tmp_path / "cohort.parquet"
-    r = _run("vqdiff-embed", root, table)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["bundles"] == 12
-    assert _run("vqdiff-embed", root, table).returncode != 0  # refuses to overwrite without -f
-    r = _run("vqdiff-similar", "ref0/ILF_R", table, "--k", "3", "--json")
-    assert r.returncode == 0, r.stderr
-    assert [h["bundle"] for h in json.loads(r.stdout)] == ["ILF_R"] * 3
+    code, out, err = _main(capsys, "embed", root, table)
+    assert code == 0, err
+    assert json.loads(out)["bundles"] == 12
+    code, _, err = _main(capsys, "embed", root, table)
+    assert code != 0 and "exists" in err  # refuses to overwrite without -f
+    code, out, err = _main(capsys, "similar", "ref0/ILF_R", table, "--k", "3", "--json")
+    assert code == 0, err
+    assert [h["bundle"] for h in json.loads(out)] == ["ILF_R"] * 3
     norms = tmp_path / "n.vqnorm"
-    r = _run("vqdiff-norms", "fit", table, norms, "--label", "test reference")
-    assert r.returncode == 0, r.stderr
+    code, _, err = _main(capsys, "norms", "fit", table, norms, "--label", "test reference")
+    assert code == 0, err
     subject = _batch_folder(tmp_path, {n: lat[n] for n in ("ILF_R", "POPT_R", "PYT_L")})
-    r = _run("vqdiff-norms", "score", subject, "--norms", norms, "--out-table", tmp_path / "s.csv",
-             "--out-figures", tmp_path / "figs")
-    assert r.returncode == 0, r.stderr
-    assert "not scored: sub-01/PYT_L" in r.stdout  # no norm for it: said, not dropped silently
-    out = json.loads(r.stdout[r.stdout.index("{"):])
-    assert {s["bundle"] for s in out["scored"]} == {"ILF_R", "POPT_R"}
+    code, out, err = _main(capsys, "norms", "score", subject, "--norms", norms, "--out-table", tmp_path / "s.csv",
+                           "--out-figures", tmp_path / "figs")
+    assert code == 0, err
+    assert "not scored: sub-01/PYT_L" in out  # no norm for it: said, not dropped silently
+    scored = json.loads(out[out.index("{"):])["scored"]
+    assert {s["bundle"] for s in scored} == {"ILF_R", "POPT_R"}
     assert len(list((tmp_path / "figs").glob("*.png"))) == 2
+    import pandas as pd
+
+    assert list(pd.read_csv(tmp_path / "s.csv")["bundle"]) == [s["bundle"] for s in scored]
 
 
-def test_clear_errors_for_bad_inputs(lat, tmp_path):
+def test_clear_errors_for_bad_inputs(lat, tmp_path, capsys):
     from vqdiff.analysis import AnalysisError, iter_records
     from vqdiff.analysis.norms import fit
     from vqdiff.analysis.records import LatentsRecord
     from vqdiff.analysis.scoring import score_records
 
     (tmp_path / "empty").mkdir()
-    r = _run("vqdiff-embed", tmp_path / "empty", tmp_path / "t.csv")
-    assert r.returncode == 2 and "no latents found" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = _main(capsys, "embed", tmp_path / "empty", tmp_path / "t.csv")
+    assert code == 2 and "no latents found" in err and "Traceback" not in err
     other = dataclasses.replace(lat["PYT_L"], model={**lat["PYT_L"].model, "sha256": "b" * 64})
     lat["ILF_R"].save(tmp_path / "mixed" / "s" / "ILF_R.vqlat")
     other.save(tmp_path / "mixed" / "s" / "PYT_L.vqlat")
     with pytest.raises(AnalysisError, match="mixed models"):
         list(iter_records([tmp_path / "mixed"]))
-    r = _run("vqdiff-embed", tmp_path / "mixed", tmp_path / "t.csv")
-    assert r.returncode == 2 and "mixed models" in r.stderr
+    code, _, err = _main(capsys, "embed", tmp_path / "mixed", tmp_path / "t.csv")
+    assert code == 2 and "mixed models" in err
     norms = fit({"T": np.random.default_rng(0).normal(size=(6, 1024))}, n_nodes=16)
     with pytest.raises(AnalysisError, match="no bundle could be scored.*tracts T"):
         score_records([LatentsRecord("s", "ILF_R", Path("x"), lat["ILF_R"])], norms)
-    r = _run("vqdiff-similar", "a/b", tmp_path / "missing.csv")
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    code, _, err = _main(capsys, "similar", "a/b", tmp_path / "missing.csv")
+    assert code == 2 and "does not exist" in err
+    code, _, err = _main(capsys, "norms", "score", tmp_path / "mixed", "--norms", tmp_path / "missing.vqnorm")
+    assert code == 2 and "does not exist" in err and "vqdiff-norms fit" in err
