@@ -90,6 +90,38 @@ def counterpart_key(name: str):
     return (fam[0], side) if fam else None
 
 
+def compare_metrics(emb: dict) -> dict:
+    """Identification (AFQ <-> subject01, bundles with a counterpart) under candidate distances: the
+    correct count and the median margin d(counterpart) / d(nearest other tract) (lower is better)."""
+    keys = list(emb)
+    x = np.stack([emb[k] for k in keys])
+    n_nodes = 16
+    per_node = x.reshape(len(x), n_nodes, -1)
+    variants = {
+        "euclidean": x,
+        "l2_normalised": x / np.linalg.norm(x, axis=1, keepdims=True),  # Euclidean on these = cosine
+        "per_node_l2": (per_node / np.linalg.norm(per_node, axis=2, keepdims=True)).reshape(len(x), -1),
+        "cohort_standardised": (x - x.mean(0)) / (x.std(0) + 1e-12),
+    }
+    out = {}
+    for name, v in variants.items():
+        ok = total = 0
+        margins = []
+        for i, (s, n) in enumerate(keys):
+            other = "subject01" if s == "afq" else "afq"
+            cand = [j for j, (s2, _) in enumerate(keys) if s2 == other]
+            if counterpart_key(n) is None or not any(counterpart_key(keys[j][1]) == counterpart_key(n) for j in cand):
+                continue
+            d = np.linalg.norm(v[cand] - v[i], axis=1)
+            right = [d[k] for k, j in enumerate(cand) if counterpart_key(keys[j][1]) == counterpart_key(n)]
+            wrong = [d[k] for k, j in enumerate(cand) if counterpart_key(keys[j][1]) != counterpart_key(n)]
+            total += 1
+            ok += int(min(right) < min(wrong))
+            margins.append(min(right) / min(wrong))
+        out[name] = {"correct": ok, "total": total, "median_margin": round(float(np.median(margins)), 3)}
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "analysis" / "validation.json"))
@@ -137,13 +169,15 @@ def main(argv=None) -> None:
             best = min(targets, key=lambda te, e=e: float(np.linalg.norm(te[1] - e)))[0]
             ident.append({"query": f"{qs}/{n}", "nearest": f"{ts}/{best}",
                           "correct": counterpart_key(best) == counterpart_key(n)})
-    res["identification"] = {"correct": sum(r["correct"] for r in ident), "total": len(ident), "pairs": ident}
-    print("identification", res["identification"]["correct"], "/", len(ident), flush=True)
+    res["identification"] = {"correct": sum(r["correct"] for r in ident), "total": len(ident), "pairs": ident,
+                             "metrics": compare_metrics(emb)}
+    print("identification", res["identification"]["correct"], "/", len(ident), res["identification"]["metrics"],
+          flush=True)
 
-    # --- stability: random half of the streamlines, re-encoded
+    # --- stability: random half of the streamlines, re-encoded (--draws 0 skips it)
     rng = np.random.default_rng(args.seed)
     stab = {}
-    for label, bundles in (("subject01", s01), ("afq", afq)):
+    for label, bundles in (("subject01", s01), ("afq", afq)) if args.draws else ():
         sims = {}
         for n, s in bundles.items():
             full = emb[(label, n)]
@@ -260,7 +294,7 @@ def main(argv=None) -> None:
     res["seconds"] = round(time.time() - t_start, 1)
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(res, indent=2, default=float) + "\n")
     print(json.dumps({k: res[k] for k in ("embed_cli", "score_subject_ms", "score_subject_with_load_ms", "seconds",
                                           "load_average_end")}))
 
