@@ -89,8 +89,9 @@ def _weights(latents: np.ndarray, pad_mask: np.ndarray) -> np.ndarray:
 
 def profile_of(latents: np.ndarray, pad_mask: np.ndarray) -> np.ndarray:
     """Latents (G, D, R, N) and pad_mask (G * 64,) -> the profile (N, D) float64 (module doc)."""
-    w = _weights(latents, pad_mask)
-    return np.tensordot(w, np.asarray(latents, np.float64), axes=([0, 1], [0, 2])).T  # (D, N) -> (N, D)
+    w = _weights(latents, pad_mask)  # (G, R): one (1, R) @ (R, N) product per group and feature
+    per_group = np.matmul(w[:, None, None, :], np.asarray(latents, np.float64))  # (G, D, 1, N)
+    return per_group.sum(axis=0)[:, 0, :].T  # (D, N) -> (N, D)
 
 
 def profile_and_spread(latents: np.ndarray, pad_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
