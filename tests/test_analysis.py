@@ -95,6 +95,16 @@ def test_registration_features_read_the_recorded_transform():
     assert (f["reg_tx_mm"], f["reg_residual_mm"]) == (1.0, 5.0)
 
 
+def test_tract_key_uses_the_template_when_known_or_named_alike():
+    from vqdiff.analysis.tables import tract_key
+
+    assert tract_key("IFOF_L", "IFOF_L", True) == "IFOF_L"
+    assert tract_key("Left_Corticospinal", "PYT_L", False) == "PYT_L"  # unknown (odd shape) but named alike
+    assert tract_key("Right_Corticospinal", "PYT_L", False) == "Right_Corticospinal"  # the other side
+    assert tract_key("Left_Thalamic_Radiation", "FPT_L", False) == "Left_Thalamic_Radiation"
+    assert tract_key("Callosum_Forceps_Minor", "CC_Fr_1", False) == "CC_Fr_1"
+
+
 def _batch_folder(tmp_path, lat, subjects=("sub-01",)):
     out = tmp_path / "latents"
     lines = []

@@ -91,6 +91,8 @@ def score_records(records, norms: Norms, *, alpha: float = ALPHA) -> tuple[list[
     for rec in records:
         reg = rec.latents.registration or {}
         key = tract_key(rec.bundle, reg.get("template"), reg.get("known"))
+        if key not in norms.tracts and rec.bundle in norms.tracts:  # norms keyed by bundle name (long tables)
+            key = rec.bundle
         if key not in norms.tracts:
             skipped.append(f"{rec.subject}/{rec.bundle} (tract {key!r} has no norm)")
             continue
