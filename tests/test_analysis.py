@@ -257,3 +257,26 @@ def test_clear_errors_for_bad_inputs(lat, tmp_path, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = _main(capsys, "norms", "score", tmp_path / "mixed", "--norms", tmp_path / "missing.vqnorm")
     assert code == 2 and "does not exist" in err and "vqdiff-norms fit" in err
+
+
+def test_a_subject_file_gives_one_row_per_bundle_with_its_fidelity(codec, bundles, lat, tmp_path):
+    """A subject file (here: 120 streamlines of each of 3 subject01 bundles in one file, encoded part by
+    part) is read as one record per bundle, named by its part, with the fidelity the encoding measured."""
+    from vqdiff.analysis import embedding
+    from vqdiff.analysis.records import iter_records
+    from vqdiff.analysis.tables import build_tables
+    from vqdiff.bundle import Bundle, SpatialHeader
+
+    names = list(bundles)
+    streamlines = [s for n in names for s in bundles[n].streamlines[:120]]
+    parts = [(n, np.arange(120) + 120 * i) for i, n in enumerate(names)]
+    subject = codec.encode_subject(Bundle(streamlines, SpatialHeader.identity(), name="sub-01"), parts=parts)
+    path = subject.save(tmp_path / "sub-01.vqlat")
+    recs = list(iter_records([path]))
+    assert [(r.subject, r.bundle) for r in recs] == [("sub-01", n) for n in names]
+    for r in recs:
+        assert r.latents.n_streamlines == 120
+        assert _cos(embedding(r.latents), embedding(lat[r.bundle])) > 0.95  # the part is that bundle
+    wide = build_tables([tmp_path])["wide"]
+    assert list(wide["bundle"]) == names
+    assert (wide["fidelity_mean_mdf_mm"] > 0).all() and (wide["fidelity_mean_mdf_mm"] < 2).all()

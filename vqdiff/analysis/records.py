@@ -1,15 +1,18 @@
 """Latents files and batch folders -> (subject, bundle, `vqdiff.Latents`) records.
 
 `iter_records` is the one reader of the analysis: every table, similarity query and score starts
-here. It accepts one-bundle latents files (``*.vqlat``) and folders holding them, such as a
-``vqdiff-encode-batch`` output (``<out>/<subject>/<bundle>.vqlat`` plus ``index.jsonl``). Names:
+here. It accepts latents files (``*.vqlat``: one bundle, or a subject's several bundles, `vqdiff.subject`)
+and folders holding them, such as a ``vqdiff-encode-batch`` output (``<out>/<subject>/<bundle>.vqlat``,
+or ``<out>/<subject>.vqlat`` with ``--per-subject``, plus ``index.jsonl``). Names:
 
 - a file listed in an ``index*.jsonl`` of its folder or a folder above (up to the folder given) takes
   the index record's ``subject`` and ``bundle`` (the batch encoder's names), and the record's
   ``fidelity`` when it has one;
-- any other file: subject = its folder's name, bundle = the file name without ``.vqlat``.
+- any other file: subject = its folder's name, bundle = the file name without ``.vqlat``;
+- a subject file: one record per bundle, named by the bundle's name in the file (its group or segment);
+  subject = the index record's ``subject``, else the file name without ``.vqlat``.
 
-A multi-bundle file format is added in `_read_file` alone (one path -> several records).
+Fidelity: the index record's, else the latents' own (every file written since fidelity is measured).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from ..errors import VQDiffError
 from ..latents import SUFFIX, Latents
+from ..subject import load_latents
 
 ACCEPTED = f"latents files (*{SUFFIX}) or folders holding them (vqdiff-encode-batch outputs)"
 
@@ -80,11 +84,16 @@ def find_latents(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, dict]]:
 
 
 def _read_file(path: Path, index: dict) -> Iterator[LatentsRecord]:
-    """The records of one file (a one-bundle latents file: one record)."""
-    lat = Latents.load(path)
-    subject = str(index.get("subject") or path.parent.name)
-    bundle = str(index.get("bundle") or path.stem)
-    yield LatentsRecord(subject, bundle, path, lat, index)
+    """The records of one file (a one-bundle latents file: one record; a subject file: one per bundle)."""
+    lat = load_latents(path)
+    if isinstance(lat, Latents):
+        subject = str(index.get("subject") or path.parent.name)
+        yield LatentsRecord(subject, str(index.get("bundle") or path.stem), path, lat, index)
+        return
+    subject = str(index.get("subject") or path.stem)
+    per_bundle = index.get("bundles") if isinstance(index.get("bundles"), dict) else {}
+    for part in lat.parts:
+        yield LatentsRecord(subject, part.name, path, part.latents, {**index, **(per_bundle.get(part.name) or {})})
 
 
 def iter_records(paths: Iterable[str | os.PathLike], *, same_model: bool = True) -> Iterator[LatentsRecord]:

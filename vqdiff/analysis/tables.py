@@ -4,8 +4,8 @@ Wide columns, in order: ``subject``, ``bundle`` (the batch index's names, `vqdif
 ``tract`` (the norms' key: the recognised template when registration knew the bundle, else the
 bundle's name), ``template``, ``known`` (registration's recognition), ``n_streamlines``,
 ``n_groups``, ``model_id``, ``model_sha256``, ``embedding_version``, ``n_nodes``, the registration
-features ``reg_*`` (`vqdiff.analysis.embedding.registration_features`), ``fidelity_*`` (numbers a
-batch index record carries under ``fidelity``, when present), ``path``, then the embedding
+features ``reg_*`` (`vqdiff.analysis.embedding.registration_features`), ``fidelity_*`` (the encoding's measured
+fidelity, from the latents or the batch index record, when present), ``path``, then the embedding
 ``e0 ... e{K-1}``.
 
 Long columns: ``subjectID``, ``tractID``, ``nodeID`` and the profile's features ``f0 ... f{D-1}``
@@ -65,7 +65,7 @@ def _row(rec: LatentsRecord) -> tuple[dict[str, Any], np.ndarray]:
         "model_id": f.model_id, "model_sha256": f.model_sha256, "embedding_version": EMBEDDING_VERSION,
         "n_nodes": f.n_nodes, **f.registration,
     }
-    fidelity = rec.index.get("fidelity")
+    fidelity = rec.index.get("fidelity") or rec.latents.fidelity
     if isinstance(fidelity, dict):
         row.update({f"fidelity_{k}": v for k, v in fidelity.items() if isinstance(v, int | float)})
     row["path"] = str(rec.path)
