@@ -820,10 +820,10 @@ def test_forced_engines_and_fallbacks(selected, subject_dir, monkeypatch, caplog
     e = select_engine(ck, cache_dir=cache, gate_data=subject_dir, threads=1)  # the selection's key: same threads
     assert (e.variant_name, e.backend, e.selection["mode"]) == ("ort-fp32", "onnxruntime", "forced")
     assert "VQDIFF_ENGINE=ort-fp32" in e.selection["reason"] and e.selection["candidates"]  # the measured numbers
-    assert engine_info(e) == {"backend": "onnxruntime", "variant": "fp32"}  # asked for by name: no selection
+    assert engine_info(e) == {"backend": "onnxruntime", "variant": "fp32", "engine": "ort-fp32"}  # asked for by name: no selection
     monkeypatch.setenv("VQDIFF_ENGINE", "torch-bf16")
     e = select_engine(ck, cache_dir=cache)
-    assert (e.backend, e.precision, engine_info(e)) == ("torch", "bf16", {"backend": "torch", "variant": "bf16"})
+    assert (e.backend, e.precision, engine_info(e)) == ("torch", "bf16", {"backend": "torch", "variant": "bf16", "engine": "torch-bf16"})
     monkeypatch.setenv("VQDIFF_ENGINE", "onnx")
     with pytest.raises(ValueError, match="accepted: auto, torch-fp32"):
         select_engine(ck, cache_dir=cache)
