@@ -181,3 +181,25 @@ def test_the_int8_safe_policy_comes_from_the_measured_budget():
     with pytest.raises(ValueError, match="measure its budget"):
         int8_nodes(Model(), "encoder")
     assert int8_nodes(Model(), "encoder", (1,)) == ["b"]
+
+
+def test_the_default_codec_accepts_an_export_directory(tmp_path, monkeypatch):
+    import json
+
+    from vqdiff.codec import Codec
+    from vqdiff.errors import CheckpointError
+    from vqdiff.fileio import file_sha256
+
+    sha = file_sha256(MODEL / "model.safetensors")
+    export = tmp_path / "export"
+    export.mkdir()
+    manifest = {"format": "vqdiff-export", "format_version": 1, "model": {"sha256": sha},
+                "source": {"checkpoint": str(MODEL)}}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("VQDIFF_MODEL", str(export))
+    codec = Codec.default()
+    assert codec.model_info["sha256"] == sha and codec.engine.backend == "torch"
+    manifest["model"]["sha256"] = "0" * 64  # another model's export: its checkpoint is not here
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="make_codec"):
+        Codec.default()
