@@ -82,23 +82,27 @@ def ort_gemm_gflops(dtype_name: str, threads: int, repeats: int = 5) -> float:
     return 2 * N**3 / _best(lambda: s.run(None, feed), repeats) / 1e9
 
 
-def model_gflop_per_group(model, batch: int = 8) -> float:
-    """Encode (encoder + bottleneck) + decode FLOPs of one group, torch's FLOP counter."""
+def model_gflop_per_group(model, batch: int = 8, *, what: str = "roundtrip") -> float:
+    """FLOPs of one group, torch's FLOP counter: encode (encoder + bottleneck) + decode ("roundtrip",
+    what `bench_export` times) or encode only ("encode", what batch encoding runs)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     model = model.eval()
     x = torch.zeros(batch, model.config.in_channels, 64, 64)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model.decode(model.encode(x).latents)
+        out = model.encode(x)
+        if what == "roundtrip":
+            model.decode(out.latents)
     return fc.get_total_flops() / batch / 1e9
 
 
-def roof(model, threads: int, *, repeats: int = 5) -> dict:
-    """GEMM GFLOP/s per natively supported precision, the model's GFLOP per group and the roofs in groups/s."""
+def roof(model, threads: int, *, repeats: int = 5, what: str = "roundtrip") -> dict:
+    """GEMM GFLOP/s per natively supported precision, the model's GFLOP per group (``what``:
+    `model_gflop_per_group`) and the roofs in groups/s."""
     flags = cpu_flags()
     why = native(flags)
-    gflop = model_gflop_per_group(model)
+    gflop = model_gflop_per_group(model, what=what)
     peaks, notes = {}, {}
     for p, feature in why.items():
         if feature is None:
@@ -116,7 +120,7 @@ def roof(model, threads: int, *, repeats: int = 5) -> dict:
             notes[p] = f"{best} {N}x{N} (of {', '.join(f'{k} {v:.0f}' for k, v in got.items())}), via {feature}"
         except Exception as exc:  # noqa: BLE001 - a library without the kernel: say so
             notes[p] = f"not measured: {type(exc).__name__}: {exc}"
-    return {"threads": threads, "gflop_per_group": gflop, "gemm_gflops": peaks, "notes": notes,
+    return {"threads": threads, "what": what, "gflop_per_group": gflop, "gemm_gflops": peaks, "notes": notes,
             "roof_groups_per_s": {p: v / gflop for p, v in peaks.items()}}
 
 
@@ -137,7 +141,8 @@ def fraction(groups_per_s: float, precision: str, r: dict) -> str:
 
 
 def print_roof(r: dict) -> None:
-    print(f"\nroof ({r['threads']} threads): model {r['gflop_per_group'] * 1e3:.1f} MFLOP per group (encode + decode, "
+    what = "encode + decode" if r.get("what", "roundtrip") == "roundtrip" else "encode"
+    print(f"\nroof ({r['threads']} threads): model {r['gflop_per_group'] * 1e3:.1f} MFLOP per group ({what}, "
           "torch.utils.flop_counter)")
     for p in ("fp32", "bf16", "int8"):
         if p in r["gemm_gflops"]:

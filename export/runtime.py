@@ -184,11 +184,14 @@ def make_codec(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any)
 
 def open_engine(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any) -> _GroupEngine:
     """The engine batch encoding, the API and the service run: ``backend="auto"``, the variant
-    `vqdiff.export.select.select_engine` chose for this machine (already run: it is warm); another
-    ``backend``, ``load_engine(path, backend=backend, **kwargs)``."""
-    if backend == "auto":
+    `vqdiff.export.select.select_engine` chose for this machine (``$VQDIFF_ENGINE``: auto or a spec
+    name; already run: it is warm); a spec name (`vqdiff.engine.SPECS`), that variant through the
+    selection (its artefacts built in the cache, ``mode`` forced); another ``backend``,
+    ``load_engine(path, backend=backend, **kwargs)``."""
+    if backend == "auto" or (backend in SPECS and backend not in BACKENDS):
         from .select import select_engine
 
         _check_options({k: v for k, v in kwargs.items() if k not in ("device", "threads", "warmup")})
-        return select_engine(path, device=kwargs.get("device"), threads=kwargs.get("threads"))
+        return select_engine(path, engine=None if backend == "auto" else backend, device=kwargs.get("device"),
+                             threads=kwargs.get("threads"))
     return load_engine(path, backend=backend, **kwargs)
