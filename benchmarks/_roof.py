@@ -11,6 +11,10 @@ model's FLOPs per group, and the groups/s that would make (see docs/engines.md, 
 - FLOPs per group: `torch.utils.flop_counter.FlopCounterMode` over encoder + bottleneck + decoder of
   one batch (2 FLOPs per multiply-add), divided by the batch.
 
+A variant whose layer policy keeps some layers fp32 (``trunk``, ``safe``: `vqdiff.engine.LAYER_POLICIES`)
+is held to a mixed roof: its FLOPs split per layer (the counter's per-module counts), each part at
+its precision's peak, ``1 / sum(flops_p / peak_p)`` groups/s (`spec_roof`).
+
 Every measure runs on ``threads`` threads, the threads the engines are given.
 """
 
@@ -82,6 +86,65 @@ def ort_gemm_gflops(dtype_name: str, threads: int, repeats: int = 5) -> float:
     return 2 * N**3 / _best(lambda: s.run(None, feed), repeats) / 1e9
 
 
+def layer_gflop_per_group(model, batch: int = 8, *, what: str = "roundtrip") -> dict[str, float]:
+    """GFLOP per group of each convolution (`vqdiff.torch_engine.layer_names`) and of the rest ("other":
+    the bottleneck's distances), torch's FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vqdiff.torch_engine import layer_names
+
+    model = model.eval()
+    x = torch.zeros(batch, model.config.in_channels, 64, 64)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out = model.encode(x)
+        if what == "roundtrip":
+            model.decode(out.latents)
+    counts = {k: sum(v.values()) / batch / 1e9 for k, v in fc.get_flop_counts().items()}
+    per = {n: counts.get(n.split(".", 1)[0].capitalize() + "." + n.split(".", 1)[1], 0.0) for n in layer_names(model)}
+    per["other"] = counts["Global"] - sum(per.values())
+    return per
+
+
+def reduced_layers(model, spec) -> set[str]:
+    """The layers a spec runs in its (reduced) precision, by its layer policy."""
+    from vqdiff.torch_engine import edge_layers, layer_names
+
+    names = layer_names(model)
+    if spec.precision == "fp32":
+        return set()
+    if spec.layers == "all":
+        return set(names)
+    trunk = set(names) - set(edge_layers(model))
+    if spec.precision == "int8":  # the int8 trunk recipe quantises Conv only: ConvTranspose stays fp32
+        import torch
+
+        trunk = {n for n in trunk if not isinstance(model.get_submodule(n), torch.nn.ConvTranspose2d)}
+    if spec.layers in ("encoder", "decoder"):
+        return {n for n in trunk if n.startswith(spec.layers + ".")}
+    if spec.layers == "safe":
+        from vqdiff.export.layer_policy import INT8_SAFE
+
+        out = set()
+        for graph, positions in INT8_SAFE.items():
+            g = [n for n in names if n.startswith(graph + ".")]
+            out |= {g[i] for i in positions if i < len(g)}
+        return out
+    return trunk
+
+
+def spec_roof(model, spec, r: dict, per_layer: dict[str, float]) -> float | None:
+    """The groups/s roof of ``spec`` (`vqdiff.engine.EngineSpec`): its reduced layers at its precision's
+    peak, the rest at fp32's; None where a needed peak was not measured (not native here)."""
+    peaks = r["gemm_gflops"]
+    low = reduced_layers(model, spec)
+    need = {"fp32"} | ({spec.precision} if low else set())
+    if not need <= set(peaks):
+        return None
+    seconds = sum(f / peaks[spec.precision if n in low else "fp32"] for n, f in per_layer.items())
+    return 1.0 / seconds
+
+
 def model_gflop_per_group(model, batch: int = 8, *, what: str = "roundtrip") -> float:
     """FLOPs of one group, torch's FLOP counter: encode (encoder + bottleneck) + decode ("roundtrip",
     what `bench_export` times) or encode only ("encode", what batch encoding runs)."""
@@ -134,9 +197,10 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def fraction(groups_per_s: float, precision: str, r: dict) -> str:
-    """``groups_per_s`` as a fraction of its precision's roof (``--`` where that roof was not measured)."""
-    top = r["roof_groups_per_s"].get(precision)
+def fraction(groups_per_s: float, precision: str, r: dict, top: float | None = None) -> str:
+    """``groups_per_s`` as a fraction of its precision's roof, or of ``top`` (a `spec_roof`); ``--``
+    where that roof was not measured."""
+    top = top if top is not None else r["roof_groups_per_s"].get(precision)
     return f"{groups_per_s / top:.0%}" if top else "--"
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import LoadWatch, cpu_summary
-from _roof import fraction, print_roof, roof
+from _roof import fraction, layer_gflop_per_group, print_roof, roof, spec_roof
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,13 +179,19 @@ def roof_lines(args, codecs: dict, rows: list[dict], groups_per_streamline: floa
     except Exception as exc:  # noqa: BLE001 - an export without its checkpoint: no FLOP count
         print(f"roof: not measured ({exc})")
         return {}
+    from vqdiff.engine import spec_of
+
     r = roof(model, args.threads or os.cpu_count(), what="encode")
     print_roof(r)
+    per_layer = layer_gflop_per_group(model, what="encode")
     for row, codec in zip(rows, codecs.values(), strict=True):
         gps = row["engine_only_streamlines_per_s"] * groups_per_streamline
-        prec = getattr(codec.engine, "precision", None) or "fp32"
-        row["engine_groups_per_s"], row["roof_fraction"] = round(gps, 1), fraction(gps, prec, r)
-        print(f"engine {row['engine']}: {gps:,.0f} groups/s engine-only = {row['roof_fraction']} of the {prec} roof")
+        spec = spec_of(codec.engine)
+        prec = spec.precision if spec else "fp32"
+        top = spec_roof(model, spec, r, per_layer) if spec else None
+        row["engine_groups_per_s"], row["roof_fraction"] = round(gps, 1), fraction(gps, prec, r, top)
+        print(f"engine {row['engine']}: {gps:,.0f} groups/s engine-only = {row['roof_fraction']} of its roof "
+              f"({spec.name if spec else '?'}: {top or 0:,.0f} groups/s)")
     return r
 
 

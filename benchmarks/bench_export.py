@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import LoadWatch, best_time, cpu_summary, interleaved_best, requests_of, roundtrip_all
-from _roof import fraction, merge, print_roof, roof
+from _roof import fraction, layer_gflop_per_group, merge, print_roof, roof, spec_roof
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,8 +128,15 @@ def main(argv=None) -> int:
           f"variants, {base_after:,.1f} after; ratios below use their mean")
     base = (base + base_after) / 2
     top = merge(roof0, roof(ckpt.model, args.threads)) if roof0 is not None else None
+    spec_top: dict[str, float | None] = {}
     if top is not None:
         print_roof(top)
+        per_layer = layer_gflop_per_group(ckpt.model)
+        for name, e in engines.items():
+            spec_top[name] = spec_roof(ckpt.model, e.spec, top, per_layer)
+            print(f"- {name}: roof {spec_top[name] or 0:,.0f} groups/s ({e.spec.precision}, layers {e.spec.layers})"
+                  if spec_top[name] else f"- {name}: no roof ({e.spec.precision} is not native here)")
+        top["variants"] = spec_top
 
     cands = sel.get("candidates", {})
     head = "| variant | precision | " + " | ".join(f"batch {b}" for b in batches) + " | gate: mean MDF / BUAN change | served |"
@@ -142,11 +149,13 @@ def main(argv=None) -> int:
                 if g else "not gated")
         mark = "**served**" if name == served.variant_name else ""
         prec = engines[name].precision
-        cells = " | ".join(f"{r[b]:,.0f} ({r[b] / base:.1f}x" + (f", {fraction(r[b], prec, top)} roof)" if top else ")")
+        cells = " | ".join(f"{r[b]:,.0f} ({r[b] / base:.1f}x"
+                           + (f", {fraction(r[b], prec, top, spec_top.get(name))} roof)" if top else ")")
                            for b in batches)
         print(f"| {name} | {engines[name].precision} | {cells} | {gate} | {mark} |")
-    print("\n(x, % roof) = speed-up over the authors' loop in this run, and the fraction of the roof of the "
-          "variant's precision (-- where the CPU has no native roof for it)." if top else "")
+    print("\n(x, % roof) = speed-up over the authors' loop in this run, and the fraction of the variant's roof: its "
+          "reduced layers at its precision's GEMM peak, the others at fp32's (-- where that precision is not "
+          "native here)." if top else "")
     print(f"(x) = speed-up over the authors' loop in this run. Gate: |mean MDF change| <= "
           f"{sel.get('gate', {}).get('max_mdf_change_mm')} mm and |BUAN change| <= {sel.get('gate', {}).get('max_buan_change')} "
           f"on {sel.get('gate', {}).get('groups')} held-out groups ({sel.get('gate', {}).get('data')}).")
