@@ -203,3 +203,19 @@ def test_the_default_codec_accepts_an_export_directory(tmp_path, monkeypatch):
     (export / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="make_codec"):
         Codec.default()
+
+
+def test_cpu_bf16_variants_are_measured_only_where_bf16_is_native(monkeypatch):
+    from vqdiff.export import engine_cache
+    from vqdiff.export.select import emulated
+
+    def flags(*f):
+        monkeypatch.setattr(engine_cache, "cpu_info", lambda: {"model": "x", "flags": list(f), "cores": 2})
+
+    flags("avx2", "fma")
+    assert "no native bf16" in emulated("torch-bf16") and "no native bf16" in emulated("torch-bf16-trunk")
+    assert emulated("ort-int8") is None and emulated("cuda-bf16") is None and emulated("torch-fp32") is None
+    flags("avx512f", "avx512_bf16")
+    assert emulated("torch-bf16-trunk") is None
+    flags("amx_tile", "amx_bf16")
+    assert emulated("torch-bf16") is None

@@ -772,7 +772,13 @@ def test_selection_measures_gates_chooses_and_caches(selected, subject_dir):
     assert sel["mode"] == "auto" and sel["cache"] == "miss" and sel["variant"] == eng.variant_name
     assert set(sel["candidates"]) == set(CANDIDATES["cpu"])
     avail = {n: c for n, c in sel["candidates"].items() if c["available"]}
-    assert {"torch-fp32", "torch-bf16", "ort-fp32", "ort-int8"} <= set(avail)
+    assert {"torch-fp32", "ort-fp32", "ort-int8", "ort-int8-safe"} <= set(avail)
+    from vqdiff.export.select import emulated
+
+    for name in ("torch-bf16", "torch-bf16-trunk"):  # measured where the CPU has bf16, else skipped with why
+        assert (name in avail) == (emulated(name) is None)
+        if name not in avail:
+            assert "no native bf16" in sel["candidates"][name]["reason"]
     for c in avail.values():
         g = c["gate"]
         assert c["groups_per_s"] > 0 and 0 <= g["buan"] <= 1 and g["mean_mdf_mm"] >= 0
