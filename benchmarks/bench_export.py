@@ -10,7 +10,8 @@ serves here (selected afresh in this run unless ``--cache-dir`` holds a decision
 
 The roof (`_roof`, docs/engines.md): the machine's GEMM peak per precision the CPU runs natively
 (fp32; bf16 where it has avx512_bf16 / AMX; int8 where it has an int8 dot product), measured on the
-same threads before and after the variants (the higher of the two), divided by the model's FLOPs per
+same threads before, between and after the variants' rounds (the highest: a burst of background
+load lowers one measure, as it lowers one timing of a variant), divided by the model's FLOPs per
 group (torch's FLOP counter): each variant's groups/s is printed as a fraction of its precision's roof
 beside its ratio to the authors' loop.
 
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     for b in batches:
         n = max(b, args.groups if b > 1 else args.baseline_groups)
         runs = {name: roundtrip_all(e, requests_of(x, b, n)) for name, e in engines.items()}
+        if roof0 is not None:  # the roof is re-measured between rounds too: best of, as the variants are
+            roof0 = merge(roof0, roof(ckpt.model, args.threads, repeats=2))
         for name, s in interleaved_best(runs, args.repeats).items():
             rows[name][b] = n / s
     base_after = args.baseline_groups / best_time(authors_loop(ckpt.model, x, args.baseline_groups, dev), args.repeats)
