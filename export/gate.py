@@ -5,7 +5,7 @@ by at most `MAX_MDF_CHANGE_MM` (0.05 mm) and the mean BUAN (5 mm) by at most `MA
 (0.002) against the fp32 model's reconstruction of the same groups (`quality`, on `vqdiff.metrics`).
 The engine selection (`vqdiff.export.select`) and ``vqdiff-export --int8`` (`vqdiff.export.quantize`)
 both judge with `judge` / `gate` and the limits of `gate_limits`; no other module holds a threshold
-(``tests/test_export.py`` fails if one appears). On synthetic stand-in groups (no real data on the
+(``tests/test_engines.py`` fails if one appears). On synthetic stand-in groups (no real data on the
 machine) the limits are halved (`SYNTHETIC_STRICTNESS`): they judge reduced precision a little more
 leniently than real groups.
 """
