@@ -171,8 +171,7 @@ def e2e_rows(codec, backend: str, args, tmp: Path, tasks, inputs, n_sl: int) -> 
 
 def roof_lines(args, codecs: dict, rows: list[dict], groups_per_streamline: float) -> dict:
     """The roof (encode FLOPs) on the engines' threads and each engine's engine-only groups/s against it."""
-    from vqdiff.checkpoint import load_checkpoint
-    from vqdiff.codec import export_source_checkpoint
+    from vqdiff.checkpoint import export_source_checkpoint, load_checkpoint
 
     try:
         model = load_checkpoint(export_source_checkpoint(args.model_path)).model

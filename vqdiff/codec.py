@@ -54,25 +54,6 @@ def default_model_dir() -> Path:
     return path
 
 
-def export_source_checkpoint(path):
-    """``path`` itself, or for an export directory (``manifest.json``, `vqdiff.export.manifest`) the
-    checkpoint it was exported from, when that is here with the same weights (sha256); the torch engine
-    runs it, with the same numbers as the export's graphs (parity 1e-4). An export whose checkpoint is
-    not here runs on ONNX Runtime: `vqdiff.export.runtime.make_codec` (the core has no ONNX Runtime)."""
-    from .fileio import file_sha256, read_versioned_json
-
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file() or (Path(path) / "model.safetensors").is_file():
-        return path
-    m = read_versioned_json(manifest, "vqdiff-export", 1, CheckpointError)
-    src = Path(m.get("source", {}).get("checkpoint", ""))
-    if (src / "model.safetensors").is_file() and file_sha256(src / "model.safetensors") == m["model"]["sha256"]:
-        return src
-    raise CheckpointError(f"{path} is an export directory whose source checkpoint ({src}) is not here with the "
-                          "same weights; open it with vqdiff.export.runtime.make_codec(path) (ONNX Runtime), or "
-                          f"set {MODEL_ENV} to the checkpoint directory")
-
-
 def load_templates(model_dir: str | os.PathLike):
     """The registration templates stored with a model (checkpoint or export directory), or None."""
     from .templates import Templates
@@ -315,7 +296,7 @@ class Codec:
     def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:
         """A checkpoint directory (or a loaded `Checkpoint`, or an export directory whose source checkpoint
         is here: `export_source_checkpoint`) on the torch engine."""
-        from .checkpoint import Checkpoint, load_checkpoint
+        from .checkpoint import Checkpoint, export_source_checkpoint, load_checkpoint
         from .torch_engine import TorchEngine
 
         ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(export_source_checkpoint(path))
