@@ -18,6 +18,10 @@ against torch-fp32). When the host has no idle core, the end-to-end ratio cannot
 engine / (prepare + engine + finish) CPU, printed as the ceiling. The CPU model, its ISA flags and
 the load average before and after are printed with the figures.
 
+The roof (`_roof`, docs/engines.md): the machine's GEMM peak per natively supported precision on the
+engine's threads, over the model's encode FLOPs per group, and each engine's engine-only groups/s as
+a fraction of its precision's roof.
+
     python benchmarks/bench_batch.py [--model DIR] [--source subject01] [--subjects 10] [--batch-size 64] [--threads N]
 
 Without ``--model`` it uses $VQDIFF_MODEL or models/default when present, else the paper's
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import LoadWatch, cpu_summary
+from _roof import fraction, layer_gflop_per_group, print_roof, roof, spec_roof
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,6 +169,31 @@ def e2e_rows(codec, backend: str, args, tmp: Path, tasks, inputs, n_sl: int) -> 
             "ratio_median": round(float(np.median(np.array(e2e) / np.array(eng))), 3), "goal": 0.85}
 
 
+def roof_lines(args, codecs: dict, rows: list[dict], groups_per_streamline: float) -> dict:
+    """The roof (encode FLOPs) on the engines' threads and each engine's engine-only groups/s against it."""
+    from vqdiff.checkpoint import export_source_checkpoint, load_checkpoint
+
+    try:
+        model = load_checkpoint(export_source_checkpoint(args.model_path)).model
+    except Exception as exc:  # noqa: BLE001 - an export without its checkpoint: no FLOP count
+        print(f"roof: not measured ({exc})")
+        return {}
+    from vqdiff.engine import spec_of
+
+    r = roof(model, args.threads or os.cpu_count(), what="encode")
+    print_roof(r)
+    per_layer = layer_gflop_per_group(model, what="encode")
+    for row, codec in zip(rows, codecs.values(), strict=True):
+        gps = row["engine_only_streamlines_per_s"] * groups_per_streamline
+        spec = spec_of(codec.engine)
+        prec = spec.precision if spec else "fp32"
+        top = spec_roof(model, spec, r, per_layer) if spec else None
+        row["engine_groups_per_s"], row["roof_fraction"] = round(gps, 1), fraction(gps, prec, r, top)
+        print(f"engine {row['engine']}: {gps:,.0f} groups/s engine-only = {row['roof_fraction']} of its roof "
+              f"({spec.name if spec else '?'}: {top or 0:,.0f} groups/s)")
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     from vqdiff.batch.model import load_codec
     from vqdiff.batch.tasks import encode_tasks
@@ -230,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preparation CPU per group {ms['prepare']:.3f} ms / engine {name} {eng_ms:.3f} ms: ratio "
                   f"{ratio:.3f} (goal <= 0.25 against torch-fp32)")
         result["end_to_end"] = [e2e_rows(c, b, args, tmp, tasks, inputs, n_sl) for b, c in codecs.items()]
+        result["roof"] = roof_lines(args, codecs, result["end_to_end"], n_groups / n_sl)
         load = watch.finish()
         result.update({"cpu": cpu_desc, "load_average_before_after": [load_before[0], load["load_avg_after"][0]],
                        "contended": load["contended"]})

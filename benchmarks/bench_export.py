@@ -8,6 +8,13 @@ forward) timed in the same run. Then each variant's quality gate (mean MDF and B
 held-out real groups against the fp32 model) and the variant `vqdiff.export.select.select_engine`
 serves here (selected afresh in this run unless ``--cache-dir`` holds a decision).
 
+The roof (`_roof`, docs/engines.md): the machine's GEMM peak per precision the CPU runs natively
+(fp32; bf16 where it has avx512_bf16 / AMX; int8 where it has an int8 dot product), measured on the
+same threads before, between and after the variants' rounds (the highest: a burst of background
+load lowers one measure, as it lowers one timing of a variant), divided by the model's FLOPs per
+group (torch's FLOP counter): each variant's groups/s is printed as a fraction of its precision's roof
+beside its ratio to the authors' loop.
+
     python benchmarks/bench_export.py [--model DIR] [--threads N] [--groups 128] [--json out.json]
 
 Real groups of ``<data>/subject01``; interleaved best of ``--repeats`` timings per request size
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import LoadWatch, best_time, cpu_summary, interleaved_best, requests_of, roundtrip_all
+from _roof import fraction, layer_gflop_per_group, merge, print_roof, roof, spec_roof
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,38 +116,57 @@ def main(argv=None) -> int:
     print(f"# vqdiff engine variants: encode + decode, groups/s (interleaved best of {args.repeats})")
     for k, v in info.items():
         print(f"- {k}: {v}")
+    roof0 = roof(ckpt.model, args.threads) if dev == "cpu" else None
     base = args.baseline_groups / best_time(authors_loop(ckpt.model, x, args.baseline_groups, dev), args.repeats)
     rows: dict[str, dict[int, float]] = {n: {} for n in engines}
     for b in batches:
         n = max(b, args.groups if b > 1 else args.baseline_groups)
         runs = {name: roundtrip_all(e, requests_of(x, b, n)) for name, e in engines.items()}
+        if roof0 is not None:  # the roof is re-measured between rounds too: best of, as the variants are
+            roof0 = merge(roof0, roof(ckpt.model, args.threads, repeats=2))
         for name, s in interleaved_best(runs, args.repeats).items():
             rows[name][b] = n / s
     base_after = args.baseline_groups / best_time(authors_loop(ckpt.model, x, args.baseline_groups, dev), args.repeats)
     print(f"\nauthors' loop (torch eager fp32, 1 group per forward, {dev}): {base:,.1f} groups/s before the "
           f"variants, {base_after:,.1f} after; ratios below use their mean")
     base = (base + base_after) / 2
+    top = merge(roof0, roof(ckpt.model, args.threads)) if roof0 is not None else None
+    spec_top: dict[str, float | None] = {}
+    if top is not None:
+        print_roof(top)
+        per_layer = layer_gflop_per_group(ckpt.model)
+        for name, e in engines.items():
+            spec_top[name] = spec_roof(ckpt.model, e.spec, top, per_layer)
+            print(f"- {name}: roof {spec_top[name] or 0:,.0f} groups/s ({e.spec.precision}, layers {e.spec.layers})"
+                  if spec_top[name] else f"- {name}: no roof ({e.spec.precision} is not native here)")
+        top["variants"] = spec_top
 
     cands = sel.get("candidates", {})
     head = "| variant | precision | " + " | ".join(f"batch {b}" for b in batches) + " | gate: mean MDF / BUAN change | served |"
     print("\n" + head)
     print("|" + "---|" * (len(batches) + 4))
-    print(f"| authors' loop | fp32 | {base:,.1f} (1.0x) |" + " |" * (len(batches) - 1) + " reference | |")
+    print(f"| authors' loop | fp32 | {base:,.1f} (1.0x" + (f", {fraction(base, 'fp32', top)} roof)" if top else ")") + " |" + " |" * (len(batches) - 1) + " reference | |")
     for name, r in rows.items():
         g = cands.get(name, {}).get("gate")
         gate = (f"{'pass' if g['passed'] else 'FAIL'}: {g['mdf_change_mm']:+.4f} mm / {g['buan_change']:+.5f}"
                 if g else "not gated")
         mark = "**served**" if name == served.variant_name else ""
-        cells = " | ".join(f"{r[b]:,.0f} ({r[b] / base:.1f}x)" for b in batches)
+        prec = engines[name].precision
+        cells = " | ".join(f"{r[b]:,.0f} ({r[b] / base:.1f}x"
+                           + (f", {fraction(r[b], prec, top, spec_top.get(name))} roof)" if top else ")")
+                           for b in batches)
         print(f"| {name} | {engines[name].precision} | {cells} | {gate} | {mark} |")
-    print(f"\n(x) = speed-up over the authors' loop in this run. Gate: |mean MDF change| <= "
+    print("\n(x, % roof) = speed-up over the authors' loop in this run, and the fraction of the variant's roof: its "
+          "reduced layers at its precision's GEMM peak, the others at fp32's (-- where that precision is not "
+          "native here)." if top else "")
+    print(f"(x) = speed-up over the authors' loop in this run. Gate: |mean MDF change| <= "
           f"{sel.get('gate', {}).get('max_mdf_change_mm')} mm and |BUAN change| <= {sel.get('gate', {}).get('max_buan_change')} "
           f"on {sel.get('gate', {}).get('groups')} held-out groups ({sel.get('gate', {}).get('data')}).")
     print(f"served: {served.variant_name} ({sel['mode']}, cache {sel.get('cache')}): {sel['reason']}")
     for k, why in skipped.items():
         print(f"- {k}: unavailable here ({why})")
     load = watch.finish()
-    results = {"machine": info, "authors_loop_groups_per_s": base, "rows": {k: {str(b): v for b, v in r.items()}
+    results = {"machine": info, "authors_loop_groups_per_s": base, "roof": top, "rows": {k: {str(b): v for b, v in r.items()}
                                                                              for k, r in rows.items()},
                "served": served.variant_name, "selection": {k: v for k, v in sel.items() if k != "summary"},
                "skipped": skipped, **load}

@@ -7,14 +7,18 @@ interface over TensorRT -> ONNX Runtime CUDA -> ONNX Runtime CPU -> torch.
 ``vqdiff.export.select.select_engine``           the fastest variant that passes the quality gate here
 ``vqdiff.export.tensorrt_build``                 TensorRT engines of an export
 ``vqdiff.export.quantize``                       int8 CPU variant, kept only when it wins
+``vqdiff.export.gate``                           the one quality gate (export --int8 and the selection)
 ``vqdiff.export.bento_store``                    BentoML model store registration
 
 Modules, each importing only those listed before it (no cycles)::
 
     manifest          the export directory contract (file names, manifest.json, checks)
     data              real groups for parity, calibration and benchmarks
+    gate              the one quality gate (limits, quality, judge, gate data) of export and selection
+    layer_policy      which layers run int8 per layer policy; the measured per-layer error budget
     engine_base       BackendUnavailable, the batching base of every engine, the batch buckets
     ort_backend       ONNX Runtime sessions and OrtEngine (torch-free)
+    openvino_backend  OpenVinoEngine: the export's graphs on OpenVINO's CPU plugin (optional package)
     torch_backend     TorchBackendEngine (torch; fp32 / bf16 autocast + channels_last)
     torch_cuda        CudaGraphEngine: autocast, channels_last, CUDA graphs, pinned overlapped copies
     tensorrt_runtime  TensorRTEngine and the TensorRT version policy (tensorrt, torch CUDA)
@@ -25,7 +29,7 @@ Modules, each importing only those listed before it (no cycles)::
     tensorrt_build    TensorRT engine builds, checked by parity
     onnx_export       export_checkpoint: the whole export
     engine_cache      where a selection is kept (key: model x CPU flags x library versions)
-    variants          the engine variants, how each opens, the quality gate, export / int8 artefacts
+    variants          the engine variants (`vqdiff.engine.SPECS`), how each opens, export / int8 artefacts
     select            select_engine: measure, gate, choose, cache; VQDIFF_ENGINE forces a variant
     runtime           backend selection: load_engine, make_codec (torch-free for ONNX Runtime)
     cli_export, bento_store

@@ -7,8 +7,9 @@ produces the encoder output / the decoder output; ConvTranspose, the residual ad
 bottleneck (codebook distances, softmax, argmax) stay fp32 (on the default model this recipe lost
 the least BUAN for the same speed-up as quantising every op).
 
-Quality is judged on held-out real groups in RAS mm against the fp32 graphs: ``BUAN drop <= 0.002``
-and ``mean MDF rise <= 0.1 mm`` (`vqdiff.metrics`); speed is encode + decode groups/s (64 groups in
+Quality is judged on held-out real groups in RAS mm against the fp32 graphs by the one quality gate
+(`vqdiff.export.gate`: |mean MDF change| <= 0.05 mm, |BUAN change| <= 0.002, the engine
+selection's); speed is encode + decode groups/s (64 groups in
 chunks of 8, as the ORT CPU engine runs them) in
 the same process (interleaved, best of 10) and must be >= 1.10x fp32. Every tried combination is
 recorded in the manifest with its numbers; only a kept one has its files in the export
@@ -27,14 +28,13 @@ from typing import Any
 import numpy as np
 
 from .data import split_groups
+from .gate import gate_limits, judge, quality
 from .manifest import DEC_INPUT, DECODER, ENC_INPUT, ENCODER, file_entry
 from .onnx_tools import bottleneck_nodes
 from .ort_backend import ort_session
 
 log = logging.getLogger(__name__)
 
-MAX_BUAN_DROP = 0.002
-MAX_MDF_RISE = 0.1  # mm
 MIN_SPEEDUP = 1.10  # timings on a shared machine are noisy: a variant must win clearly
 
 
@@ -57,10 +57,12 @@ def _reader(arrays: list[np.ndarray], input_name: str):
 
 def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: list[np.ndarray], input_name: str, *,
                    exclude_from: str | None = None, method: str = "minmax", per_channel: bool = True,
-                   fp32_edges: bool = False, op_types: list[str] | None = None) -> Path:
+                   fp32_edges: bool = False, op_types: list[str] | None = None,
+                   nodes: list[str] | None = None) -> Path:
     """Static int8 QDQ quantisation of ``src`` calibrated on ``batches``; nodes that do not compute
     tensor ``exclude_from`` (the encoder's bottleneck) stay fp32; with ``fp32_edges`` so do the first
-    node after the input and the node producing ``exclude_from`` (or the graph output)."""
+    node after the input and the node producing ``exclude_from`` (or the graph output); with ``nodes``
+    only those are quantised (a layer policy, `layer_policy.int8_nodes`)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -78,7 +80,7 @@ def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: list
         quantize_static(
             str(src), str(dst), _reader(batches, input_name), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude, calibrate_method=methods[method], op_types_to_quantize=op_types,
+            nodes_to_exclude=exclude, nodes_to_quantize=nodes, calibrate_method=methods[method], op_types_to_quantize=op_types,
             extra_options={"CalibMovingAverage": method == "minmax"} if method == "minmax" else {},
         )
     finally:
@@ -116,16 +118,6 @@ def roundtrip(enc, dec, x: np.ndarray, batch: int = 64) -> np.ndarray:
         lat = enc.run(["latents"], {ENC_INPUT: np.ascontiguousarray(x[s : s + batch])})[0]
         out.append(dec.run(None, {DEC_INPUT: lat})[0])
     return np.concatenate(out)
-
-
-def quality(groups_mm: np.ndarray, recon_model: np.ndarray, normalisation) -> dict[str, float]:
-    """BUAN (T = 5 mm) and mean MDF (mm) of a reconstruction in model layout against the original."""
-    from vqdiff.geometry import model_to_groups
-    from vqdiff.metrics import buan_score, mean_mdf
-
-    recon_mm = normalisation.invert(model_to_groups(recon_model))
-    return {"buan": float(np.mean(buan_score(groups_mm, recon_mm))),
-            "mean_mdf_mm": float(np.mean(mean_mdf(groups_mm, recon_mm)))}
 
 
 def groups_per_second(pairs: dict[str, tuple], x: np.ndarray, *, batch: int = 8, groups: int = 64,
@@ -183,12 +175,11 @@ def evaluate_int8(export_dir: str | os.PathLike, groups_mm: np.ndarray, normalis
     ref = quality(held_mm, roundtrip(enc32, dec32, held), normalisation)
     combos: dict[str, Any] = {"fp32": {**ref, "groups_per_s": speed["fp32"]}}
     for name in ("int8-encoder", "int8-decoder", "int8-both"):
-        q = quality(held_mm, roundtrip(*pairs[name], held), normalisation)
-        drop, rise = ref["buan"] - q["buan"], q["mean_mdf_mm"] - ref["mean_mdf_mm"]
+        g = judge(quality(held_mm, roundtrip(*pairs[name], held), normalisation), ref)
         speedup = speed[name] / speed["fp32"]
-        combos[name] = {**q, "buan_drop": drop, "mdf_rise_mm": rise, "groups_per_s": speed[name],
-                        "speedup": speedup,
-                        "acceptable": bool(drop <= MAX_BUAN_DROP and rise <= MAX_MDF_RISE and speedup >= MIN_SPEEDUP)}
+        combos[name] = {**g, "buan_drop": -g["buan_change"], "mdf_rise_mm": g["mdf_change_mm"],
+                        "groups_per_s": speed[name], "speedup": speedup,
+                        "acceptable": bool(g["passed"] and speedup >= MIN_SPEEDUP)}
     ok = [k for k in ("int8-both", "int8-encoder", "int8-decoder") if combos[k]["acceptable"]]
     keep = max(ok, key=lambda k: combos[k]["speedup"]) if ok else None
     return {
@@ -199,7 +190,8 @@ def evaluate_int8(export_dir: str | os.PathLike, groups_mm: np.ndarray, normalis
         "held_out_groups": int(len(held_mm)),
         "threads": threads,
         "batch": batch,
-        "criteria": {"max_buan_drop": MAX_BUAN_DROP, "max_mdf_rise_mm": MAX_MDF_RISE, "min_speedup": MIN_SPEEDUP},
+        "criteria": {"max_mdf_change_mm": gate_limits(False)[0], "max_buan_change": gate_limits(False)[1],
+                     "gate": "vqdiff.export.gate", "min_speedup": MIN_SPEEDUP},
         "combinations": combos,
         "keep": keep,
         "files": {"encoder": str(enc8_path.name), "decoder": str(dec8_path.name)},

@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vqdiff.engine import SPECS
+
 from .engine_base import DEFAULT_BATCH, BackendUnavailable, _GroupEngine, cuda_device
 from .manifest import is_export_dir, read_manifest
 from .ort_backend import ORT_CPU_BATCH, OrtEngine
@@ -105,8 +107,10 @@ def load_engine(path: str | os.PathLike, *, backend: str = "auto", device: str |
     ----------
     path : export directory (``manifest.json``; its files are checked against their sha256) or
         checkpoint directory (``model.safetensors`` + ``config.json``; torch only).
-    backend : ``"auto"`` (TensorRT -> ORT-CUDA -> ORT-CPU -> torch, first that works) or one of
-        ``"tensorrt"``, ``"ort-cuda"``, ``"ort-cpu"``, ``"torch"``.
+    backend : ``"auto"`` (TensorRT -> ORT-CUDA -> ORT-CPU -> torch, first that works), one of
+        ``"tensorrt"``, ``"ort-cuda"``, ``"ort-cpu"``, ``"torch"``, or an engine spec name
+        (`vqdiff.engine.SPECS`: ``"ort-int8-safe"``, ``"openvino-fp32"``, ``"torch-bf16-trunk"``...),
+        opened as the selection opens it (`variants.open_variant`; the backend options do not apply).
     device : None (GPU backends try ``cuda:0``), ``"cpu"`` (CPU backends only), ``"cuda[:N]"``.
     threads : intra-op threads (ONNX Runtime) / torch threads; None keeps the library default.
     warmup : run one group through encoder and decoder before returning.
@@ -123,8 +127,9 @@ def load_engine(path: str | os.PathLike, *, backend: str = "auto", device: str |
     ValueError : unknown backend name or contradictory device.
     BackendUnavailable : the named backend (or, for auto, every backend) cannot run here.
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; accepted: 'auto', {', '.join(repr(b) for b in BACKENDS)}")
+    if backend != "auto" and backend not in BACKENDS and backend not in SPECS:
+        raise ValueError(f"unknown backend {backend!r}; accepted: 'auto', {', '.join(repr(b) for b in BACKENDS)} "
+                         f"or an engine spec name: {', '.join(SPECS)}")
     _check_options(kwargs)
     path = Path(path)
     if not path.is_dir():
@@ -134,7 +139,12 @@ def load_engine(path: str | os.PathLike, *, backend: str = "auto", device: str |
         raise BackendUnavailable(
             f"{path} is neither an export directory (manifest.json) nor a checkpoint directory (model.safetensors)"
         )
-    if backend != "auto":
+    if backend in SPECS and backend not in BACKENDS:  # a spec name: exactly that engine
+        from .variants import model_source, open_variant
+
+        engine = open_variant(backend, model_source(path), path if manifest is not None else None,
+                              device=device or SPECS[backend].device, threads=threads)
+    elif backend != "auto":
         engine = _build(backend, path, manifest, device, threads, dict(kwargs))
     else:
         reasons = []
@@ -175,11 +185,14 @@ def make_codec(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any)
 
 def open_engine(path: str | os.PathLike, *, backend: str = "auto", **kwargs: Any) -> _GroupEngine:
     """The engine batch encoding, the API and the service run: ``backend="auto"``, the variant
-    `vqdiff.export.select.select_engine` chose for this machine (already run: it is warm); another
-    ``backend``, ``load_engine(path, backend=backend, **kwargs)``."""
-    if backend == "auto":
+    `vqdiff.export.select.select_engine` chose for this machine (``$VQDIFF_ENGINE``: auto or a spec
+    name; already run: it is warm); a spec name (`vqdiff.engine.SPECS`), that variant through the
+    selection (its artefacts built in the cache, ``mode`` forced); another ``backend``,
+    ``load_engine(path, backend=backend, **kwargs)``."""
+    if backend == "auto" or (backend in SPECS and backend not in BACKENDS):
         from .select import select_engine
 
         _check_options({k: v for k, v in kwargs.items() if k not in ("device", "threads", "warmup")})
-        return select_engine(path, device=kwargs.get("device"), threads=kwargs.get("threads"))
+        return select_engine(path, engine=None if backend == "auto" else backend, device=kwargs.get("device"),
+                             threads=kwargs.get("threads"))
     return load_engine(path, backend=backend, **kwargs)

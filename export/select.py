@@ -4,7 +4,8 @@
 >>> engine = select_engine("models/default")            # VQDIFF_ENGINE=auto (default)
 >>> engine.variant_name, engine.selection["reason"]
 
-``auto`` (the default; ``$VQDIFF_ENGINE`` or ``engine=`` force one of `variants.VARIANTS`):
+``auto`` (the default; ``$VQDIFF_ENGINE`` or ``engine=`` force one of the spec names of
+`vqdiff.engine.SPECS`; any other value is refused with the list of valid names):
 
 1. the cache entry of this model x machine x library versions (`engine_cache`) holds a decision:
    open its variant, replay the recorded check (2 groups, outputs within `CHECK_ATOL`) and use it;
@@ -27,17 +28,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vqdiff.engine import ENGINE_ENV, SPECS, engine_choice
+
 from .engine_base import BackendUnavailable, _GroupEngine, cuda_device
 from .engine_cache import cache_key, entry_dir, key_fields, locked, read_decision, write_decision
 from .variants import (
     CANDIDATES,
+    EXPORT_VARIANT,
     REFERENCE,
-    VARIANTS,
     ModelSource,
     device_kind,
     ensure_export,
@@ -51,24 +55,16 @@ from .variants import (
 
 log = logging.getLogger(__name__)
 
-ENGINE_ENV = "VQDIFF_ENGINE"
-ENGINES = ("auto", *VARIANTS)
+ENGINES = ("auto", *SPECS)
 TIMING_BUDGET_S = 2.0  # re-timing rounds after the first (gate) pass stop once this is spent
 CONTENDER_RATIO = 1.5  # beyond the two fastest passing ones, a candidate slower than this ratio is timed once
 MAX_ROUNDS = 4
 CHECK_ATOL = 1e-3  # the chosen engine replays its recorded outputs within this (normalised units)
 
 
-def engine_choice(engine: str | None = None) -> str:
-    name = (engine or os.environ.get(ENGINE_ENV) or "auto").strip().lower()
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r} ({ENGINE_ENV}); accepted: {', '.join(ENGINES)}")
-    return name
-
-
 def _device(device: str | None, name: str) -> str:
     if name != "auto":
-        kind = VARIANTS[name][1]
+        kind = SPECS[name].device
         return cuda_device(device) if kind == "cuda" else "cpu"
     if device is not None:
         return cuda_device(device) if str(device).startswith("cuda") else str(device)
@@ -135,11 +131,11 @@ def _auto(src, folder, fields, dev, threads, gate_data, budget_s) -> _GroupEngin
 
 def _forced(name, src, folder, fields, dev, threads, gate_data) -> _GroupEngine:
     decision = read_decision(folder, fields)
-    needs_export = VARIANTS[name][0] != "torch"
+    needs_export = SPECS[name].backend != "torch"
     if needs_export and not _export_ready(src, folder, name):
         data = gate_groups(src, gate_data)
         export_dir = ensure_export(src, folder, None if data is None else data[0])
-        if name.startswith("ort-int8"):
+        if name in EXPORT_VARIANT:
             if data is None:
                 raise BackendUnavailable(f"{name} needs real groups to calibrate on (VQDIFF_GATE_DATA)")
             ensure_int8(export_dir, data[0], _normalisation(src))
@@ -165,11 +161,11 @@ def _export_ready(src: ModelSource, folder: Path, name: str) -> bool:
     export_dir = _export_dir(src, folder, name)
     if export_dir is None:
         return False
-    if not name.startswith("ort-int8"):
+    if name not in EXPORT_VARIANT:
         return True
     from .manifest import read_manifest
 
-    return bool(read_manifest(export_dir, verify=False).get("variants", {}).get(name.removeprefix("ort-"),
+    return bool(read_manifest(export_dir, verify=False).get("variants", {}).get(EXPORT_VARIANT[name],
                                                                                  {}).get("kept"))
 
 
@@ -231,6 +227,10 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
     for name in CANDIDATES[kind]:
         if name in cand:
             continue
+        why = emulated(name)
+        if why:
+            cand[name] = {"available": False, "reason": why}
+            continue
         try:
             d = export_dir if not name.startswith("tensorrt") else src.export
             engines[name] = open_variant(name, src, d, device=dev, threads=threads)
@@ -274,7 +274,7 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
     if failed:
         reason += "; failed the gate: " + ", ".join(failed)
     decision = {
-        "variant": chosen, "reason": reason, "candidates": dict(sorted(cand.items())),
+        "variant": chosen, "spec": asdict(SPECS[chosen]), "reason": reason, "candidates": dict(sorted(cand.items())),
         "gate": {"data": desc, "groups": int(len(x)), "calibration_groups": int(len(calib_mm)),
                  "reference": ref_name, "max_mdf_change_mm": limits[0], "max_buan_change": limits[1]},
         "timing": {"groups_per_call": int(len(x)), "what": "encode + decode, best of the timed calls",
@@ -286,6 +286,20 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
         "_check_x": x[:2],
     }
     return decision, engines[chosen]
+
+
+def emulated(name: str) -> str | None:
+    """Why a CPU bf16 variant is not measured here (no native bf16: emulated, an order of magnitude
+    slower than fp32, measured 15 against 180 groups/s on the AVX2 machine), or None."""
+    from .engine_cache import cpu_info
+
+    spec = SPECS[name]
+    if spec.device != "cpu" or spec.precision != "bf16":
+        return None
+    flags = cpu_info()["flags"]
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return None
+    return "this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 would be emulated, far slower than fp32"
 
 
 def _ort_cuda() -> bool:

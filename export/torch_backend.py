@@ -22,7 +22,8 @@ class TorchBackendEngine(_GroupEngine):
 
     def __init__(self, checkpoint_dir: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                  batch_size: int = DEFAULT_BATCH, expected_sha256: str | None = None,
-                 manifest: dict | None = None, precision: str = "fp32", channels_last: bool | None = None):
+                 manifest: dict | None = None, precision: str = "fp32", channels_last: bool | None = None,
+                 layers: str = "all"):
         import torch
 
         from vqdiff.bottlenecks import uses_codebook
@@ -37,7 +38,7 @@ class TorchBackendEngine(_GroupEngine):
         if channels_last is None:
             channels_last = precision != "fp32"  # measured: NHWC is what makes bf16 pay on oneDNN
         self.inner = TorchEngine(ckpt.model, device=device, batch_size=batch_size, precision=precision,
-                                 channels_last=channels_last)
+                                 channels_last=channels_last, layers=layers)
         self.provider = self.inner.provider
         self.precision = precision
         self.channels_last = bool(channels_last)
@@ -52,7 +53,7 @@ class TorchBackendEngine(_GroupEngine):
 
 def open_torch_engine(path: Path, manifest: dict | None, device: str | None, threads: int | None,
                       batch_size: int | None, *, precision: str = "fp32", channels_last: bool | None = None,
-                      graphs: bool | None = None, buckets=None) -> _GroupEngine:
+                      graphs: bool | None = None, buckets=None, layers: str = "all") -> _GroupEngine:
     """The torch engine of a checkpoint directory, or of an export's source checkpoint (checked by sha256).
 
     ``device`` None picks CUDA when torch sees a GPU, else the CPU. On CUDA, ``graphs`` (default True)
@@ -73,10 +74,10 @@ def open_torch_engine(path: Path, manifest: dict | None, device: str | None, thr
 
         return CudaGraphEngine(ckpt_dir, device=tdev, precision=precision, buckets=buckets,
                                channels_last=True if channels_last is None else channels_last,
-                               expected_sha256=expected, manifest=manifest)
+                               expected_sha256=expected, manifest=manifest, layers=layers)
     return TorchBackendEngine(ckpt_dir, device=tdev, threads=threads, batch_size=batch_size or DEFAULT_BATCH,
                               expected_sha256=expected, manifest=manifest, precision=precision,
-                              channels_last=channels_last)
+                              channels_last=channels_last, layers=layers)
 
 
 def source_checkpoint(path: Path, manifest: dict | None) -> Path:

@@ -67,7 +67,7 @@ class CudaGraphEngine(_GroupEngine):
 
     def __init__(self, checkpoint_dir: str | os.PathLike, *, device: str = "cuda:0", precision: str = "bf16",
                  channels_last: bool = True, buckets=None, graphs: bool = True,
-                 expected_sha256: str | None = None, manifest: dict | None = None):
+                 expected_sha256: str | None = None, manifest: dict | None = None, layers: str = "all"):
         import torch
 
         from vqdiff.bottlenecks import uses_codebook
@@ -85,7 +85,7 @@ class CudaGraphEngine(_GroupEngine):
         self.device = torch.device(device if ":" in str(device) else f"{device}:0")
         self.precision, self.graphs, self.channels_last = precision, bool(graphs), bool(channels_last)
         self.inner = TorchEngine(ckpt.model, device=self.device, batch_size=self.buckets[-1], precision=precision,
-                                 channels_last=channels_last)
+                                 channels_last=channels_last, layers=layers)
         self.inner.autocast_cache = False  # casts cached by autocast must not outlive a capture
         self.has_indices = uses_codebook(ckpt.model.config.bottleneck)
         self.provider = f"{self.device} ({torch.cuda.get_device_name(self.device)})"

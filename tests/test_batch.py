@@ -420,7 +420,7 @@ def test_provenance_is_recorded_and_a_changed_engine_is_not_mixed_in(subject_dir
     tree = make_tree(tmp_path / "in", subject_dir, 1, bundles=("POPT_R",))
     job.run_batch("encode", tree, tmp_path / "lat", model=ckpt, progress=False)
     lat = Latents.load(tmp_path / "lat" / "sub-01" / "POPT_R.vqlat")
-    assert lat.provenance["engine"] == {"backend": "torch", "variant": "fp32"}
+    assert lat.provenance["engine"] == {"backend": "torch", "variant": "fp32", "engine": "torch-fp32"}
     assert lat.provenance["vqdiff"] and lat.provenance["canonicalisation"] == 1
     codec = model.load_codec(ckpt)
     spec = stages.JobSpec("encode", str(ckpt), dict(codec.model_info), codec.normalisation.to_dict(),

@@ -419,7 +419,9 @@ def test_int8_variant_is_recorded(small_exports, real_groups, tmp_path, caplog):
     for name, c in v["combinations"].items():
         assert 0.0 <= c["buan"] <= 1.0 and c["groups_per_s"] > 0 and c["mean_mdf_mm"] >= 0
         if name != "fp32":
-            assert c["acceptable"] == (c["buan_drop"] <= 0.002 and c["mdf_rise_mm"] <= 0.1 and c["speedup"] >= 1.10)
+            # the engines' one gate (vqdiff.export.gate: |changes| <= 0.05 mm / 0.002), plus the speed-up
+            gate_ok = abs(c["mdf_change_mm"]) <= 0.05 and abs(c["buan_change"]) <= 0.002
+            assert c["passed"] == gate_ok and c["acceptable"] == (gate_ok and c["speedup"] >= 1.10)
     files = set(read_manifest(ex)["files"])
     if v["kept"]:
         assert {v["encoder"], v["decoder"]} <= files | {"encoder.onnx", "decoder.onnx"}
@@ -770,7 +772,13 @@ def test_selection_measures_gates_chooses_and_caches(selected, subject_dir):
     assert sel["mode"] == "auto" and sel["cache"] == "miss" and sel["variant"] == eng.variant_name
     assert set(sel["candidates"]) == set(CANDIDATES["cpu"])
     avail = {n: c for n, c in sel["candidates"].items() if c["available"]}
-    assert {"torch-fp32", "torch-bf16", "ort-fp32", "ort-int8"} <= set(avail)
+    assert {"torch-fp32", "ort-fp32", "ort-int8", "ort-int8-safe"} <= set(avail)
+    from vqdiff.export.select import emulated
+
+    for name in ("torch-bf16", "torch-bf16-trunk"):  # measured where the CPU has bf16, else skipped with why
+        assert (name in avail) == (emulated(name) is None)
+        if name not in avail:
+            assert "no native bf16" in sel["candidates"][name]["reason"]
     for c in avail.values():
         g = c["gate"]
         assert c["groups_per_s"] > 0 and 0 <= g["buan"] <= 1 and g["mean_mdf_mm"] >= 0
@@ -820,10 +828,10 @@ def test_forced_engines_and_fallbacks(selected, subject_dir, monkeypatch, caplog
     e = select_engine(ck, cache_dir=cache, gate_data=subject_dir, threads=1)  # the selection's key: same threads
     assert (e.variant_name, e.backend, e.selection["mode"]) == ("ort-fp32", "onnxruntime", "forced")
     assert "VQDIFF_ENGINE=ort-fp32" in e.selection["reason"] and e.selection["candidates"]  # the measured numbers
-    assert engine_info(e) == {"backend": "onnxruntime", "variant": "fp32"}  # asked for by name: no selection
+    assert engine_info(e) == {"backend": "onnxruntime", "variant": "fp32", "engine": "ort-fp32"}  # asked for by name: no selection
     monkeypatch.setenv("VQDIFF_ENGINE", "torch-bf16")
     e = select_engine(ck, cache_dir=cache)
-    assert (e.backend, e.precision, engine_info(e)) == ("torch", "bf16", {"backend": "torch", "variant": "bf16"})
+    assert (e.backend, e.precision, engine_info(e)) == ("torch", "bf16", {"backend": "torch", "variant": "bf16", "engine": "torch-bf16"})
     monkeypatch.setenv("VQDIFF_ENGINE", "onnx")
     with pytest.raises(ValueError, match="accepted: auto, torch-fp32"):
         select_engine(ck, cache_dir=cache)

@@ -133,3 +133,20 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu") -> Checkpoi
     model.to(device).eval()
     return Checkpoint(model, normalisation, str(config.get("model_id", path.name)), file_sha256(path / WEIGHTS), config,
                       path)
+
+
+def export_source_checkpoint(path):
+    """``path`` itself, or for an export directory (``manifest.json``, `vqdiff.export.manifest`) the
+    checkpoint it was exported from, when that is here with the same weights (sha256); the torch engine
+    runs it, with the same numbers as the export's graphs (parity 1e-4). An export whose checkpoint is
+    not here runs on ONNX Runtime: `vqdiff.export.runtime.make_codec` (the core has no ONNX Runtime)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file() or (Path(path) / "model.safetensors").is_file():
+        return path
+    m = read_versioned_json(manifest, "vqdiff-export", 1, CheckpointError)
+    src = Path(m.get("source", {}).get("checkpoint", ""))
+    if (src / "model.safetensors").is_file() and file_sha256(src / "model.safetensors") == m["model"]["sha256"]:
+        return src
+    raise CheckpointError(f"{path} is an export directory whose source checkpoint ({src}) is not here with the "
+                          "same weights; open it with vqdiff.export.runtime.make_codec(path) (ONNX Runtime), or "
+                          "set VQDIFF_MODEL to the checkpoint directory")

@@ -277,12 +277,13 @@ class Codec:
 
     @classmethod
     def from_checkpoint(cls, path, *, device: str = "cpu", batch_size: int = 256) -> Codec:
-        """A checkpoint directory (or a loaded `Checkpoint`) on the torch engine."""
-        from .checkpoint import Checkpoint, load_checkpoint
+        """A checkpoint directory (or a loaded `Checkpoint`, or an export directory whose source checkpoint
+        is here: `export_source_checkpoint`) on the torch engine."""
+        from .checkpoint import Checkpoint, export_source_checkpoint, load_checkpoint
         from .quality import poor_limits
         from .torch_engine import TorchEngine
 
-        ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+        ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(export_source_checkpoint(path))
         templates = load_templates(ckpt.path) if ckpt.path is not None else None
         return cls(TorchEngine(ckpt.model, device=device, batch_size=batch_size), ckpt.normalisation, ckpt.model_info,
                    templates, poor_limits(ckpt.path))

@@ -4,11 +4,18 @@
 and the decoder under autocast; the bottleneck (codebook distances, softmax, argmax) always runs in
 fp32 on fp32 ``z``, so the codes are chosen at full precision. ``channels_last`` stores weights and
 activations NHWC (oneDNN's and cuDNN's preferred layout for these convolutions). Outputs are fp32.
+
+``layers`` is the layer policy (`vqdiff.engine.LAYER_POLICIES`): "all" runs every convolution in
+``precision``; "trunk" keeps the first convolution, the last transposed convolution and the two
+convolutions beside the bottleneck in fp32 (`edge_layers`), each wrapped in an fp32 `Island`. The
+CUDA graph engine runs the same `TorchEngine`, so the same policy. `layer_names` / `with_islands`
+also serve the per-layer error budget (one layer in reduced precision at a time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import torch
@@ -16,6 +23,45 @@ import torch
 from .models import StreamlineAutoencoder
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_LAYERS = ("all", "trunk")  # the layer policies the torch engines run
+
+
+class Island(torch.nn.Module):
+    """``inner`` run under its own autocast: ``dtype`` None = fp32 (autocast off, input cast to fp32),
+    else autocast to ``dtype``; the output is fp32 either way (the next layer casts as it needs)."""
+
+    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype | None):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            out = self.inner(x.float() if self.dtype is None else x)
+        return out.float()
+
+
+def layer_names(model: StreamlineAutoencoder) -> list[str]:
+    """Every convolution of the encoder and the decoder, in the order they run (qualified names)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+            and n.startswith(("encoder.", "decoder."))]
+
+
+def edge_layers(model: StreamlineAutoencoder) -> list[str]:
+    """The layers the "trunk" policy keeps fp32: the encoder's first and last convolutions (input,
+    bottleneck side) and the decoder's first and last (bottleneck side, output)."""
+    names = layer_names(model)
+    enc = [n for n in names if n.startswith("encoder.")]
+    dec = [n for n in names if n.startswith("decoder.")]
+    return [enc[0], enc[-1], dec[0], dec[-1]]
+
+
+def with_islands(model: StreamlineAutoencoder, names, dtype: torch.dtype | None) -> StreamlineAutoencoder:
+    """``model`` with each layer of ``names`` wrapped in an `Island` of ``dtype`` (in place)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Island(getattr(parent, child), dtype))
+    return model
 
 
 class TorchEngine:
@@ -24,10 +70,16 @@ class TorchEngine:
     backend = "torch"
 
     def __init__(self, model: StreamlineAutoencoder, *, device: str | torch.device = "cpu", batch_size: int = 256,
-                 precision: str = "fp32", channels_last: bool = False):
+                 precision: str = "fp32", channels_last: bool = False, layers: str = "all"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; accepted: {list(PRECISIONS)}")
+        if layers not in TORCH_LAYERS or (layers != "all" and precision == "fp32"):
+            raise ValueError(f"unknown torch layer policy {layers!r} for {precision}; accepted: "
+                             f"{list(TORCH_LAYERS)} (a policy only with a reduced precision)")
         self.device = torch.device(device)
+        if layers == "trunk":
+            model = with_islands(copy.deepcopy(model), edge_layers(model), None)
+        self.layers = layers
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.provider = str(self.device)

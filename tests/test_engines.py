@@ -1,0 +1,221 @@
+"""One name for an engine (`vqdiff.engine.EngineSpec`), one quality gate, layer policies, OpenVINO.
+
+Fast: specs and the gate's single threshold are checked without models; the per-layer policy is
+built on the bundled model and gated on 8 real subject01 groups (torch, a few seconds).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vqdiff.engine import SPECS, EngineSpec, engine_choice, engine_info, engine_spec, spec_from_record
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "default"
+
+
+def test_spec_names_round_trip_through_every_record():
+    for name, spec in SPECS.items():
+        assert spec.name == name and engine_spec(name) is spec and engine_spec(name.upper()) is spec
+        rec = spec.record()
+        assert rec["engine"] == name and spec_from_record(rec) is spec
+        assert spec_from_record({**rec, "selection": {"mode": "auto"}}) is spec
+    # what latents recorded before specs had names still reads, as the CPU spec of that backend and variant
+    old = {("torch", "fp32"): "torch-fp32", ("torch", "bf16"): "torch-bf16", ("onnxruntime", "fp32"): "ort-fp32",
+           ("onnxruntime", "int8"): "ort-int8", ("onnxruntime", "int8-encoder"): "ort-int8-encoder",
+           ("onnxruntime", "int8-decoder"): "ort-int8-decoder", ("tensorrt", "fp16"): "tensorrt-fp16"}
+    for (backend, variant), name in old.items():
+        assert spec_from_record({"backend": backend, "variant": variant}).name == name
+        assert SPECS[name].record() == {"backend": backend, "variant": variant, "engine": name}  # same values
+    assert spec_from_record({"backend": "unknown", "variant": "unknown"}) is None
+    with pytest.raises(ValueError, match="layer policy"):
+        EngineSpec("x", "torch", "cpu", "bf16", "middle")
+    with pytest.raises(ValueError, match="no layer policy"):
+        EngineSpec("x", "torch", "cpu", "fp32", "trunk")
+
+
+def test_the_engine_variable_accepts_auto_and_spec_names_and_lists_them_otherwise(monkeypatch):
+    monkeypatch.delenv("VQDIFF_ENGINE", raising=False)
+    assert engine_choice() == "auto"
+    monkeypatch.setenv("VQDIFF_ENGINE", " ORT-int8-safe ")
+    assert engine_choice() == "ort-int8-safe"
+    monkeypatch.setenv("VQDIFF_ENGINE", "bogus")
+    with pytest.raises(ValueError, match=r"unknown engine \(VQDIFF_ENGINE\) 'bogus'; accepted: auto, ") as e:
+        engine_choice()
+    assert all(n in str(e.value) for n in SPECS)
+    from vqdiff.export.select import select_engine
+
+    with pytest.raises(ValueError, match="accepted: auto, torch-fp32"):  # before any work: at start
+        select_engine(MODEL, cache_dir="/nonexistent/never-created")
+    assert not Path("/nonexistent/never-created").exists()
+
+
+def test_engine_info_names_the_spec_of_plain_engines_too():
+    class Plain:  # vqdiff.torch_engine.TorchEngine as Codec.from_checkpoint makes it
+        backend, provider, precision = "torch", "cpu", "fp32"
+
+    assert engine_info(Plain()) == {"backend": "torch", "variant": "fp32", "engine": "torch-fp32"}
+    Plain.provider = "cuda:0"
+    assert engine_info(Plain())["engine"] == "cuda-fp32"
+
+
+_THRESHOLD = re.compile(r"^\s*\w*(MDF|BUAN)\w*(MAX|MIN|RISE|DROP|CHANGE|LIMIT|TOL)\w*\s*=|"
+                        r"^\s*\w*(MAX|MIN|LIMIT)\w*(MDF|BUAN)\w*\s*=", re.MULTILINE)
+
+
+def test_one_quality_gate_holds_the_only_threshold():
+    """Export (``vqdiff-export --int8``) and the selection judge with `vqdiff.export.gate`; a second
+    MDF / BUAN threshold anywhere in the code fails this test."""
+    from vqdiff.export import gate, quantize, select, variants
+
+    found = []
+    for folder in ("vqdiff", "export", "service", "training", "benchmarks"):
+        for f in (ROOT / folder).rglob("*.py"):
+            if f.resolve() != Path(gate.__file__).resolve():
+                found += [f"{f.relative_to(ROOT)}: {m.group(0).strip()}" for m in _THRESHOLD.finditer(f.read_text())]
+    assert not found, f"a second quality threshold: {found}"
+    assert len(_THRESHOLD.findall(Path(gate.__file__).read_text())) == 2  # the pattern finds the real ones
+    assert (gate.MAX_MDF_CHANGE_MM, gate.MAX_BUAN_CHANGE) == (0.05, 0.002)
+    assert variants.gate is gate.gate and select.gate is gate.gate and quantize.judge is gate.judge
+    ref = {"mean_mdf_mm": 0.6, "buan": 0.999}
+    assert gate.judge({"mean_mdf_mm": 0.649, "buan": 0.998}, ref)["passed"]
+    assert not gate.judge({"mean_mdf_mm": 0.651, "buan": 0.999}, ref)["passed"]  # 0.1 mm no longer passes
+    assert not gate.judge({"mean_mdf_mm": 0.6, "buan": 0.9965}, ref)["passed"]
+
+
+def test_openvino_absent_is_unavailable_with_the_reason(monkeypatch, tmp_path):
+    from vqdiff.export.engine_base import BackendUnavailable
+    from vqdiff.export.variants import ModelSource, open_variant
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    src = ModelSource(tmp_path, None, tmp_path, "0" * 64)
+    for name in ("openvino-fp32", "openvino-bf16", "openvino-int8"):
+        with pytest.raises(BackendUnavailable, match="openvino package is not installed"):
+            open_variant(name, src, tmp_path)
+
+
+def test_openvino_bf16_is_refused_without_native_bf16():
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    from vqdiff.export.openvino_backend import cpu_capabilities
+
+    caps = cpu_capabilities(ov.Core())
+    if "BF16" in caps:
+        pytest.skip("this CPU has native bf16")
+    from vqdiff.export.engine_base import BackendUnavailable
+    from vqdiff.export.openvino_backend import OpenVinoEngine
+
+    with pytest.raises(BackendUnavailable, match="no native bf16"):
+        OpenVinoEngine("/nonexistent", precision="bf16")
+
+
+@pytest.fixture(scope="module")
+def eight_groups(subject_dir):
+    from vqdiff.export.data import load_groups
+
+    return load_groups(subject_dir, bundles=("POPT_R",), max_groups=8)
+
+
+def test_a_layer_policy_variant_is_built_and_gated_on_real_groups(eight_groups):
+    import torch
+
+    from vqdiff.export.gate import gate
+    from vqdiff.export.variants import model_source, open_variant
+    from vqdiff.geometry import groups_to_model
+    from vqdiff.torch_engine import Island, edge_layers
+
+    src = model_source(MODEL)
+    ref_eng = open_variant("torch-fp32", src, None, threads=1)
+    trunk = open_variant("torch-bf16-trunk", src, None, threads=1)
+    assert trunk.spec is SPECS["torch-bf16-trunk"] and trunk.spec.layers == "trunk"
+    model = trunk.inner.model
+    edges = edge_layers(ref_eng.inner.model)
+    islands = [n for n, m in model.named_modules() if isinstance(m, Island)]
+    assert islands == edges and all(model.get_submodule(n).dtype is None for n in islands)
+    assert not any(isinstance(m, Island) for m in ref_eng.inner.model.modules())  # the reference is untouched
+    x = groups_to_model(src_norm(src).apply(eight_groups))
+
+    def rec(e):
+        return e.decode_groups(e.encode_groups(x))
+
+    norm = src_norm(src)
+    ref_q = gate(eight_groups, rec(ref_eng), norm, None)
+    g = gate(eight_groups, rec(trunk), norm, ref_q)
+    assert np.isfinite(g["mdf_change_mm"]) and g["mdf_change_mm"] != 0.0  # bf16 really ran
+    assert engine_info(trunk)["engine"] == "torch-bf16-trunk" and engine_info(trunk)["variant"] == "bf16-trunk"
+    # the fp32 islands keep the layers that carry most of bf16's error: all-bf16 changes more
+    g_all = gate(eight_groups, rec(open_variant("torch-bf16", src, None, threads=1)), norm, ref_q)
+    assert abs(g["mdf_change_mm"]) < abs(g_all["mdf_change_mm"])
+    assert torch.get_num_threads() >= 1
+
+
+def src_norm(src):
+    from vqdiff.checkpoint import load_checkpoint
+
+    return load_checkpoint(src.checkpoint).normalisation
+
+
+def test_the_int8_safe_policy_comes_from_the_measured_budget():
+    from vqdiff.export.gate import MAX_MDF_CHANGE_MM
+    from vqdiff.export.layer_policy import INT8_BUDGET_MM, INT8_SAFE, SAFE_SHARE, int8_nodes
+
+    for graph, positions in INT8_SAFE.items():
+        names = [n for n in INT8_BUDGET_MM if n.startswith(graph + ".")]
+        assert all(INT8_BUDGET_MM[names[i]] <= SAFE_SHARE * MAX_MDF_CHANGE_MM for i in positions)
+        assert 0 not in positions and len(names) - 1 not in positions  # the edges stay fp32
+
+    class Node:
+        def __init__(self, name, op):
+            self.name, self.op_type = name, op
+
+    class Graph:
+        node = [Node("a", "Conv"), Node("r", "Relu"), Node("b", "Conv")]
+
+    class Model:
+        graph = Graph()
+
+    with pytest.raises(ValueError, match="measure its budget"):
+        int8_nodes(Model(), "encoder")
+    assert int8_nodes(Model(), "encoder", (1,)) == ["b"]
+
+
+def test_the_default_codec_accepts_an_export_directory(tmp_path, monkeypatch):
+    import json
+
+    from vqdiff.codec import Codec
+    from vqdiff.errors import CheckpointError
+    from vqdiff.fileio import file_sha256
+
+    sha = file_sha256(MODEL / "model.safetensors")
+    export = tmp_path / "export"
+    export.mkdir()
+    manifest = {"format": "vqdiff-export", "format_version": 1, "model": {"sha256": sha},
+                "source": {"checkpoint": str(MODEL)}}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("VQDIFF_MODEL", str(export))
+    codec = Codec.default()
+    assert codec.model_info["sha256"] == sha and codec.engine.backend == "torch"
+    manifest["model"]["sha256"] = "0" * 64  # another model's export: its checkpoint is not here
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="make_codec"):
+        Codec.default()
+
+
+def test_cpu_bf16_variants_are_measured_only_where_bf16_is_native(monkeypatch):
+    from vqdiff.export import engine_cache
+    from vqdiff.export.select import emulated
+
+    def flags(*f):
+        monkeypatch.setattr(engine_cache, "cpu_info", lambda: {"model": "x", "flags": list(f), "cores": 2})
+
+    flags("avx2", "fma")
+    assert "no native bf16" in emulated("torch-bf16") and "no native bf16" in emulated("torch-bf16-trunk")
+    assert emulated("ort-int8") is None and emulated("cuda-bf16") is None and emulated("torch-fp32") is None
+    flags("avx512f", "avx512_bf16")
+    assert emulated("torch-bf16-trunk") is None
+    flags("amx_tile", "amx_bf16")
+    assert emulated("torch-bf16") is None
