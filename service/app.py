@@ -1,21 +1,239 @@
-"""Entry point of ``bentoml serve`` (``bentofile.yaml``: ``service: "service.app:Gateway"``).
+"""The vqdiff service (``bentoml serve`` from the repository root; ``bentofile.yaml``:
+``service: "vqdiff.service.app:VQDiff"``): HTTP in, the codec core and an engine in this process.
 
-Run from the repository root: ``bentoml serve`` (or ``bentoml serve service.app:Gateway``). The
-gateway depends on the model service, which BentoML starts beside it.
+=====================  =====================================================================
+``POST /encode``       multipart ``file`` (.trk / .tck + ``reference`` / .trx) -> the ``.vqlat``
+                       latents file; ``register=auto|off|<bundle>``; ``summary=true`` -> JSON
+``POST /decode``       multipart ``file`` (.vqlat) -> TRK (``format=tck|trx``) in the original
+                       space; ``restore_points=true`` restores each streamline's point count
+``POST /reconstruct``  multipart ``file`` (+ ``reference``) -> the reconstructed file, BUAN / MDF
+                       in ``X-VQDiff-*`` headers; ``summary=true`` -> JSON figures instead
+``GET /model``         model card: id / kind / hash, normalisation, engine, versions, limits
+``/livez /readyz``     BentoML probes (ready once the worker's engine is warm)
+``/metrics``           Prometheus (BentoML's, and ``vqdiff_batch_requests`` / ``_groups``)
+=====================  =====================================================================
 
-Stop order on SIGTERM (`service.lifecycle.Drain`, ``VQDIFF_DRAIN_S``): BentoML signals every worker at
-once; the gateway workers drain their requests, and the model service keeps serving them until the
-last gateway worker has exited (and BentoML keeps its unix socket until then).
+Each worker owns a codec (`service.backend`) and a `MicroBatcher` joining its concurrent requests'
+groups into engine calls. A route is three steps: read the upload (`service.uploads`, worker
+threads), the engine (`_encode` / `_decode`, batched), assemble and write (worker threads); a new
+route adds its steps here. Refusals are 4xx JSON (`service.errors`); the ASGI middlewares
+(`service.guard`, `service.lifecycle`) run before BentoML sees a request.
 """
 
-from .gateway import Gateway
-from .lifecycle import Drain, HeapTrim, ReleaseBody, keep_sockets_until_workers_stop
-from .model_service import VQDiffModel
-from .settings import SETTINGS
+from __future__ import annotations
 
-keep_sockets_until_workers_stop()  # takes effect in the `bentoml serve` process
-VQDiffModel.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, callers=frozenset({Gateway.name}), margin_s=1.0)
-VQDiffModel.add_asgi_middleware(HeapTrim, interval_s=SETTINGS.heap_trim_s)  # its RSS would climb under load
-VQDiffModel.add_asgi_middleware(ReleaseBody)
+import asyncio
+import json
+import logging
+import re
+from pathlib import Path
 
-__all__ = ["Gateway", "VQDiffModel"]
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .errors import ApiError
+from .guard import ROUTES, UPLOAD_NAMES, RequestGuard
+from .lifecycle import Drain, trim_heap
+from .settings import SETTINGS, gpu_host
+
+with bentoml.importing():
+    import anyio
+
+    from vqdiff.blas import limit_blas_threads
+    from vqdiff.quality import reconstruction_quality
+
+    from . import backend, uploads
+    from .batcher import MicroBatcher
+
+log = logging.getLogger("bentoml.vqdiff")
+
+LATENTS_MEDIA_TYPE = "application/vnd.vqdiff.latents"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# An optional file field is typed ``Path`` with default None: BentoML 1.4 cannot build the schema of
+# ``Optional[Path]`` and does not treat ``Path | None`` as a file.
+OptionalFile = Path
+
+
+def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str, extra: dict | None = None) -> Response:
+    """The file with its summary in headers, or (``summary=true``) the summary as JSON."""
+    timer.mark("write")
+    summary["seconds"] = timer.seconds
+    headers = {"Server-Timing": timer.header()}
+    if as_json:
+        return JSONResponse(summary, headers=headers)
+    media = LATENTS_MEDIA_TYPE if filename.endswith(".vqlat") else "application/octet-stream"
+    headers.update({"Content-Disposition": f'attachment; filename="{_SAFE.sub("_", filename)}"',
+                    "X-VQDiff-Summary": json.dumps(summary, separators=(",", ":")), **(extra or {})})
+    if summary.get("warnings"):
+        headers["X-VQDiff-Warning"] = ",".join(w["code"] for w in summary["warnings"])
+    return Response(content, media_type=media, headers=headers)
+
+
+def _bento_model_ref():
+    """The BentoML store model named by ``VQDIFF_MODEL_TAG`` (packed into bentos at build time)."""
+    return bentoml.models.BentoModel(SETTINGS.model_tag) if SETTINGS.model_tag else None
+
+
+@bentoml.service(
+    name="vqdiff",
+    workers=SETTINGS.workers,
+    # one GPU for the one worker of a GPU host; CPU hosts ask for none
+    **({"resources": {"gpu": 1}} if gpu_host(SETTINGS.device) else {}),
+    traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is the guard's (503 + Retry-After)
+)
+class VQDiff:
+    bento_model = _bento_model_ref()
+
+    def __init__(self) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        limit_blas_threads()  # one BLAS thread per request thread, scipy's included (vqdiff.blas)
+        self.model_dir = backend.resolve_model_dir(SETTINGS.model_path, self.bento_model)
+        self.codec = backend.open_codec(self.model_dir, device=SETTINGS.device, threads=SETTINGS.threads)
+        self.pipeline, engine = self.codec.pipeline, self.codec.engine
+        self.card = backend.model_card(self.model_dir, self.codec)
+        self.latent_shape = tuple(self.card["latent_shape"])
+        self.batcher = MicroBatcher({"encode": engine.encode_with_indices, "decode": engine.decode_groups},
+                                    max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
+        self.card["warmup_s"] = round(uploads.warm_up(self.pipeline, engine), 3)
+        self._limiter = None
+        log.info("worker ready in %.1f s: model %s (%s), engine %s on %s/%s, %d thread(s)%s", time.perf_counter() - t0,
+                 self.card["model"].get("id"), self.model_dir, self.card.get("engine_variant"), self.card["backend"],
+                 self.card["provider"], SETTINGS.threads,
+                 f" ({self.card['selection']['reason']})" if self.card.get("selection") else "")
+
+    @bentoml.on_startup
+    async def _start_heap_trim(self) -> None:
+        self._trim_task = asyncio.get_running_loop().create_task(
+            trim_heap(SETTINGS.heap_trim_s, lambda: self.batcher.calls))
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self._trim_task.cancel()
+        self.batcher.close()
+
+    async def _cpu(self, fn, *args):
+        """Parsing, canonicalisation and writing: worker threads, at most VQDIFF_IO_THREADS at once."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(SETTINGS.io_threads)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _run(self, endpoint: str, work, *uploads_: Path | None) -> Response:
+        """``await work(timer)``; refusals as 4xx JSON; the uploaded files always removed."""
+        try:
+            return await work(uploads.Timer())
+        except ApiError as err:
+            log.info("%s refused (%d %s): %s", endpoint, err.status, err.reason, err.message[:300])
+            return err.to_response()
+        finally:
+            for p in uploads_:
+                if p is not None:
+                    Path(p).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ steps
+    async def _encode_upload(self, ctx, file: Path, reference: Path | None, register: str, timer):
+        """Upload -> (bundle, its `Latents`): read and prepared in a worker thread, the groups through
+        the batched engine. A route for several bundles per request would call this per file part."""
+        names = getattr(ctx.request.state, UPLOAD_NAMES, {})
+
+        def read():
+            bundle, sha = uploads.read_bundle(file, reference, name=uploads.bundle_name(names.get("file")),
+                                              reference_name=names.get("reference", ""),
+                                              max_streamlines=SETTINGS.max_streamlines, max_points=SETTINGS.max_points)
+            try:
+                return bundle, *self.pipeline.prepare_encode(bundle, input_sha256=sha, register=register)
+            except ValueError as exc:  # BundleFormatError (a ValueError too) or an unknown register mode
+                raise uploads.encode_refusal(exc) from exc
+
+        bundle, x, state = await self._cpu(read)
+        timer.mark("read")
+        latents, indices = await self.batcher.run("encode", x)
+        timer.mark("model")
+        return bundle, state, self.pipeline.assemble_latents(state, latents, indices)
+
+    def _summary(self, lat, **extra) -> dict:
+        return {"streamlines": lat.n_streamlines, "groups": lat.n_groups, "model": self.pipeline.model_info, **extra}
+
+    # ------------------------------------------------------------------ APIs
+    @bentoml.api(route="/encode")
+    async def encode(self, file: Path, reference: OptionalFile = None, register: str = "auto",
+                     summary: bool = False, ctx: bentoml.Context = None) -> Path:
+        """Tractogram (TRK; TCK with ``reference``; TRX) -> versioned latents file (.vqlat). ``register``:
+        "auto" (into the model's space, bundle recognised), "off" (already in model space) or a bundle name."""
+
+        async def work(timer):
+            bundle, state, lat = await self._encode_upload(ctx, file, reference, register, timer)
+            data = await self._cpu(lat.to_bytes)
+            info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data),
+                                 latent_shape=list(lat.latents.shape), registration=state.registration,
+                                 warnings=state.warnings)
+            return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
+
+        return await self._run("encode", work, file, reference)
+
+    @bentoml.api(route="/decode")
+    async def decode(self, file: Path, format: str = "trk", restore_points: bool = False,
+                     summary: bool = False) -> Path:
+        """Latents file -> tractogram (TRK, or TCK / TRX) in the caller's original space and order."""
+
+        async def work(timer):
+            fmt = uploads.output_format(format, "trk")
+            lat = await self._cpu(lambda: uploads.read_latents(file, self.pipeline, self.latent_shape,
+                                                               max_groups=SETTINGS.max_groups,
+                                                               max_points=SETTINGS.max_points))
+            timer.mark("read")
+            groups = await self.batcher.run("decode", lat.latents)
+            timer.mark("model")
+
+            def finish():
+                bundle = uploads.assemble_bundle(self.pipeline, lat, groups, restore_points=restore_points)
+                return bundle, uploads.write_bundle(bundle, fmt)
+
+            bundle, data = await self._cpu(finish)
+            info = self._summary(lat, format=fmt, bytes=len(data), warnings=[])
+            return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.{fmt}")
+
+        return await self._run("decode", work, file)
+
+    @bentoml.api(route="/reconstruct")
+    async def reconstruct(self, file: Path, reference: OptionalFile = None, register: str = "auto",
+                          format: str | None = None, summary: bool = False, ctx: bentoml.Context = None) -> Path:
+        """Tractogram -> its reconstruction through the model, with BUAN and MDF figures."""
+
+        async def work(timer):
+            fmt = uploads.output_format(format, "trk") if format else None
+            bundle, state, lat = await self._encode_upload(ctx, file, reference, register, timer)
+            fmt = fmt or uploads.output_format(None, bundle.source_format)
+            groups = await self.batcher.run("decode", lat.latents)
+            timer.mark("model")
+
+            def finish():
+                recon = uploads.assemble_bundle(self.pipeline, lat, groups, restore_points=True)
+                figures = reconstruction_quality(bundle, recon)
+                timer.mark("quality")
+                return figures, uploads.write_bundle(recon, fmt)
+
+            figures, data = await self._cpu(finish)
+            info = self._summary(lat, format=fmt, quality=figures, registration=state.registration,
+                                 warnings=state.warnings)
+            return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}_recon.{fmt}", {
+                "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
+
+        return await self._run("reconstruct", work, file, reference)
+
+
+async def _model_card(request: Request) -> Response:
+    svc = bentoml.get_current_service()
+    return JSONResponse({**svc.card, "service": SETTINGS.public(),
+                         "formats": {"input": ["trk", "tck", "trx"], "output": list(uploads.OUTPUT_FORMATS)}})
+
+
+VQDiff.mount_asgi_app(Starlette(routes=[Route("/model", _model_card, methods=["GET"])]), path="/")
+# Outermost first: while draining, new API requests are refused before their body is read.
+VQDiff.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, refuse=frozenset(ROUTES))
+VQDiff.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token,
+                           max_in_flight=SETTINGS.max_in_flight)

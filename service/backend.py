@@ -1,13 +1,8 @@
-"""Open the served model: one engine (`vqdiff.export.runtime.load_engine`) + its card.
-
-`open_engine` is the only place that chooses how the model runs; `model_card` is what
-``GET /model`` shows about it. Nothing here is imported at module level by the services, so the
-gateway never loads torch and ``bentoml build`` never needs the runtime packages.
-"""
+"""The served model: which directory, its codec (the engine `vqdiff.export.runtime` chooses, with the
+model's templates) and its card for ``GET /model``. Called in each worker's start-up, never at import."""
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -15,7 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("vqdiff.service")
+log = logging.getLogger("bentoml.vqdiff")
 
 CARD_NAMES = ("MODEL_CARD.md", "README.md")
 _CARD_LIMIT = 20_000
@@ -37,30 +32,12 @@ def resolve_model_dir(model_path: str | None, bento_model: Any = None) -> Path:
     return default_model_dir()
 
 
-def open_engine(path: Path, *, backend: str = "auto", device: str | None = None, threads: int | None = None):
-    """An engine with ``.normalisation``, ``.model_info``, ``.backend`` and ``.provider``, warmed up.
+def open_codec(path: Path, *, device: str | None = None, threads: int | None = None):
+    """A `vqdiff.codec.Codec` on the engine variant `vqdiff.export.select` chose for this machine
+    (``VQDIFF_ENGINE`` forces one), warmed up, with the model's registration templates."""
+    from vqdiff.export.runtime import make_codec
 
-    ``backend="auto"`` (``VQDIFF_BACKEND`` unset): the fastest engine variant that passes the quality
-    gate on this machine, chosen at the first start and cached (`vqdiff.export.select`;
-    ``VQDIFF_ENGINE=torch-fp32|torch-bf16|ort-fp32|ort-int8|...`` forces one). Another backend name
-    opens that backend as `vqdiff.export.runtime.load_engine` does.
-    """
-    from vqdiff.export import runtime
-
-    return runtime.open_engine(path, backend=backend, device=device, threads=threads, warmup=True)
-
-
-def warm_up(engine, sizes=(1, 8)) -> float:
-    """Run dummy batches through encoder and decoder (allocations, kernels, caches); seconds taken."""
-    import time
-
-    import numpy as np
-
-    t0 = time.perf_counter()
-    for n in sizes:
-        x = np.zeros((n, 3, 64, 64), np.float32)
-        engine.decode_groups(engine.encode_groups(x))
-    return time.perf_counter() - t0
+    return make_codec(path, backend="auto", device=device, threads=threads)
 
 
 def _versions() -> dict[str, str]:
@@ -75,8 +52,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def model_card(path: Path, engine) -> dict[str, Any]:
-    """Model id/kind/hash, config, normalisation, training summary, card text, backend, versions."""
+def model_card(path: Path, codec) -> dict[str, Any]:
+    """Model id/kind/hash, config, normalisation, templates, card text, engine, versions."""
+    import numpy as np
+
+    from vqdiff.codec import engine_provenance
+
+    engine = codec.engine
     config: dict[str, Any] = {}
     for name in ("config.json", "manifest.json"):
         if (path / name).is_file():
@@ -85,21 +67,16 @@ def model_card(path: Path, engine) -> dict[str, Any]:
             except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 log.warning("cannot read %s: %s", path / name, exc)
     card = next((path / n for n in CARD_NAMES if (path / n).is_file()), None)
-    latent_shape = None
-    if engine is not None:
-        import numpy as np
-
-        latent_shape = list(engine.encode_groups(np.zeros((1, 3, 64, 64), np.float32)).shape[1:])
-    from vqdiff.codec import TEMPLATES_FILE, engine_provenance
-
-    templates = path / TEMPLATES_FILE
+    latents, indices = engine.encode_with_indices(np.zeros((1, 3, 64, 64), np.float32))
+    sel = getattr(engine, "selection", None)
+    templates = codec.pipeline.templates
     return {
-        "model": dict(getattr(engine, "model_info", {}) or {}),
-        # the registration templates, for the gateway's codec core (GET /model shows only their names)
-        "templates_b64": base64.b64encode(templates.read_bytes()).decode() if templates.is_file() else None,
+        "model": dict(codec.pipeline.model_info),
         "model_dir": path.name,
-        "normalisation": engine.normalisation.to_dict() if engine is not None else None,
-        "latent_shape": latent_shape,
+        "normalisation": codec.pipeline.normalisation.to_dict(),
+        "templates": list(templates.names) if templates is not None else None,
+        "latent_shape": list(latents.shape[1:]),
+        "has_indices": indices is not None,
         "group_shape": [3, 64, 64],
         "backend": getattr(engine, "backend", None),
         "engine": engine_provenance(engine),  # recorded in every latents file
@@ -108,17 +85,11 @@ def model_card(path: Path, engine) -> dict[str, Any]:
         # which variant runs, in what precision, and why (every candidate's groups/s and gate result)
         "engine_variant": getattr(engine, "variant_name", None),
         "precision": getattr(engine, "precision", None) or getattr(engine, "variant", None),
-        "selection": _selection(engine),
+        "selection": {k: v for k, v in sel.items() if k not in ("summary", "key", "cache_dir")}
+        if isinstance(sel, dict) else None,
         "fallback_reasons": list(getattr(engine, "fallback_reasons", []) or []),
         "config": config,
         "card": card.read_text(errors="replace")[:_CARD_LIMIT] if card else None,
         "versions": _versions(),
         "pid": os.getpid(),
     }
-
-
-def _selection(engine) -> dict[str, Any] | None:
-    sel = getattr(engine, "selection", None)
-    if not isinstance(sel, dict):
-        return None
-    return {k: v for k, v in sel.items() if k not in ("summary", "key", "cache_dir")}

@@ -1,102 +1,107 @@
-"""Service settings, read once from environment variables (all optional).
-
-=============================  ==========  ===================================================
-variable                       default     meaning
-=============================  ==========  ===================================================
-VQDIFF_MODEL                   models/     checkpoint directory or export directory to serve
-                               default
-VQDIFF_MODEL_TAG               (unset)     a BentoML model-store tag (``vqdiff:latest``); wins
-                                           over VQDIFF_MODEL (import one with
-                                           ``python -m vqdiff.service.store``)
-VQDIFF_BACKEND                 auto        auto | tensorrt | ort-cuda | ort-cpu | torch
-VQDIFF_DEVICE                  (auto)      e.g. ``cpu`` or ``cuda:0`` (auto: GPU when usable)
-VQDIFF_THREADS                 (cores)     intra-op threads of the model worker
-VQDIFF_MAX_BATCH_GROUPS        64          adaptive batching: most groups in one batch
-VQDIFF_MAX_LATENCY_MS          30000       adaptive batching: latency budget of one batch
-VQDIFF_MAX_BATCH_WAIT_MS       50          adaptive batching: most a request waits for others
-VQDIFF_GATEWAY_WORKERS         2           gateway processes (parsing, canonicalisation)
-VQDIFF_GATEWAY_THREADS         2           CPU threads per gateway process (parse, write)
-VQDIFF_TIMEOUT_S               120         gateway request timeout (model: 3/4 of it)
-VQDIFF_MAX_CONCURRENCY         64          gateway requests in flight per service (then 503)
-VQDIFF_MAX_UPLOAD_MB           64          largest request body (413 beyond)
-VQDIFF_MAX_STREAMLINES         200000      most streamlines in one request (413 beyond)
-VQDIFF_API_TOKEN               (unset)     when set, every route but /livez, /readyz, /healthz
-                                           and /metrics needs ``Authorization: Bearer <token>``
-VQDIFF_DRAIN_S                 25          graceful stop on SIGTERM: requests in flight finish,
-                                           new ones get 503 + Retry-After, /readyz 503; the
-                                           workers exit within this time (give the orchestrator
-                                           a longer grace: Kubernetes 30 s default, docker stop -t)
-VQDIFF_HEAP_TRIM_S             2           while requests come, return the heap's free pages to
-                                           the OS this often (glibc malloc_trim; 0: never): bounds
-                                           the RSS of workers serving ever-different batch sizes
-=============================  ==========  ===================================================
-
-Memory, without a setting: a finished request lets go of its body (`service.lifecycle.ReleaseBody`;
-before it, each gateway worker kept the uploads of its last 90 s alive: 240 MB -> 0.9-1.3 GB of RSS
-in two minutes of 8-16 clients). glibc's own variables reach every worker as they are (``bentoml
-serve`` and the container pass the environment on), but none is needed for the RSS to stay within
-+25 % after the warm-up (``benchmarks/bench_soak.py`` checks it) and they cost CPU:
-``MALLOC_MMAP_THRESHOLD_=131072`` (big blocks mmapped, so freed at once) narrows the RSS swings,
-measured at +70 % gateway CPU per request and 2-2.7x the CPU of the torch engine (every block
-page-faulted afresh); ``MALLOC_ARENA_MAX`` changed nothing measurable (the torch engine allocates
-from one arena).
-"""
+"""The service's settings: environment variables, each declared once in `TABLE` (name, default,
+meaning), read once into `Settings`. The README's table is `markdown_table()` (a test checks it;
+``python -m vqdiff.service.settings`` prints it)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 from vqdiff.geometry import GROUP_SIZE
 
+log = logging.getLogger("bentoml.vqdiff")
 
-def _int(name: str, default: int, *, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
+# name, default (as documented), meaning
+TABLE: tuple[tuple[str, str, str], ...] = (
+    ("VQDIFF_MODEL", "models/default", "checkpoint or export directory to serve"),
+    ("VQDIFF_MODEL_TAG", "(unset)", "a BentoML model-store tag (`vqdiff:latest`); wins over VQDIFF_MODEL "
+     "(import one with `vqdiff-model-store`)"),
+    ("VQDIFF_ENGINE", "auto", "engine variant (read by `vqdiff.export.select`, docs/engines.md): `auto` = the "
+     "fastest that passes the quality gate here, or one of its names (`ort-fp32`, `torch-fp32`, ...)"),
+    ("VQDIFF_DEVICE", "(auto)", "`cpu` or `cuda[:N]` (auto: the GPU when there is one)"),
+    ("VQDIFF_WORKERS", "(auto)", "worker processes, each with its own engine and batcher; auto: 1 on a GPU "
+     "host (every request's groups meet in one engine), else one per CPU core"),
+    ("VQDIFF_THREADS", "(auto)", "engine threads per worker (auto: CPU cores / workers)"),
+    ("VQDIFF_IO_THREADS", "2", "threads per worker that parse uploads, canonicalise and write answers"),
+    ("VQDIFF_MAX_BATCH_GROUPS", "64", "micro-batching: most groups in one engine call (larger requests "
+     "are cut into pieces of this size)"),
+    ("VQDIFF_MAX_BATCH_WAIT_MS", "2", "micro-batching: most an idle engine waits for other requests' "
+     "groups before it runs (0: never; a busy engine batches what queued meanwhile)"),
+    ("VQDIFF_TIMEOUT_S", "120", "request timeout (BentoML `traffic.timeout`)"),
+    ("VQDIFF_MAX_CONCURRENCY", "64", "API requests in flight (split over the workers); past it a 503 with "
+     "`Retry-After` at once"),
+    ("VQDIFF_MAX_UPLOAD_MB", "64", "largest request body (413 beyond)"),
+    ("VQDIFF_MAX_STREAMLINES", "200000", "most streamlines in one request (413 beyond)"),
+    ("VQDIFF_API_TOKEN", "(unset)", "when set, every route but /livez, /readyz, /healthz and /metrics needs "
+     "`Authorization: Bearer <token>`"),
+    ("VQDIFF_DRAIN_S", "25", "graceful stop on SIGTERM: /readyz and new requests 503 + `Retry-After`, "
+     "requests in flight finish, the workers exit within this time (give the orchestrator longer)"),
+    ("VQDIFF_HEAP_TRIM_S", "2", "while requests come, return free heap pages to the OS this often "
+     "(glibc `malloc_trim`; 0: never): bounds the RSS under ever-different batch sizes"),
+)
+# names of earlier releases: still honoured where the concept is the same, with a warning
+RENAMED = {"VQDIFF_GATEWAY_WORKERS": "VQDIFF_WORKERS", "VQDIFF_GATEWAY_THREADS": "VQDIFF_IO_THREADS"}
+GONE = {"VQDIFF_BACKEND": "VQDIFF_ENGINE (an engine variant name)",
+        "VQDIFF_MAX_LATENCY_MS": "VQDIFF_TIMEOUT_S (no second service any more)"}
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{name}` | {default} | {meaning} |" for name, default, meaning in TABLE]
+    return "\n".join(rows)
+
+
+def _env(name: str, env) -> str:
+    value = (env.get(name) or "").strip()
+    old = next((o for o, new in RENAMED.items() if new == name), None)
+    if not value and old and (env.get(old) or "").strip():
+        log.warning("%s is now called %s; honouring it", old, name)
+        value = env[old].strip()
+    return value
+
+
+def _number(name: str, env, default, *, minimum: float, cast=int):
+    raw = _env(name, env)
     if not raw:
         return default
     try:
-        value = int(float(raw))
+        value = cast(float(raw))
     except ValueError as exc:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
     if value < minimum:
-        raise ValueError(f"environment variable {name}={value} must be >= {minimum}")
+        raise ValueError(f"environment variable {name}={raw} must be >= {minimum}")
     return value
 
 
-def _float(name: str, default: float, *, minimum: float | None = None) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
-    if minimum is None and value <= 0:
-        raise ValueError(f"environment variable {name}={value} must be > 0")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"environment variable {name}={value} must be >= {minimum}")
-    return value
+def gpu_host(device: str | None) -> bool:
+    """Whether the engine will run on a GPU: ``VQDIFF_DEVICE`` says so, or (unset) an NVIDIA GPU is
+    present. Decided without importing torch (the worker count is needed before any engine loads)."""
+    if device:
+        return device.startswith("cuda")
+    import shutil
+    from pathlib import Path
+
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").exists() or bool(shutil.which("nvidia-smi"))
 
 
 @dataclass(frozen=True)
 class Settings:
     model_path: str | None
     model_tag: str | None
-    backend: str
     device: str | None
-    threads: int | None
+    workers: int
+    threads: int
+    io_threads: int
     max_batch_groups: int
-    max_latency_ms: int
-    max_batch_wait_ms: int
-    gateway_workers: int
-    gateway_threads: int
+    max_batch_wait_ms: float
     timeout_s: float
     max_concurrency: int
     max_upload_bytes: int
     max_streamlines: int
     api_token: str | None
-    drain_s: float = 25.0
-    heap_trim_s: float = 2.0
+    drain_s: float
+    heap_trim_s: float
 
     @property
     def max_groups(self) -> int:
@@ -109,46 +114,46 @@ class Settings:
         return max(self.max_upload_bytes // 12, self.max_streamlines * 64)
 
     @property
-    def model_timeout_s(self) -> float:
-        return max(1.0, 0.75 * self.timeout_s)
+    def max_in_flight(self) -> int:
+        """The concurrency limit of one worker."""
+        return -(-self.max_concurrency // self.workers)
 
     @classmethod
-    def from_env(cls) -> Settings:
-        threads = os.environ.get("VQDIFF_THREADS", "").strip()
+    def from_env(cls, env=None) -> Settings:
+        env = os.environ if env is None else env
+        for old, new in GONE.items():
+            if (env.get(old) or "").strip():
+                log.warning("%s is no longer read; use %s", old, new)
+        device = _env("VQDIFF_DEVICE", env) or None
+        cores = os.cpu_count() or 1
+        workers = _number("VQDIFF_WORKERS", env, 1 if gpu_host(device) else cores, minimum=1)
         return cls(
-            model_path=os.environ.get("VQDIFF_MODEL") or None,
-            model_tag=os.environ.get("VQDIFF_MODEL_TAG") or None,
-            backend=(os.environ.get("VQDIFF_BACKEND") or "auto").strip().lower(),
-            device=os.environ.get("VQDIFF_DEVICE") or None,
-            threads=_int("VQDIFF_THREADS", 1) if threads else None,
-            max_batch_groups=_int("VQDIFF_MAX_BATCH_GROUPS", 64),
-            max_latency_ms=_int("VQDIFF_MAX_LATENCY_MS", 30_000, minimum=10),
-            max_batch_wait_ms=_int("VQDIFF_MAX_BATCH_WAIT_MS", 50, minimum=0),
-            gateway_workers=_int("VQDIFF_GATEWAY_WORKERS", 2),
-            gateway_threads=_int("VQDIFF_GATEWAY_THREADS", 2),
-            timeout_s=_float("VQDIFF_TIMEOUT_S", 120.0),
-            max_concurrency=_int("VQDIFF_MAX_CONCURRENCY", 64),
-            max_upload_bytes=int(_float("VQDIFF_MAX_UPLOAD_MB", 64.0) * (1 << 20)),
-            max_streamlines=_int("VQDIFF_MAX_STREAMLINES", 200_000),
-            api_token=(os.environ.get("VQDIFF_API_TOKEN") or "").strip() or None,
-            drain_s=_float("VQDIFF_DRAIN_S", 25.0),
-            heap_trim_s=_float("VQDIFF_HEAP_TRIM_S", 2.0, minimum=0.0),
+            model_path=_env("VQDIFF_MODEL", env) or None,
+            model_tag=_env("VQDIFF_MODEL_TAG", env) or None,
+            device=device,
+            workers=workers,
+            threads=_number("VQDIFF_THREADS", env, max(1, cores // workers), minimum=1),
+            io_threads=_number("VQDIFF_IO_THREADS", env, 2, minimum=1),
+            max_batch_groups=_number("VQDIFF_MAX_BATCH_GROUPS", env, 64, minimum=1),
+            max_batch_wait_ms=_number("VQDIFF_MAX_BATCH_WAIT_MS", env, 2.0, minimum=0, cast=float),
+            timeout_s=_number("VQDIFF_TIMEOUT_S", env, 120.0, minimum=1, cast=float),
+            max_concurrency=_number("VQDIFF_MAX_CONCURRENCY", env, 64, minimum=1),
+            max_upload_bytes=int(_number("VQDIFF_MAX_UPLOAD_MB", env, 64.0, minimum=0.001, cast=float) * (1 << 20)),
+            max_streamlines=_number("VQDIFF_MAX_STREAMLINES", env, 200_000, minimum=1),
+            api_token=_env("VQDIFF_API_TOKEN", env) or None,
+            drain_s=_number("VQDIFF_DRAIN_S", env, 25.0, minimum=1, cast=float),
+            heap_trim_s=_number("VQDIFF_HEAP_TRIM_S", env, 2.0, minimum=0, cast=float),
         )
 
     def public(self) -> dict:
         """What `GET /model` shows (never the token)."""
-        return {
-            "max_upload_bytes": self.max_upload_bytes,
-            "max_streamlines": self.max_streamlines,
-            "max_batch_groups": self.max_batch_groups,
-            "max_latency_ms": self.max_latency_ms,
-            "max_batch_wait_ms": self.max_batch_wait_ms,
-            "timeout_s": self.timeout_s,
-            "gateway_workers": self.gateway_workers,
-            "gateway_threads": self.gateway_threads,
-            "drain_s": self.drain_s,
-            "auth": "bearer" if self.api_token else "none",
-        }
+        out = {k: getattr(self, k) for k in ("max_upload_bytes", "max_streamlines", "max_batch_groups",
+                                             "max_batch_wait_ms", "timeout_s", "max_concurrency", "workers",
+                                             "threads", "io_threads", "drain_s")}
+        return {**out, "auth": "bearer" if self.api_token else "none"}
 
 
 SETTINGS = Settings.from_env()
+
+if __name__ == "__main__":
+    print(markdown_table())

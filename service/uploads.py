@@ -1,0 +1,189 @@
+"""The HTTP side of the codec's files, run in worker threads: uploads -> `Bundle` / `Latents` with the
+limits checked, bundles -> response bytes, and the stage timer of a request. Refusals are `ApiError`.
+Nothing of encoding or decoding is restated here (that is `vqdiff.codec.Pipeline`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vqdiff.bundle import Bundle, SpatialHeader
+from vqdiff.canonical import zero_length_streamlines
+from vqdiff.codec import REGISTER_MODES
+from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
+from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
+from vqdiff.latents import Latents
+
+from .errors import (
+    ACCEPTED_BUNDLE,
+    ACCEPTED_LATENTS,
+    ApiError,
+    from_bundle_error,
+    from_latents_error,
+    from_model_mismatch,
+)
+
+log = logging.getLogger("bentoml.vqdiff")
+
+OUTPUT_FORMATS = ("trk", "tck", "trx")
+
+
+class Timer:
+    """Stage durations of one request, for the ``Server-Timing`` header and the summary."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+    def header(self) -> str:
+        return ", ".join(f"{k};dur={1e3 * v:.1f}" for k, v in self.stages.items())
+
+
+def _reference_suffix(data: bytes, name: str) -> str:
+    """File suffix telling `vqdiff.io` how to read a reference: from its bytes, else its name."""
+    if data[:5] == b"TRACK":
+        return ".trk"
+    if data[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return ".nii"
+    lower = name.lower()
+    return next((s for s in (".nii.gz", ".nii", ".trk") if lower.endswith(s)), ".nii")
+
+
+def bundle_name(filename: str | None) -> str:
+    """The bundle's name: the uploaded file's name (as the client sent it) without its extension."""
+    name = Path(filename or "").name
+    for suffix in (".trk", ".tck", ".trx", ".vqlat"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "bundle"
+
+
+def read_bundle(file: Path, reference: Path | None, *, name: str, reference_name: str = "", max_streamlines: int,
+                max_points: int | None = None) -> tuple[Bundle, str]:
+    """An uploaded tractogram (format from its magic bytes) -> (validated `Bundle`, its sha256), or `ApiError`."""
+    data = file.read_bytes()
+    if not data:
+        raise ApiError(400, "empty", "the uploaded file is empty (0 bytes)", ACCEPTED_BUNDLE)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ApiError(415, "wrong_magic", f"the file starts with {data[:8]!r}: not a TrackVis ('TRACK'), "
+                       "MRtrix ('mrtrix tracks') or TRX (zip) file", ACCEPTED_BUNDLE)
+    try:
+        if fmt != "tck":
+            bundle = load_bundle_bytes(data, format=fmt, name=name, max_streamlines=max_streamlines,
+                                       max_points=max_points)
+        else:
+            if reference is None:
+                raise ApiError(400, "missing_reference", "a .tck file stores no space: add a 'reference' "
+                               "file (NIfTI .nii/.nii.gz or .trk)", ACCEPTED_BUNDLE)
+            ref = reference.read_bytes()
+            with tempfile.TemporaryDirectory(prefix="vqdiff-ref-") as tmp:
+                ref_path = Path(tmp) / ("reference" + _reference_suffix(ref, reference_name))
+                ref_path.write_bytes(ref)
+                bundle = load_bundle_bytes(data, format=fmt, reference=ref_path, name=name)
+    except BundleFormatError as exc:
+        raise from_bundle_error(exc) from exc
+    if len(bundle) > max_streamlines:
+        raise ApiError(413, "too_many_streamlines", f"the bundle has {len(bundle)} streamlines; this server "
+                       f"accepts at most {max_streamlines} per request", "split the bundle into smaller files",
+                       limit_streamlines=max_streamlines)
+    zero = zero_length_streamlines(bundle)
+    if len(zero):
+        raise ApiError(422, "zero_length", f"{len(zero)} streamline(s) have all their points at one place "
+                       f"(indices {zero[:5].tolist()}{'...' if len(zero) > 5 else ''})",
+                       "streamlines of at least 2 distinct points; " + ACCEPTED_BUNDLE)
+    return bundle, hashlib.sha256(data).hexdigest()
+
+
+def read_latents(file: Path, pipeline, latent_shape: tuple, *, max_groups: int, max_points: int) -> Latents:
+    """An uploaded latents file -> `Latents` checked against the served model and the limits."""
+    data = file.read_bytes()
+    if not data:
+        raise ApiError(400, "empty", "the uploaded latents file is empty (0 bytes)", ACCEPTED_LATENTS)
+    try:
+        lat = Latents.from_bytes(data)
+    except LatentsFormatError as exc:
+        raise from_latents_error(exc) from exc
+    if lat.n_groups > max_groups:
+        raise ApiError(413, "too_many_groups", f"the latents hold {lat.n_groups} groups; this server decodes at "
+                       f"most {max_groups} per request", ACCEPTED_LATENTS, limit_groups=max_groups)
+    if tuple(lat.latents.shape[1:]) != latent_shape:
+        raise ApiError(422, "latent_shape_mismatch", f"latents of shape {list(lat.latents.shape[1:])} per group; "
+                       f"the served model uses {list(latent_shape)}", ACCEPTED_LATENTS)
+    if lat.total_points > max_points:
+        raise ApiError(413, "too_many_points", f"the latents record {lat.total_points} points in all; this "
+                       f"server restores at most {max_points}", ACCEPTED_LATENTS, limit_points=max_points)
+    if not np.isfinite(lat.latents).all():
+        raise ApiError(422, "non_finite", "the latents hold NaN or infinite values", ACCEPTED_LATENTS)
+    try:
+        pipeline.prepare_decode(lat)
+    except ModelMismatchError as exc:
+        raise from_model_mismatch(exc) from exc
+    return lat
+
+
+def encode_refusal(exc: ValueError) -> ApiError:
+    """`Pipeline.prepare_encode`'s refusals as 4xx: a `BundleFormatError`, or an unknown register mode."""
+    if isinstance(exc, BundleFormatError):
+        return from_bundle_error(exc)
+    return ApiError(400, "bad_register", str(exc), REGISTER_MODES)
+
+
+def assemble_bundle(pipeline, lat: Latents, groups: np.ndarray, *, restore_points: bool) -> Bundle:
+    """`Pipeline.assemble_bundle`, its refusals as 4xx."""
+    try:
+        return pipeline.assemble_bundle(lat, groups, restore_points=restore_points)
+    except LatentsFormatError as exc:
+        raise from_latents_error(exc) from exc
+
+
+def output_format(requested: str | None, default: str) -> str:
+    fmt = (requested or default).lower().lstrip(".")
+    if fmt not in OUTPUT_FORMATS:
+        raise ApiError(400, "unsupported_output_format", f"output format {requested!r} is not supported",
+                       "format = trk, tck or trx")
+    return fmt
+
+
+def write_bundle(bundle: Bundle, fmt: str) -> bytes:
+    try:
+        return bundle_to_bytes(bundle, format=fmt)
+    except BundleFormatError as exc:
+        raise ApiError(422, exc.reason, str(exc), "latents whose spatial header can be written as TRK/TRX, "
+                       "or format=tck") from exc
+
+
+def warm_up(pipeline, engine) -> float:
+    """One synthetic bundle through parsing, the codec's steps, the engine, writing and the figures, and
+    one registration when the model has templates (imports, caches, dipy's slow first calls); seconds."""
+    from vqdiff.quality import reconstruction_quality
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    lines = list(np.cumsum(rng.normal(0.0, 1.0, (70, 30, 3)), axis=1).astype(np.float32) + np.float32(10.0))
+    bundle = Bundle(streamlines=lines, header=SpatialHeader.identity(), source_format="memory", name="warmup")
+    bundle = load_bundle_bytes(bundle_to_bytes(bundle, format="trk"), format="trk", name="warmup")
+    if pipeline.templates is not None:
+        pipeline.register(bundle)
+    x, state = pipeline.prepare_encode(bundle, register="off")
+    lat = pipeline.assemble_latents(state, *engine.encode_with_indices(x))
+    recon = pipeline.assemble_bundle(lat, engine.decode_groups(lat.latents), restore_points=True)
+    reconstruction_quality(bundle, recon)
+    write_bundle(recon, "trk")
+    return time.perf_counter() - t0
