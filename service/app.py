@@ -1,23 +1,12 @@
 """The vqdiff service (``bentoml serve`` from the repository root; ``bentofile.yaml``:
 ``service: "vqdiff.service.app:VQDiff"``): HTTP in, the codec core and an engine in this process.
 
-=====================  =====================================================================
-``POST /encode``       multipart ``file`` (.trk / .tck + ``reference`` / .trx) -> the ``.vqlat``
-                       latents file; ``register=auto|off|<bundle>``; ``summary=true`` -> JSON
-``POST /decode``       multipart ``file`` (.vqlat) -> TRK (``format=tck|trx``) in the original
-                       space; ``restore_points=true`` restores each streamline's point count
-``POST /reconstruct``  multipart ``file`` (+ ``reference``) -> the reconstructed file, BUAN / MDF
-                       in ``X-VQDiff-*`` headers; ``summary=true`` -> JSON figures instead
-``GET /model``         model card: id / kind / hash, normalisation, engine, versions, limits
-``/livez /readyz``     BentoML probes (ready once the worker's engine is warm)
-``/metrics``           Prometheus (BentoML's, and ``vqdiff_batch_requests`` / ``_groups``)
-=====================  =====================================================================
-
-Each worker owns a codec (`service.backend`) and a `MicroBatcher` joining its concurrent requests'
-groups into engine calls. A route is three steps: read the upload (`service.uploads`, worker
-threads), the engine (`_encode` / `_decode`, batched), assemble and write (worker threads); a new
-route adds its steps here. Refusals are 4xx JSON (`service.errors`); the ASGI middlewares
-(`service.guard`, `service.lifecycle`) run before BentoML sees a request.
+Routes: ``POST /encode`` ``/decode`` ``/reconstruct`` (multipart uploads; README), ``GET /model``
+(the card), BentoML's ``/livez`` ``/readyz`` ``/metrics``. Each worker owns a codec
+(`service.backend`) and a `MicroBatcher` that joins its concurrent requests' groups into engine
+calls. A route is three steps: read the upload (`service.uploads`, in worker threads), the engine
+(``self.batcher.run``), assemble and write (worker threads). Refusals are 4xx JSON
+(`service.errors`); the ASGI middlewares (`service.guard`, `service.lifecycle`) run first.
 """
 
 from __future__ import annotations
@@ -26,6 +15,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import bentoml
@@ -52,9 +42,7 @@ log = logging.getLogger("bentoml.vqdiff")
 
 LATENTS_MEDIA_TYPE = "application/vnd.vqdiff.latents"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-# An optional file field is typed ``Path`` with default None: BentoML 1.4 cannot build the schema of
-# ``Optional[Path]`` and does not treat ``Path | None`` as a file.
-OptionalFile = Path
+OptionalFile = Path  # with default None: BentoML 1.4 cannot build ``Optional[Path]`` nor sees ``Path | None``
 
 
 def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str, extra: dict | None = None) -> Response:
@@ -72,11 +60,6 @@ def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str,
     return Response(content, media_type=media, headers=headers)
 
 
-def _bento_model_ref():
-    """The BentoML store model named by ``VQDIFF_MODEL_TAG`` (packed into bentos at build time)."""
-    return bentoml.models.BentoModel(SETTINGS.model_tag) if SETTINGS.model_tag else None
-
-
 @bentoml.service(
     name="vqdiff",
     workers=SETTINGS.workers,
@@ -85,21 +68,19 @@ def _bento_model_ref():
     traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is the guard's (503 + Retry-After)
 )
 class VQDiff:
-    bento_model = _bento_model_ref()
+    # the store model named by VQDIFF_MODEL_TAG (packed into bentos at build time)
+    bento_model = bentoml.models.BentoModel(SETTINGS.model_tag) if SETTINGS.model_tag else None
 
     def __init__(self) -> None:
-        import time
-
         t0 = time.perf_counter()
         limit_blas_threads()  # one BLAS thread per request thread, scipy's included (vqdiff.blas)
-        self.model_dir = backend.resolve_model_dir(SETTINGS.model_path, self.bento_model)
-        self.codec = backend.open_codec(self.model_dir, device=SETTINGS.device, threads=SETTINGS.threads)
+        self.model_dir, self.codec = backend.open_codec(SETTINGS.model_path, self.bento_model, device=SETTINGS.device,
+                                                        threads=SETTINGS.threads)
         self.pipeline, engine = self.codec.pipeline, self.codec.engine
         self.card = backend.model_card(self.model_dir, self.codec)
-        self.latent_shape = tuple(self.card["latent_shape"])
         self.batcher = MicroBatcher({"encode": engine.encode_with_indices, "decode": engine.decode_groups},
                                     max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
-        self.card["warmup_s"] = round(uploads.warm_up(self.pipeline, engine), 3)
+        self.card["warmup_s"] = round(uploads.warm_up(self.codec), 3)
         self._limiter = None
         log.info("worker ready in %.1f s: model %s (%s), engine %s on %s/%s, %d thread(s)%s", time.perf_counter() - t0,
                  self.card["model"].get("id"), self.model_dir, self.card.get("engine_variant"), self.card["backend"],
@@ -108,8 +89,7 @@ class VQDiff:
 
     @bentoml.on_startup
     async def _start_heap_trim(self) -> None:
-        self._trim_task = asyncio.get_running_loop().create_task(
-            trim_heap(SETTINGS.heap_trim_s, lambda: self.batcher.calls))
+        self._trim_task = asyncio.create_task(trim_heap(SETTINGS.heap_trim_s, lambda: self.batcher.calls))
 
     @bentoml.on_shutdown
     def _close(self) -> None:
@@ -182,7 +162,7 @@ class VQDiff:
 
         async def work(timer):
             fmt = uploads.output_format(format, "trk")
-            lat = await self._cpu(lambda: uploads.read_latents(file, self.pipeline, self.latent_shape,
+            lat = await self._cpu(lambda: uploads.read_latents(file, self.pipeline, self.card["latent_shape"],
                                                                max_groups=SETTINGS.max_groups,
                                                                max_points=SETTINGS.max_points))
             timer.mark("read")

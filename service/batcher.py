@@ -1,13 +1,10 @@
 """The in-process micro-batcher: concurrent requests' groups joined into one engine call.
 
-Each request's groups are cut into pieces of at most ``max_groups``; one task per operation (encode,
-decode) takes the queued pieces in arrival order and joins them up to ``max_groups`` groups per
-engine call. When the engine is idle and the queue holds less than a full batch, it waits up to
-``max_wait_ms`` for more; while the engine runs, the pieces of other requests queue and form the
-next batch by themselves. The engine runs in one thread of its own (one call at a time per
-worker), so the event loop keeps accepting and parsing requests meanwhile. Each engine call is
-counted in the Prometheus histograms ``vqdiff_batch_requests`` (requests whose groups it carries)
-and ``vqdiff_batch_groups`` on ``/metrics``.
+A request's groups are cut into pieces of at most ``max_groups``; one task per operation takes the
+queued pieces in arrival order and joins them up to ``max_groups`` per engine call, waiting up to
+``max_wait_ms`` for more when the engine is idle (while it runs, the next batch queues by itself).
+The engine runs in one thread of its own, one call at a time, so the event loop stays free. Each
+call is counted in the Prometheus histograms ``vqdiff_batch_requests`` and ``vqdiff_batch_groups``.
 """
 
 from __future__ import annotations
@@ -23,10 +20,8 @@ import numpy as np
 def _histograms():
     from prometheus_client import Histogram
 
-    return (Histogram("vqdiff_batch_requests", "requests whose groups one engine call carries", ["op"],
-                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)),
-            Histogram("vqdiff_batch_groups", "groups in one engine call", ["op"],
-                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)))
+    return (Histogram("vqdiff_batch_requests", "requests in one engine call", ["op"], buckets=(1, 2, 3, 4, 6, 8, 16, 32)),
+            Histogram("vqdiff_batch_groups", "groups in one engine call", ["op"], buckets=(1, 4, 16, 32, 64, 128, 256)))
 
 
 class MicroBatcher:
@@ -46,11 +41,12 @@ class MicroBatcher:
         if op not in self._tasks:
             self._queues[op] = asyncio.Queue()
             self._tasks[op] = asyncio.get_running_loop().create_task(self._loop(op))
+        if not len(x):
+            raise ValueError("no groups to run")
         loop, request = asyncio.get_running_loop(), object()
-        futures = []
-        for s in range(0, len(x), self.max_groups):
-            futures.append(loop.create_future())
-            self._queues[op].put_nowait((request, x[s: s + self.max_groups], futures[-1]))
+        futures = [loop.create_future() for _ in range(0, len(x), self.max_groups)]
+        for i, fut in enumerate(futures):
+            self._queues[op].put_nowait((request, x[i * self.max_groups: (i + 1) * self.max_groups], fut))
         parts = await asyncio.gather(*futures)
         if isinstance(parts[0], tuple):
             return tuple(None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True))

@@ -13,21 +13,11 @@ ACCEPTED_BUNDLE = ("multipart/form-data with a field 'file' holding a TrackVis .
 ACCEPTED_LATENTS = ("multipart/form-data with a field 'file' holding a .vqlat latents file written by "
                     "POST /encode (vqdiff-latents, safetensors)")
 
-# BundleFormatError.reason -> HTTP status
-_BUNDLE_STATUS = {
-    "wrong_magic": 415,
-    "unsupported_format": 415,
-    "non_finite": 422,
-    "too_few_points": 422,
-    "bad_reference": 422,
-    "bad_shape": 422,
-    "zero_length": 422,
-    "degenerate_bundle": 422,
-    "coordinates_too_large": 422,
-    "too_many_streamlines": 413,
-    "too_many_points": 413,
-    "too_large": 413,
-}
+# BundleFormatError.reason -> HTTP status (400 for the others: malformed)
+_BUNDLE_STATUS = {**dict.fromkeys(("wrong_magic", "unsupported_format"), 415),
+                  **dict.fromkeys(("too_many_streamlines", "too_many_points", "too_large"), 413),
+                  **dict.fromkeys(("non_finite", "too_few_points", "bad_reference", "bad_shape", "zero_length",
+                                   "degenerate_bundle", "coordinates_too_large"), 422)}
 
 
 class ApiError(Exception):

@@ -1,11 +1,9 @@
-"""Process lifecycle of a worker, as ASGI middlewares: graceful drain on SIGTERM (`Drain`) and heap
-trimming while requests come (`HeapTrim`). Public means only: the ASGI protocol, `signal` and
-`asyncio` of the standard library, glibc's ``malloc_trim``."""
+"""A worker's lifecycle: graceful drain on SIGTERM (`Drain`, an ASGI middleware) and heap trimming
+(`trim_heap`). Public means only: ASGI, the standard library's `signal` and `asyncio`, glibc."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -37,21 +35,12 @@ class Drain:
 
     def __init__(self, app, *, drain_s: float, refuse: frozenset[str] = frozenset(), margin_s: float = 2.0,
                  retry_after_s: int = RETRY_AFTER_S, signum: int = signal.SIGTERM):
-        self.app = app
-        self.drain_s = float(drain_s)
-        self.refuse = frozenset(refuse)
-        self.margin_s = min(float(margin_s), self.drain_s / 2)
-        self.retry_after_s = int(retry_after_s)
-        self.signum = signum
+        self.app, self.drain_s, self.refuse, self.signum = app, float(drain_s), frozenset(refuse), signum
+        self.margin_s, self.retry_after_s = min(float(margin_s), self.drain_s / 2), int(retry_after_s)
         self.running: set[asyncio.Task] = set()
         self.since: float | None = None  # time.monotonic() of the signal
         self.task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._previous = None
-
-    @property
-    def draining(self) -> bool:
-        return self.since is not None
+        self._loop, self._previous = None, None
 
     @property
     def in_flight(self) -> int:
@@ -71,11 +60,10 @@ class Drain:
                                           "requests; retry (another replica answers)")
         if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        started = False
+        started = []
 
         async def watched_send(message):
-            nonlocal started
-            started = True
+            started.append(True)
             await send(message)
 
         task = asyncio.ensure_future(self.app(scope, receive, watched_send))
@@ -136,8 +124,7 @@ class Drain:
             log.warning("drain time is up after %.1f s: cancelling %d request(s)", waited, self.in_flight)
             for task in list(self.running):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.1)  # their 503s go out
+            await asyncio.sleep(0.1)  # their 503s go out
         else:
             log.info("drained in %.1f s: stopping", waited)
         previous = self._previous

@@ -1,70 +1,69 @@
-"""The service's settings: environment variables, each declared once in `TABLE` (name, default,
-meaning), read once into `Settings`. The README's table is `markdown_table()` (a test checks it;
-``python -m vqdiff.service.settings`` prints it)."""
+"""The service's settings: environment variables, each declared once in `TABLE` and read once into
+`SETTINGS`. The README's table is `markdown_table()` (a test checks it; ``python -m
+vqdiff.service.settings`` prints it)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 from vqdiff.geometry import GROUP_SIZE
 
 log = logging.getLogger("bentoml.vqdiff")
 
-# name, default (as documented), meaning
-TABLE: tuple[tuple[str, str, str], ...] = (
-    ("VQDIFF_MODEL", "models/default", "checkpoint or export directory to serve"),
-    ("VQDIFF_MODEL_TAG", "(unset)", "a BentoML model-store tag (`vqdiff:latest`); wins over VQDIFF_MODEL "
-     "(import one with `vqdiff-model-store`)"),
-    ("VQDIFF_ENGINE", "auto", "engine variant (read by `vqdiff.export.select`, docs/engines.md): `auto` = the "
-     "fastest that passes the quality gate here, or one of its names (`ort-fp32`, `torch-fp32`, ...)"),
-    ("VQDIFF_DEVICE", "(auto)", "`cpu` or `cuda[:N]` (auto: the GPU when there is one)"),
-    ("VQDIFF_WORKERS", "(auto)", "worker processes, each with its own engine and batcher; auto: 1 on a GPU "
-     "host (every request's groups meet in one engine), else one per CPU core"),
-    ("VQDIFF_THREADS", "(auto)", "engine threads per worker (auto: CPU cores / workers)"),
-    ("VQDIFF_IO_THREADS", "2", "threads per worker that parse uploads, canonicalise and write answers"),
-    ("VQDIFF_MAX_BATCH_GROUPS", "64", "micro-batching: most groups in one engine call (larger requests "
-     "are cut into pieces of this size)"),
-    ("VQDIFF_MAX_BATCH_WAIT_MS", "2", "micro-batching: most an idle engine waits for other requests' "
-     "groups before it runs (0: never; a busy engine batches what queued meanwhile)"),
-    ("VQDIFF_TIMEOUT_S", "120", "request timeout (BentoML `traffic.timeout`)"),
-    ("VQDIFF_MAX_CONCURRENCY", "64", "API requests in flight (split over the workers); past it a 503 with "
-     "`Retry-After` at once"),
-    ("VQDIFF_MAX_UPLOAD_MB", "64", "largest request body (413 beyond)"),
-    ("VQDIFF_MAX_STREAMLINES", "200000", "most streamlines in one request (413 beyond)"),
-    ("VQDIFF_API_TOKEN", "(unset)", "when set, every route but /livez, /readyz, /healthz and /metrics needs "
-     "`Authorization: Bearer <token>`"),
-    ("VQDIFF_DRAIN_S", "25", "graceful stop on SIGTERM: /readyz and new requests 503 + `Retry-After`, "
-     "requests in flight finish, the workers exit within this time (give the orchestrator longer)"),
-    ("VQDIFF_HEAP_TRIM_S", "2", "while requests come, return free heap pages to the OS this often "
-     "(glibc `malloc_trim`; 0: never): bounds the RSS under ever-different batch sizes"),
+_INT, _POS, _NONNEG, _TEXT = (int, 1), (float, 1e-3), (float, 0.0), (str, None)  # (type, minimum)
+# variable, attribute (None: read elsewhere), (type, minimum), default (None: auto), default as documented, meaning
+TABLE = (
+    ("VQDIFF_MODEL", "model_path", _TEXT, None, "models/default", "checkpoint or export directory to serve"),
+    ("VQDIFF_MODEL_TAG", "model_tag", _TEXT, None, "(unset)", "a BentoML model-store tag (`vqdiff:latest`); "
+     "wins over VQDIFF_MODEL (import one with `vqdiff-model-store`)"),
+    ("VQDIFF_ENGINE", None, _TEXT, None, "auto", "engine variant, read by `vqdiff.export.select` (docs/engines.md): "
+     "`auto` = the fastest that passes the quality gate on this machine, or a variant name (`ort-fp32`, ...)"),
+    ("VQDIFF_DEVICE", "device", _TEXT, None, "(auto)", "`cpu` or `cuda[:N]` (auto: the GPU when there is one)"),
+    ("VQDIFF_WORKERS", "workers", _INT, None, "(auto)", "worker processes, each with its own engine and "
+     "micro-batcher; auto: 1 on a GPU host (every request's groups meet in one engine), else one per CPU core"),
+    ("VQDIFF_THREADS", "threads", _INT, None, "(auto)", "engine threads per worker (auto: CPU cores / workers)"),
+    ("VQDIFF_IO_THREADS", "io_threads", _INT, 2, "2", "threads per worker that parse uploads, canonicalise and "
+     "write answers"),
+    ("VQDIFF_MAX_BATCH_GROUPS", "max_batch_groups", _INT, 64, "64", "micro-batching: most groups in one engine "
+     "call (a larger request is cut into pieces of this size)"),
+    ("VQDIFF_MAX_BATCH_WAIT_MS", "max_batch_wait_ms", _NONNEG, 2.0, "2", "micro-batching: most an idle engine "
+     "waits for other requests' groups (0: never; a busy engine batches what queued meanwhile)"),
+    ("VQDIFF_TIMEOUT_S", "timeout_s", _POS, 120.0, "120", "request timeout (BentoML `traffic.timeout`)"),
+    ("VQDIFF_MAX_CONCURRENCY", "max_concurrency", _INT, 64, "64", "API requests in flight (shared out over the "
+     "workers); past it a 503 with `Retry-After` at once"),
+    ("VQDIFF_MAX_UPLOAD_MB", "max_upload_mb", _POS, 64.0, "64", "largest request body (413 beyond)"),
+    ("VQDIFF_MAX_STREAMLINES", "max_streamlines", _INT, 200_000, "200000", "most streamlines in one request "
+     "(413 beyond)"),
+    ("VQDIFF_API_TOKEN", "api_token", _TEXT, None, "(unset)", "when set, every route but /livez, /readyz, "
+     "/healthz and /metrics needs `Authorization: Bearer <token>`"),
+    ("VQDIFF_DRAIN_S", "drain_s", _POS, 25.0, "25", "graceful stop on SIGTERM: /readyz and new requests 503 + "
+     "`Retry-After`, requests in flight finish, workers exit within this time (give the orchestrator longer)"),
+    ("VQDIFF_HEAP_TRIM_S", "heap_trim_s", _NONNEG, 2.0, "2", "while the engine works, return free heap pages "
+     "to the OS this often (glibc `malloc_trim`; 0: never): bounds the RSS under ever-different batch sizes"),
 )
-# names of earlier releases: still honoured where the concept is the same, with a warning
+# names of earlier releases: honoured where the concept is the same, else a warning naming the new one
 RENAMED = {"VQDIFF_GATEWAY_WORKERS": "VQDIFF_WORKERS", "VQDIFF_GATEWAY_THREADS": "VQDIFF_IO_THREADS"}
-GONE = {"VQDIFF_BACKEND": "VQDIFF_ENGINE (an engine variant name)",
-        "VQDIFF_MAX_LATENCY_MS": "VQDIFF_TIMEOUT_S (no second service any more)"}
+GONE = {"VQDIFF_BACKEND": "VQDIFF_ENGINE (a variant name)", "VQDIFF_MAX_LATENCY_MS": "VQDIFF_TIMEOUT_S"}
 
 
 def markdown_table() -> str:
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{name}` | {default} | {meaning} |" for name, default, meaning in TABLE]
-    return "\n".join(rows)
+    return "\n".join(rows + [f"| `{name}` | {shown} | {meaning} |" for name, _, _, _, shown, meaning in TABLE])
 
 
-def _env(name: str, env) -> str:
-    value = (env.get(name) or "").strip()
-    old = next((o for o, new in RENAMED.items() if new == name), None)
-    if not value and old and (env.get(old) or "").strip():
+def _read(name: str, env, kind) -> str | int | float | None:
+    raw = (env.get(name) or "").strip()
+    old = next((o for o, new in RENAMED.items() if new == name and (env.get(o) or "").strip()), None)
+    if not raw and old:
         log.warning("%s is now called %s; honouring it", old, name)
-        value = env[old].strip()
-    return value
-
-
-def _number(name: str, env, default, *, minimum: float, cast=int):
-    raw = _env(name, env)
-    if not raw:
-        return default
+        raw = env[old].strip()
+    cast, minimum = kind
+    if not raw or cast is str:
+        return raw or None
     try:
         value = cast(float(raw))
     except ValueError as exc:
@@ -75,33 +74,35 @@ def _number(name: str, env, default, *, minimum: float, cast=int):
 
 
 def gpu_host(device: str | None) -> bool:
-    """Whether the engine will run on a GPU: ``VQDIFF_DEVICE`` says so, or (unset) an NVIDIA GPU is
-    present. Decided without importing torch (the worker count is needed before any engine loads)."""
+    """Whether the engine will run on a GPU: ``VQDIFF_DEVICE`` says so or, unset, an NVIDIA GPU is
+    present (decided without importing torch: the worker count is needed before any engine loads)."""
     if device:
         return device.startswith("cuda")
-    import shutil
-    from pathlib import Path
-
-    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").exists() or bool(shutil.which("nvidia-smi"))
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/proc/driver/nvidia/gpus")) or bool(shutil.which("nvidia-smi"))
 
 
-@dataclass(frozen=True)
-class Settings:
-    model_path: str | None
-    model_tag: str | None
-    device: str | None
-    workers: int
-    threads: int
-    io_threads: int
-    max_batch_groups: int
-    max_batch_wait_ms: float
-    timeout_s: float
-    max_concurrency: int
-    max_upload_bytes: int
-    max_streamlines: int
-    api_token: str | None
-    drain_s: float
-    heap_trim_s: float
+class Settings(SimpleNamespace):
+    """One attribute per `TABLE` row, plus the limits derived from them."""
+
+    @classmethod
+    def from_env(cls, env=None) -> Settings:
+        env = os.environ if env is None else env
+        for old, new in GONE.items():
+            if (env.get(old) or "").strip():
+                log.warning("%s is no longer read; use %s", old, new)
+        values = {}
+        for name, attr, kind, default, _, _ in TABLE:
+            if attr is not None:
+                value = _read(name, env, kind)
+                values[attr] = default if value is None else value
+        cores = os.cpu_count() or 1
+        values["workers"] = values["workers"] or (1 if gpu_host(values["device"]) else cores)
+        values["threads"] = values["threads"] or max(1, cores // values["workers"])
+        return cls(**values)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * (1 << 20))
 
     @property
     def max_groups(self) -> int:
@@ -117,33 +118,6 @@ class Settings:
     def max_in_flight(self) -> int:
         """The concurrency limit of one worker."""
         return -(-self.max_concurrency // self.workers)
-
-    @classmethod
-    def from_env(cls, env=None) -> Settings:
-        env = os.environ if env is None else env
-        for old, new in GONE.items():
-            if (env.get(old) or "").strip():
-                log.warning("%s is no longer read; use %s", old, new)
-        device = _env("VQDIFF_DEVICE", env) or None
-        cores = os.cpu_count() or 1
-        workers = _number("VQDIFF_WORKERS", env, 1 if gpu_host(device) else cores, minimum=1)
-        return cls(
-            model_path=_env("VQDIFF_MODEL", env) or None,
-            model_tag=_env("VQDIFF_MODEL_TAG", env) or None,
-            device=device,
-            workers=workers,
-            threads=_number("VQDIFF_THREADS", env, max(1, cores // workers), minimum=1),
-            io_threads=_number("VQDIFF_IO_THREADS", env, 2, minimum=1),
-            max_batch_groups=_number("VQDIFF_MAX_BATCH_GROUPS", env, 64, minimum=1),
-            max_batch_wait_ms=_number("VQDIFF_MAX_BATCH_WAIT_MS", env, 2.0, minimum=0, cast=float),
-            timeout_s=_number("VQDIFF_TIMEOUT_S", env, 120.0, minimum=1, cast=float),
-            max_concurrency=_number("VQDIFF_MAX_CONCURRENCY", env, 64, minimum=1),
-            max_upload_bytes=int(_number("VQDIFF_MAX_UPLOAD_MB", env, 64.0, minimum=0.001, cast=float) * (1 << 20)),
-            max_streamlines=_number("VQDIFF_MAX_STREAMLINES", env, 200_000, minimum=1),
-            api_token=_env("VQDIFF_API_TOKEN", env) or None,
-            drain_s=_number("VQDIFF_DRAIN_S", env, 25.0, minimum=1, cast=float),
-            heap_trim_s=_number("VQDIFF_HEAP_TRIM_S", env, 2.0, minimum=0, cast=float),
-        )
 
     def public(self) -> dict:
         """What `GET /model` shows (never the token)."""

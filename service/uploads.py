@@ -42,8 +42,7 @@ class Timer:
 
     def mark(self, stage: str) -> None:
         now = time.perf_counter()
-        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
-        self.last = now
+        self.stages[stage], self.last = self.stages.get(stage, 0.0) + now - self.last, now
 
     @property
     def seconds(self) -> float:
@@ -55,14 +54,9 @@ class Timer:
 
 def _reference_suffix(data: bytes, name: str) -> str:
     """File suffix telling `vqdiff.io` how to read a reference: from its bytes, else its name."""
-    if data[:5] == b"TRACK":
-        return ".trk"
-    if data[:2] == b"\x1f\x8b":
-        return ".nii.gz"
-    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
-        return ".nii"
-    lower = name.lower()
-    return next((s for s in (".nii.gz", ".nii", ".trk") if lower.endswith(s)), ".nii")
+    if data[:5] == b"TRACK" or data[:2] == b"\x1f\x8b" or data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return ".trk" if data[:5] == b"TRACK" else ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
+    return next((s for s in (".nii.gz", ".nii", ".trk") if name.lower().endswith(s)), ".nii")
 
 
 def bundle_name(filename: str | None) -> str:
@@ -123,7 +117,7 @@ def read_latents(file: Path, pipeline, latent_shape: tuple, *, max_groups: int, 
     if lat.n_groups > max_groups:
         raise ApiError(413, "too_many_groups", f"the latents hold {lat.n_groups} groups; this server decodes at "
                        f"most {max_groups} per request", ACCEPTED_LATENTS, limit_groups=max_groups)
-    if tuple(lat.latents.shape[1:]) != latent_shape:
+    if tuple(lat.latents.shape[1:]) != tuple(latent_shape):
         raise ApiError(422, "latent_shape_mismatch", f"latents of shape {list(lat.latents.shape[1:])} per group; "
                        f"the served model uses {list(latent_shape)}", ACCEPTED_LATENTS)
     if lat.total_points > max_points:
@@ -169,21 +163,16 @@ def write_bundle(bundle: Bundle, fmt: str) -> bytes:
                        "or format=tck") from exc
 
 
-def warm_up(pipeline, engine) -> float:
-    """One synthetic bundle through parsing, the codec's steps, the engine, writing and the figures, and
-    one registration when the model has templates (imports, caches, dipy's slow first calls); seconds."""
+def warm_up(codec) -> float:
+    """One synthetic bundle through parsing, registration, the codec, writing and the figures (imports,
+    caches, dipy's slow first calls); seconds."""
     from vqdiff.quality import reconstruction_quality
 
     t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    lines = list(np.cumsum(rng.normal(0.0, 1.0, (70, 30, 3)), axis=1).astype(np.float32) + np.float32(10.0))
-    bundle = Bundle(streamlines=lines, header=SpatialHeader.identity(), source_format="memory", name="warmup")
-    bundle = load_bundle_bytes(bundle_to_bytes(bundle, format="trk"), format="trk", name="warmup")
-    if pipeline.templates is not None:
-        pipeline.register(bundle)
-    x, state = pipeline.prepare_encode(bundle, register="off")
-    lat = pipeline.assemble_latents(state, *engine.encode_with_indices(x))
-    recon = pipeline.assemble_bundle(lat, engine.decode_groups(lat.latents), restore_points=True)
-    reconstruction_quality(bundle, recon)
+    lines = np.cumsum(np.random.default_rng(0).normal(0.0, 1.0, (70, 30, 3)), axis=1).astype(np.float32) + 10
+    data = bundle_to_bytes(Bundle(list(lines), SpatialHeader.identity(), "memory", "warmup"), format="trk")
+    bundle = load_bundle_bytes(data, format="trk", name="warmup")
+    recon = codec.decode(codec.encode(bundle), restore_points=True)
     write_bundle(recon, "trk")
+    reconstruction_quality(bundle, recon)
     return time.perf_counter() - t0

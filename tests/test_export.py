@@ -868,8 +868,9 @@ def test_make_codec_and_the_service_use_the_selection(selected, monkeypatch):
     decided = json.loads((Path(eng.selection["cache_dir"]) / "decision.json").read_text())["variant"]
     assert codec.engine.variant_name == decided and codec.engine.selection["mode"] == "auto"
     assert codec.engine.selection["cache"] == "hit"
-    served = open_codec(ck, threads=1).engine
-    card = model_card(ck, open_codec(ck, threads=1))
+    _, codec = open_codec(str(ck), threads=1)
+    served = codec.engine
+    card = model_card(ck, codec)
     assert card["engine_variant"] == served.variant_name and card["selection"]["variant"] == served.variant_name
     assert card["selection"]["candidates"] and card["precision"] in ("fp32", "bf16", "int8")
     assert open_engine(ck, backend="torch").backend == "torch"  # a named backend: no selection

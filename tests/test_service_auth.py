@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-auth")
     model = make_dev_model(root / "model")
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    tag = subprocess.run([sys.executable, "-m", "service.store", str(model), "--name", "vqdiff-test"], cwd=REPO,
+    tag = subprocess.run([sys.executable, "-m", "vqdiff.export.bento_store", str(model), "--name", "vqdiff-test"], cwd=REPO,
                          env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     assert tag.startswith("vqdiff-test:")
     env = {"VQDIFF_MODEL": "", "VQDIFF_MODEL_TAG": tag, "VQDIFF_API_TOKEN": TOKEN, "VQDIFF_WORKERS": "1",
