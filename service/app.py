@@ -102,12 +102,13 @@ class VQDiff:
             self._limiter = anyio.CapacityLimiter(SETTINGS.io_threads)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def _run(self, endpoint: str, work, *uploads_: Path | None) -> Response:
+    async def _run(self, ctx, work, *uploads_: Path | None) -> Response:
         """``await work(timer)``; refusals as 4xx JSON; the uploaded files always removed."""
         try:
             return await work(uploads.Timer())
         except ApiError as err:
-            log.info("%s refused (%d %s): %s", endpoint, err.status, err.reason, err.message[:300])
+            log.info("%s refused (%d %s): %s", ctx.request.url.path, err.status, err.reason, err.message[:300])
+            ctx.response.status_code = err.status  # BentoML answers with the context's status
             return err.to_response()
         finally:
             for p in uploads_:
@@ -153,11 +154,11 @@ class VQDiff:
                                  warnings=state.warnings)
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
 
-        return await self._run("encode", work, file, reference)
+        return await self._run(ctx, work, file, reference)
 
     @bentoml.api(route="/decode")
     async def decode(self, file: Path, format: str = "trk", restore_points: bool = False,
-                     summary: bool = False) -> Path:
+                     summary: bool = False, ctx: bentoml.Context = None) -> Path:
         """Latents file -> tractogram (TRK, or TCK / TRX) in the caller's original space and order."""
 
         async def work(timer):
@@ -177,7 +178,7 @@ class VQDiff:
             info = self._summary(lat, format=fmt, bytes=len(data), warnings=[])
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.{fmt}")
 
-        return await self._run("decode", work, file)
+        return await self._run(ctx, work, file)
 
     @bentoml.api(route="/reconstruct")
     async def reconstruct(self, file: Path, reference: OptionalFile = None, register: str = "auto",
@@ -203,7 +204,7 @@ class VQDiff:
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}_recon.{fmt}", {
                 "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
 
-        return await self._run("reconstruct", work, file, reference)
+        return await self._run(ctx, work, file, reference)
 
 
 async def _model_card(request: Request) -> Response:

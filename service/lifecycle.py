@@ -17,21 +17,12 @@ log = logging.getLogger("bentoml.vqdiff")
 
 
 class Drain:
-    """Graceful stop of one worker process on SIGTERM, within ``drain_s`` seconds.
-
-    ``bentoml serve`` relays SIGTERM to every worker. Left alone, uvicorn would stop accepting at once
-    (later connections are reset). Instead, from the signal on:
-
-    * ``/readyz`` answers 503 (the load balancer stops sending) and new POSTs to the ``refuse`` routes
-      get 503 + ``Retry-After`` without their body being read; ``/livez``, ``/metrics`` and everything
-      else are still served;
-    * once no request is in flight here, or at ``drain_s - margin_s`` (the requests still running are
-      then cancelled: a 503 when their answer had not started), the handler that was installed
-      before ours (uvicorn's) gets the signal and stops the server.
-
-    The handler is installed (`signal.signal`) when the ASGI lifespan start-up completes, after
-    uvicorn installed its own; SIGINT (Ctrl+C) keeps uvicorn's quick stop.
-    """
+    """Graceful stop of one worker on SIGTERM within ``drain_s`` s (uvicorn alone would stop accepting at
+    once, later connections reset). From the signal on, ``/readyz`` and new POSTs to the ``refuse``
+    routes get 503 + ``Retry-After`` (other routes are served); once nothing is in flight here, or at
+    ``drain_s - margin_s`` (what still runs is cancelled: a 503 if its answer had not started), the
+    handler installed before ours (uvicorn's) gets the signal. Ours is installed (`signal.signal`) when
+    the lifespan start-up completes, after uvicorn's; SIGINT keeps uvicorn's quick stop."""
 
     def __init__(self, app, *, drain_s: float, refuse: frozenset[str] = frozenset(), margin_s: float = 2.0,
                  retry_after_s: int = RETRY_AFTER_S, signum: int = signal.SIGTERM):
@@ -52,12 +43,9 @@ class Drain:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
-        if self.since is not None:
-            if path == "/readyz":
-                return await self._refuse(scope, receive, send, "this server is shutting down")
-            if path in self.refuse and scope["method"] == "POST":
-                return await self._refuse(scope, receive, send, "this server is shutting down and takes no new "
-                                          "requests; retry (another replica answers)")
+        if self.since is not None and (path == "/readyz" or (path in self.refuse and scope["method"] == "POST")):
+            return await self._refuse(scope, receive, send, "this server is shutting down and takes no new "
+                                      "requests; retry (another replica answers)")
         if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
         started = []
@@ -93,7 +81,6 @@ class Drain:
 
         return watched
 
-    # ------------------------------------------------------------------ signal
     def install(self) -> bool:
         """Take over ``signum`` in this process (main thread only; the running loop runs the drain)."""
         if threading.current_thread() is not threading.main_thread():
@@ -141,11 +128,9 @@ def _malloc_trim():
     import ctypes
 
     try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        return ctypes.CDLL("libc.so.6").malloc_trim  # int malloc_trim(size_t); called with 0
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
 
 
 async def trim_heap(interval_s: float, activity) -> None:

@@ -1,11 +1,10 @@
 """The HTTP side of the codec's files, run in worker threads: uploads -> `Bundle` / `Latents` with the
-limits checked, bundles -> response bytes, and the stage timer of a request. Refusals are `ApiError`.
-Nothing of encoding or decoding is restated here (that is `vqdiff.codec.Pipeline`)."""
+limits checked, bundles -> bytes, a request's stage timer; refusals as `ApiError`. Nothing of encoding
+or decoding is restated here (that is `vqdiff.codec.Pipeline`)."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +26,6 @@ from .errors import (
     from_latents_error,
     from_model_mismatch,
 )
-
-log = logging.getLogger("bentoml.vqdiff")
 
 OUTPUT_FORMATS = ("trk", "tck", "trx")
 
