@@ -1,13 +1,8 @@
-"""The vqdiff service (``bentoml serve`` from the repository root; ``bentofile.yaml``:
-``service: "vqdiff.service.app:VQDiff"``): HTTP in, the codec core and an engine in this process.
-
-Routes: ``POST /encode`` ``/decode`` ``/reconstruct`` (multipart uploads; README), ``GET /model``
-(the card), BentoML's ``/livez`` ``/readyz`` ``/metrics``. Each worker owns a codec
-(`service.backend`) and a `MicroBatcher` that joins its concurrent requests' groups into engine
-calls. A route is three steps: read the upload (`service.uploads`, in worker threads), the engine
-(``self.batcher.run``), assemble and write (worker threads). Refusals are 4xx JSON
-(`service.errors`); the ASGI middlewares (`service.guard`, `service.lifecycle`) run first.
-"""
+"""The vqdiff service (``bentoml serve`` from the repository root): ``POST /encode /decode /reconstruct``
+(README), ``GET /model``, BentoML's probes and ``/metrics``. Each worker owns a codec (`service.backend`)
+and a `MicroBatcher` joining its concurrent requests' groups into engine calls. A route is: read the upload
+(`service.uploads`, worker threads), the engine (``self.batcher.run``), assemble and write (worker threads);
+refusals are 4xx JSON (`service.errors`); the ASGI middlewares (`service.guard`, `service.lifecycle`) run first."""
 
 from __future__ import annotations
 
@@ -24,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import ApiError
+from .errors import ApiError, refusal
 from .guard import ROUTES, UPLOAD_NAMES, RequestGuard
 from .lifecycle import Drain, trim_heap
 from .settings import SETTINGS, gpu_host
@@ -33,6 +28,8 @@ with bentoml.importing():
     import anyio
 
     from vqdiff.blas import limit_blas_threads
+    from vqdiff.codec import REGISTER_MODES
+    from vqdiff.errors import VQDiffError
     from vqdiff.quality import reconstruction_quality
 
     from . import backend, uploads
@@ -63,13 +60,11 @@ def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str,
 @bentoml.service(
     name="vqdiff",
     workers=SETTINGS.workers,
-    # one GPU for the one worker of a GPU host; CPU hosts ask for none
-    **({"resources": {"gpu": 1}} if gpu_host(SETTINGS.device) else {}),
+    **({"resources": {"gpu": 1}} if gpu_host(SETTINGS.device) else {}),  # a GPU host's one worker; CPU hosts: none
     traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is the guard's (503 + Retry-After)
 )
 class VQDiff:
-    # the store model named by VQDIFF_MODEL_TAG (packed into bentos at build time)
-    bento_model = bentoml.models.BentoModel(SETTINGS.model_tag) if SETTINGS.model_tag else None
+    bento_model = bentoml.models.BentoModel(SETTINGS.model_tag) if SETTINGS.model_tag else None  # packed at build
 
     def __init__(self) -> None:
         t0 = time.perf_counter()
@@ -82,10 +77,8 @@ class VQDiff:
                                     max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
         self.card["warmup_s"] = round(uploads.warm_up(self.codec), 3)
         self._limiter = None
-        log.info("worker ready in %.1f s: model %s (%s), engine %s on %s/%s, %d thread(s)%s", time.perf_counter() - t0,
-                 self.card["model"].get("id"), self.model_dir, self.card.get("engine_variant"), self.card["backend"],
-                 self.card["provider"], SETTINGS.threads,
-                 f" ({self.card['selection']['reason']})" if self.card.get("selection") else "")
+        log.info("worker ready in %.1f s: model %s (%s), engine %s (%s), %d thread(s)", time.perf_counter() - t0,
+                 self.card["model"].get("id"), self.model_dir, self.card["engine_variant"], self.card["provider"], SETTINGS.threads)
 
     @bentoml.on_startup
     async def _start_heap_trim(self) -> None:
@@ -98,24 +91,24 @@ class VQDiff:
 
     async def _cpu(self, fn, *args):
         """Parsing, canonicalisation and writing: worker threads, at most VQDIFF_IO_THREADS at once."""
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(SETTINGS.io_threads)
+        self._limiter = self._limiter or anyio.CapacityLimiter(SETTINGS.io_threads)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def _run(self, ctx, work, *uploads_: Path | None) -> Response:
         """``await work(timer)``; refusals as 4xx JSON; the uploaded files always removed."""
         try:
             return await work(uploads.Timer())
-        except ApiError as err:
+        except (ApiError, VQDiffError) as exc:
+            err = exc if isinstance(exc, ApiError) else refusal(exc)
+            if err is None:
+                raise
             log.info("%s refused (%d %s): %s", ctx.request.url.path, err.status, err.reason, err.message[:300])
             ctx.response.status_code = err.status  # BentoML answers with the context's status
             return err.to_response()
         finally:
-            for p in uploads_:
-                if p is not None:
-                    Path(p).unlink(missing_ok=True)
+            for p in filter(None, uploads_):
+                Path(p).unlink(missing_ok=True)
 
-    # ------------------------------------------------------------------ steps
     async def _encode_upload(self, ctx, file: Path, reference: Path | None, register: str, timer):
         """Upload -> (bundle, its `Latents`): read and prepared in a worker thread, the groups through
         the batched engine. A route for several bundles per request would call this per file part."""
@@ -127,8 +120,10 @@ class VQDiff:
                                               max_streamlines=SETTINGS.max_streamlines, max_points=SETTINGS.max_points)
             try:
                 return bundle, *self.pipeline.prepare_encode(bundle, input_sha256=sha, register=register)
-            except ValueError as exc:  # BundleFormatError (a ValueError too) or an unknown register mode
-                raise uploads.encode_refusal(exc) from exc
+            except ValueError as exc:
+                if isinstance(exc, VQDiffError):  # BundleFormatError: `_run` answers it
+                    raise
+                raise ApiError(400, "bad_register", str(exc), REGISTER_MODES) from exc
 
         bundle, x, state = await self._cpu(read)
         timer.mark("read")
@@ -139,19 +134,16 @@ class VQDiff:
     def _summary(self, lat, **extra) -> dict:
         return {"streamlines": lat.n_streamlines, "groups": lat.n_groups, "model": self.pipeline.model_info, **extra}
 
-    # ------------------------------------------------------------------ APIs
     @bentoml.api(route="/encode")
     async def encode(self, file: Path, reference: OptionalFile = None, register: str = "auto",
                      summary: bool = False, ctx: bentoml.Context = None) -> Path:
-        """Tractogram (TRK; TCK with ``reference``; TRX) -> versioned latents file (.vqlat). ``register``:
-        "auto" (into the model's space, bundle recognised), "off" (already in model space) or a bundle name."""
+        """Tractogram (TRK; TCK + ``reference``; TRX) -> latents file (.vqlat); ``register``: auto | off | <bundle>."""
 
         async def work(timer):
             bundle, state, lat = await self._encode_upload(ctx, file, reference, register, timer)
             data = await self._cpu(lat.to_bytes)
-            info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data),
-                                 latent_shape=list(lat.latents.shape), registration=state.registration,
-                                 warnings=state.warnings)
+            info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data), latent_shape=list(
+                lat.latents.shape), registration=state.registration, warnings=state.warnings)
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
 
         return await self._run(ctx, work, file, reference)
@@ -164,14 +156,13 @@ class VQDiff:
         async def work(timer):
             fmt = uploads.output_format(format, "trk")
             lat = await self._cpu(lambda: uploads.read_latents(file, self.pipeline, self.card["latent_shape"],
-                                                               max_groups=SETTINGS.max_groups,
-                                                               max_points=SETTINGS.max_points))
+                                                               max_groups=SETTINGS.max_groups, max_points=SETTINGS.max_points))
             timer.mark("read")
             groups = await self.batcher.run("decode", lat.latents)
             timer.mark("model")
 
             def finish():
-                bundle = uploads.assemble_bundle(self.pipeline, lat, groups, restore_points=restore_points)
+                bundle = self.pipeline.assemble_bundle(lat, groups, restore_points=restore_points)
                 return bundle, uploads.write_bundle(bundle, fmt)
 
             bundle, data = await self._cpu(finish)
@@ -193,14 +184,13 @@ class VQDiff:
             timer.mark("model")
 
             def finish():
-                recon = uploads.assemble_bundle(self.pipeline, lat, groups, restore_points=True)
+                recon = self.pipeline.assemble_bundle(lat, groups, restore_points=True)
                 figures = reconstruction_quality(bundle, recon)
                 timer.mark("quality")
                 return figures, uploads.write_bundle(recon, fmt)
 
             figures, data = await self._cpu(finish)
-            info = self._summary(lat, format=fmt, quality=figures, registration=state.registration,
-                                 warnings=state.warnings)
+            info = self._summary(lat, format=fmt, quality=figures, registration=state.registration, warnings=state.warnings)
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}_recon.{fmt}", {
                 "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
 
@@ -208,8 +198,7 @@ class VQDiff:
 
 
 async def _model_card(request: Request) -> Response:
-    svc = bentoml.get_current_service()
-    return JSONResponse({**svc.card, "service": SETTINGS.public(),
+    return JSONResponse({**bentoml.get_current_service().card, "service": SETTINGS.public(),
                          "formats": {"input": ["trk", "tck", "trx"], "output": list(uploads.OUTPUT_FORMATS)}})
 
 

@@ -28,15 +28,11 @@ def open_codec(model_path: str | None, bento_model: Any = None, *, device: str |
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import distributions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("vqdiff", "bentoml", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
+    pkgs = {"vqdiff", "bentoml", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"}
+    found = {d.metadata["Name"].lower(): d.version for d in distributions() if d.metadata["Name"].lower() in pkgs}
+    return {"python": platform.python_version(), **dict(sorted(found.items()))}
 
 
 def model_card(path: Path, codec) -> dict[str, Any]:

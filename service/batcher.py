@@ -1,11 +1,7 @@
-"""The in-process micro-batcher: concurrent requests' groups joined into one engine call.
-
-A request's groups are cut into pieces of at most ``max_groups``; one task per operation takes the
-queued pieces in arrival order and joins them up to ``max_groups`` per engine call, waiting up to
-``max_wait_ms`` for more when the engine is idle (while it runs, the next batch queues by itself).
-The engine runs in one thread of its own, one call at a time, so the event loop stays free. Each
-call is counted in the Prometheus histograms ``vqdiff_batch_requests`` and ``vqdiff_batch_groups``.
-"""
+"""The in-process micro-batcher: a request's groups, cut into pieces of at most ``max_groups``, are joined
+with other requests' pieces in arrival order up to ``max_groups`` per engine call (an idle engine waits up to
+``max_wait_ms`` for more; a busy one batches what queued meanwhile). The engine runs in a thread of its own,
+one call at a time; each call is counted in the histograms ``vqdiff_batch_requests`` / ``_groups``."""
 
 from __future__ import annotations
 
@@ -53,23 +49,16 @@ class MicroBatcher:
         return np.concatenate(parts)
 
     async def _loop(self, op: str) -> None:
-        queue, held = self._queues[op], None
-        loop = asyncio.get_running_loop()
+        queue, held, loop = self._queues[op], None, asyncio.get_running_loop()
         while True:
-            batch = [held if held is not None else await queue.get()]
-            held, size = None, len(batch[0][1])
-            deadline = loop.time() + self.max_wait_s
+            batch = [held or await queue.get()]
+            held, size, deadline = None, len(batch[0][1]), loop.time() + self.max_wait_s
             while size < self.max_groups:
-                if queue.empty():
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(queue.get(), left)
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    item = queue.get_nowait()
+                try:
+                    item = queue.get_nowait() if queue.qsize() else await asyncio.wait_for(queue.get(),
+                                                                                         deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
                 if size + len(item[1]) > self.max_groups:
                     held = item  # the first of the next batch
                     break
@@ -85,9 +74,8 @@ class MicroBatcher:
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._pool, self.fns[op], x)
         except Exception as exc:  # noqa: BLE001 - the requests of this batch get the engine's error
-            for _, _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for fut in (b[2] for b in batch if not b[2].done()):
+                fut.set_exception(exc)
             return
         self.calls += 1
         if self.metrics is not None:
@@ -95,11 +83,10 @@ class MicroBatcher:
             self.metrics[1].labels(op).observe(len(x))
         at = 0
         for _, piece, fut in batch:
-            n = len(piece)
-            part = tuple(None if o is None else o[at: at + n] for o in out) if isinstance(out, tuple) else out[at: at + n]
-            at += n
+            rows = slice(at, at + len(piece))
+            at += len(piece)
             if not fut.done():
-                fut.set_result(part)
+                fut.set_result(tuple(None if o is None else o[rows] for o in out) if isinstance(out, tuple) else out[rows])
 
     def close(self) -> None:
         for task in self._tasks.values():

@@ -1,15 +1,8 @@
-"""`RequestGuard`, the ASGI middleware that checks a request before BentoML parses it, in order:
-
-1. past ``max_in_flight`` API requests in this worker: 503 + ``Retry-After`` at once (not a queue);
-2. bearer-token auth when ``VQDIFF_API_TOKEN`` is set (every path but the probes and /metrics);
-3. on the file routes: ``multipart/form-data`` only (415 otherwise: JSON, url-encoded, pickle and raw
-   bodies are refused, so BentoML never downloads a URL given in place of a file); the body read
-   with a hard cap (413 past ``VQDIFF_MAX_UPLOAD_MB``, from Content-Length or while streaming);
-4. the form parsed with Starlette's parser (BentoML's): file fields must be real uploads of binary
-   part types; unknown, duplicated or missing fields are refused; then the body is replayed.
-
-The file names the client sent go into the request's state (``request.state.upload_names``).
-"""
+"""`RequestGuard`, the ASGI middleware that checks a request before BentoML parses it: the concurrency limit
+(503 + ``Retry-After`` at once), bearer auth (not on the probes and /metrics), and on the file routes
+``multipart/form-data`` only (BentoML never fetches a URL), the body under a hard cap (413), the form parsed
+(Starlette's parser): real uploads of binary part types, no unknown, duplicated or missing field. The body is
+then replayed, the client's file names in ``request.state.upload_names``."""
 
 from __future__ import annotations
 
@@ -42,10 +35,6 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
-async def send_error(err: ApiError, scope, receive, send) -> None:
-    await err.to_response()(scope, receive, send)
-
-
 class RequestGuard:
     def __init__(self, app, *, max_upload_bytes: int, api_token: str | None = None, max_in_flight: int | None = None):
         self.app, self.max_bytes, self.max_in_flight = app, int(max_upload_bytes), max_in_flight
@@ -61,7 +50,7 @@ class RequestGuard:
             err = ApiError(503, "overloaded", f"this server is busy ({self.in_flight} requests in flight in this "
                            f"worker, limit {self.max_in_flight}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-            return await send_error(err, scope, receive, send)
+            return await err.to_response()(scope, receive, send)
         self.in_flight += counted
         try:
             try:
@@ -74,7 +63,7 @@ class RequestGuard:
                     scope.setdefault("state", {})[UPLOAD_NAMES] = await _check_form(scope, body, fields, accepted)
                     receive = _replay(body, receive)
             except ApiError as err:
-                return await send_error(err, scope, receive, send)
+                return await err.to_response()(scope, receive, send)
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= counted

@@ -11,7 +11,7 @@ import threading
 import time
 
 from .errors import ApiError
-from .guard import OPEN_PATHS, RETRY_AFTER_S, send_error
+from .guard import OPEN_PATHS, RETRY_AFTER_S
 
 log = logging.getLogger("bentoml.vqdiff")
 
@@ -71,7 +71,7 @@ class Drain:
         left = max(0.0, self.since + self.drain_s - time.monotonic())
         err = ApiError(503, "draining", f"{message}; retry after {self.retry_after_s} s",
                        headers={"Retry-After": str(self.retry_after_s)}, drain_left_s=round(left, 1))
-        await send_error(err, scope, receive, send)
+        await err.to_response()(scope, receive, send)
 
     def _watch_startup(self, send):
         async def watched(message):
@@ -92,7 +92,7 @@ class Drain:
         return True
 
     def _on_signal(self, signum, frame) -> None:
-        self._loop.call_soon_threadsafe(self.begin, signum)
+        self._loop.call_soon_threadsafe(self.begin, signum)  # the drain runs on the server's loop
 
     def begin(self, signum: int | None = None) -> None:
         """Start draining (idempotent: the arbiter and a group kill may both send the signal)."""
@@ -122,7 +122,6 @@ class Drain:
             os.kill(os.getpid(), signum)
 
 
-# ---------------------------------------------------------------------------------------------- memory
 def _malloc_trim():
     """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
     import ctypes
@@ -134,17 +133,10 @@ def _malloc_trim():
 
 
 async def trim_heap(interval_s: float, activity) -> None:
-    """Give the heap's free pages back to the OS every ``interval_s`` seconds while ``activity()`` (a
-    count, e.g. of engine calls) changes; run as a task of the worker (`service.app`).
-
-    Engine batches of every size from 1 to ``VQDIFF_MAX_BATCH_GROUPS`` groups allocate activations of
-    ever-different sizes; once glibc's dynamic mmap threshold has risen it serves them from the heap,
-    whose holes are reused only in part and never returned (measured with the torch engine: RSS 251 ->
-    787 MB over 30 batches of 1-64 groups; ``malloc_trim(0)`` every 2 s kept a worker at its level at
-    no measurable throughput cost; a fixed ``MALLOC_MMAP_THRESHOLD_`` cost 40-90 % more CPU). Returns at
-    once with ``interval_s <= 0`` or without glibc. The trim runs in a thread (it holds the arena locks)."""
-    trim = _malloc_trim() if interval_s > 0 else None
-    if trim is None:
+    """Give free heap pages back to the OS every ``interval_s`` s while ``activity()`` (engine calls) changes:
+    batches of 1 to 64 groups allocate ever-different sizes that glibc never returns (torch engine: RSS 251 ->
+    787 MB over 30 batches; trimmed every 2 s it stays level, at no measurable cost). Off: ``interval_s <= 0``."""
+    if (trim := _malloc_trim() if interval_s > 0 else None) is None:
         return
     seen = activity()
     while True:

@@ -18,32 +18,32 @@ _INT, _POS, _NONNEG, _TEXT = (int, 1), (float, 1e-3), (float, 0.0), (str, None) 
 # variable, attribute (None: read elsewhere), (type, minimum), default (None: auto), default as documented, meaning
 TABLE = (
     ("VQDIFF_MODEL", "model_path", _TEXT, None, "models/default", "checkpoint or export directory to serve"),
-    ("VQDIFF_MODEL_TAG", "model_tag", _TEXT, None, "(unset)", "a BentoML model-store tag (`vqdiff:latest`); "
-     "wins over VQDIFF_MODEL (import one with `vqdiff-model-store`)"),
+    ("VQDIFF_MODEL_TAG", "model_tag", _TEXT, None, "(unset)", "a BentoML model-store tag (`vqdiff:latest`); wins "
+     "over VQDIFF_MODEL (import one with `vqdiff-model-store`)"),
     ("VQDIFF_ENGINE", None, _TEXT, None, "auto", "engine variant, read by `vqdiff.export.select` (docs/engines.md): "
      "`auto` = the fastest that passes the quality gate on this machine, or a variant name (`ort-fp32`, ...)"),
     ("VQDIFF_DEVICE", "device", _TEXT, None, "(auto)", "`cpu` or `cuda[:N]` (auto: the GPU when there is one)"),
     ("VQDIFF_WORKERS", "workers", _INT, None, "(auto)", "worker processes, each with its own engine and "
      "micro-batcher; auto: 1 on a GPU host (every request's groups meet in one engine), else one per CPU core"),
-    ("VQDIFF_THREADS", "threads", _INT, None, "(auto)", "engine threads per worker (auto: CPU cores / workers)"),
+    ("VQDIFF_THREADS", "threads", _INT, None, "(auto)", "engine threads per worker (auto: twice its share of the cores, at most all: a lone request gets every core)"),
     ("VQDIFF_IO_THREADS", "io_threads", _INT, 2, "2", "threads per worker that parse uploads, canonicalise and "
      "write answers"),
-    ("VQDIFF_MAX_BATCH_GROUPS", "max_batch_groups", _INT, 64, "64", "micro-batching: most groups in one engine "
-     "call (a larger request is cut into pieces of this size)"),
-    ("VQDIFF_MAX_BATCH_WAIT_MS", "max_batch_wait_ms", _NONNEG, 2.0, "2", "micro-batching: most an idle engine "
-     "waits for other requests' groups (0: never; a busy engine batches what queued meanwhile)"),
+    ("VQDIFF_MAX_BATCH_GROUPS", "max_batch_groups", _INT, 64, "64", "micro-batching: most groups in one engine call "
+     "(a larger request is cut into pieces of this size)"),
+    ("VQDIFF_MAX_BATCH_WAIT_MS", "max_batch_wait_ms", _NONNEG, 2.0, "2", "micro-batching: most an idle engine waits "
+     "for other requests' groups (0: never; a busy engine batches what queued meanwhile)"),
     ("VQDIFF_TIMEOUT_S", "timeout_s", _POS, 120.0, "120", "request timeout (BentoML `traffic.timeout`)"),
     ("VQDIFF_MAX_CONCURRENCY", "max_concurrency", _INT, 64, "64", "API requests in flight (shared out over the "
      "workers); past it a 503 with `Retry-After` at once"),
     ("VQDIFF_MAX_UPLOAD_MB", "max_upload_mb", _POS, 64.0, "64", "largest request body (413 beyond)"),
-    ("VQDIFF_MAX_STREAMLINES", "max_streamlines", _INT, 200_000, "200000", "most streamlines in one request "
-     "(413 beyond)"),
-    ("VQDIFF_API_TOKEN", "api_token", _TEXT, None, "(unset)", "when set, every route but /livez, /readyz, "
-     "/healthz and /metrics needs `Authorization: Bearer <token>`"),
+    ("VQDIFF_MAX_STREAMLINES", "max_streamlines", _INT, 200000, "200000", "most streamlines in one request (413 "
+     "beyond)"),
+    ("VQDIFF_API_TOKEN", "api_token", _TEXT, None, "(unset)", "when set, every route but /livez, /readyz, /healthz "
+     "and /metrics needs `Authorization: Bearer <token>`"),
     ("VQDIFF_DRAIN_S", "drain_s", _POS, 25.0, "25", "graceful stop on SIGTERM: /readyz and new requests 503 + "
      "`Retry-After`, requests in flight finish, workers exit within this time (give the orchestrator longer)"),
-    ("VQDIFF_HEAP_TRIM_S", "heap_trim_s", _NONNEG, 2.0, "2", "while the engine works, return free heap pages "
-     "to the OS this often (glibc `malloc_trim`; 0: never): bounds the RSS under ever-different batch sizes"),
+    ("VQDIFF_HEAP_TRIM_S", "heap_trim_s", _NONNEG, 2.0, "2", "while the engine works, return free heap pages to the "
+     "OS this often (glibc `malloc_trim`; 0: never): bounds the RSS under ever-different batch sizes"),
 )
 # names of earlier releases: honoured where the concept is the same, else a warning naming the new one
 RENAMED = {"VQDIFF_GATEWAY_WORKERS": "VQDIFF_WORKERS", "VQDIFF_GATEWAY_THREADS": "VQDIFF_IO_THREADS"}
@@ -97,27 +97,14 @@ class Settings(SimpleNamespace):
                 values[attr] = default if value is None else value
         cores = os.cpu_count() or 1
         values["workers"] = values["workers"] or (1 if gpu_host(values["device"]) else cores)
-        values["threads"] = values["threads"] or max(1, cores // values["workers"])
+        values["threads"] = values["threads"] or max(1, min(cores, 2 * cores // values["workers"]))
         return cls(**values)
 
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * (1 << 20))
-
-    @property
-    def max_groups(self) -> int:
-        """Most groups one request may carry (decode side of the streamline limit)."""
-        return -(-self.max_streamlines // GROUP_SIZE)
-
-    @property
-    def max_points(self) -> int:
-        """Most points a decoded bundle may have: what the largest accepted upload could hold."""
-        return max(self.max_upload_bytes // 12, self.max_streamlines * 64)
-
-    @property
-    def max_in_flight(self) -> int:
-        """The concurrency limit of one worker."""
-        return -(-self.max_concurrency // self.workers)
+    max_upload_bytes = property(lambda self: int(self.max_upload_mb * (1 << 20)))
+    # the decode side of the streamline limit; the points a decoded bundle may have: what the largest upload holds
+    max_groups = property(lambda self: -(-self.max_streamlines // GROUP_SIZE))
+    max_points = property(lambda self: max(self.max_upload_bytes // 12, self.max_streamlines * 64))
+    max_in_flight = property(lambda self: -(-self.max_concurrency // self.workers))  # one worker's limit
 
     def public(self) -> dict:
         """What `GET /model` shows (never the token)."""

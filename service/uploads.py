@@ -5,6 +5,7 @@ or decoding is restated here (that is `vqdiff.codec.Pipeline`)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -13,19 +14,11 @@ import numpy as np
 
 from vqdiff.bundle import Bundle, SpatialHeader
 from vqdiff.canonical import zero_length_streamlines
-from vqdiff.codec import REGISTER_MODES
-from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
+from vqdiff.errors import BundleFormatError
 from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
 from vqdiff.latents import Latents
 
-from .errors import (
-    ACCEPTED_BUNDLE,
-    ACCEPTED_LATENTS,
-    ApiError,
-    from_bundle_error,
-    from_latents_error,
-    from_model_mismatch,
-)
+from .errors import ACCEPTED_BUNDLE, ACCEPTED_LATENTS, ApiError
 
 OUTPUT_FORMATS = ("trk", "tck", "trx")
 
@@ -58,11 +51,7 @@ def _reference_suffix(data: bytes, name: str) -> str:
 
 def bundle_name(filename: str | None) -> str:
     """The bundle's name: the uploaded file's name (as the client sent it) without its extension."""
-    name = Path(filename or "").name
-    for suffix in (".trk", ".tck", ".trx", ".vqlat"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    return name or "bundle"
+    return re.sub(r"\.(trk|tck|trx|vqlat)$", "", Path(filename or "").name, flags=re.IGNORECASE) or "bundle"
 
 
 def read_bundle(file: Path, reference: Path | None, *, name: str, reference_name: str = "", max_streamlines: int,
@@ -75,21 +64,17 @@ def read_bundle(file: Path, reference: Path | None, *, name: str, reference_name
     if fmt is None:
         raise ApiError(415, "wrong_magic", f"the file starts with {data[:8]!r}: not a TrackVis ('TRACK'), "
                        "MRtrix ('mrtrix tracks') or TRX (zip) file", ACCEPTED_BUNDLE)
-    try:
-        if fmt != "tck":
-            bundle = load_bundle_bytes(data, format=fmt, name=name, max_streamlines=max_streamlines,
-                                       max_points=max_points)
-        else:
-            if reference is None:
-                raise ApiError(400, "missing_reference", "a .tck file stores no space: add a 'reference' "
-                               "file (NIfTI .nii/.nii.gz or .trk)", ACCEPTED_BUNDLE)
-            ref = reference.read_bytes()
-            with tempfile.TemporaryDirectory(prefix="vqdiff-ref-") as tmp:
-                ref_path = Path(tmp) / ("reference" + _reference_suffix(ref, reference_name))
-                ref_path.write_bytes(ref)
-                bundle = load_bundle_bytes(data, format=fmt, reference=ref_path, name=name)
-    except BundleFormatError as exc:
-        raise from_bundle_error(exc) from exc
+    if fmt == "tck" and reference is None:
+        raise ApiError(400, "missing_reference", "a .tck file stores no space: add a 'reference' file (NIfTI "
+                       ".nii/.nii.gz or .trk)", ACCEPTED_BUNDLE)
+    if fmt != "tck":  # a BundleFormatError on the way is the caller's 4xx (`errors.refusal`)
+        bundle = load_bundle_bytes(data, format=fmt, name=name, max_streamlines=max_streamlines, max_points=max_points)
+    else:
+        ref = reference.read_bytes()
+        with tempfile.TemporaryDirectory(prefix="vqdiff-ref-") as tmp:
+            ref_path = Path(tmp) / ("reference" + _reference_suffix(ref, reference_name))
+            ref_path.write_bytes(ref)
+            bundle = load_bundle_bytes(data, format=fmt, reference=ref_path, name=name)
     if len(bundle) > max_streamlines:
         raise ApiError(413, "too_many_streamlines", f"the bundle has {len(bundle)} streamlines; this server "
                        f"accepts at most {max_streamlines} per request", "split the bundle into smaller files",
@@ -107,10 +92,7 @@ def read_latents(file: Path, pipeline, latent_shape: tuple, *, max_groups: int, 
     data = file.read_bytes()
     if not data:
         raise ApiError(400, "empty", "the uploaded latents file is empty (0 bytes)", ACCEPTED_LATENTS)
-    try:
-        lat = Latents.from_bytes(data)
-    except LatentsFormatError as exc:
-        raise from_latents_error(exc) from exc
+    lat = Latents.from_bytes(data)  # LatentsFormatError: 400 (`errors.refusal`)
     if lat.n_groups > max_groups:
         raise ApiError(413, "too_many_groups", f"the latents hold {lat.n_groups} groups; this server decodes at "
                        f"most {max_groups} per request", ACCEPTED_LATENTS, limit_groups=max_groups)
@@ -122,26 +104,8 @@ def read_latents(file: Path, pipeline, latent_shape: tuple, *, max_groups: int, 
                        f"server restores at most {max_points}", ACCEPTED_LATENTS, limit_points=max_points)
     if not np.isfinite(lat.latents).all():
         raise ApiError(422, "non_finite", "the latents hold NaN or infinite values", ACCEPTED_LATENTS)
-    try:
-        pipeline.prepare_decode(lat)
-    except ModelMismatchError as exc:
-        raise from_model_mismatch(exc) from exc
+    pipeline.prepare_decode(lat)  # ModelMismatchError: 409
     return lat
-
-
-def encode_refusal(exc: ValueError) -> ApiError:
-    """`Pipeline.prepare_encode`'s refusals as 4xx: a `BundleFormatError`, or an unknown register mode."""
-    if isinstance(exc, BundleFormatError):
-        return from_bundle_error(exc)
-    return ApiError(400, "bad_register", str(exc), REGISTER_MODES)
-
-
-def assemble_bundle(pipeline, lat: Latents, groups: np.ndarray, *, restore_points: bool) -> Bundle:
-    """`Pipeline.assemble_bundle`, its refusals as 4xx."""
-    try:
-        return pipeline.assemble_bundle(lat, groups, restore_points=restore_points)
-    except LatentsFormatError as exc:
-        raise from_latents_error(exc) from exc
 
 
 def output_format(requested: str | None, default: str) -> str:

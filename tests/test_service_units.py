@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -85,7 +84,7 @@ def test_guard_auth(guarded):
 
 def test_api_error_body():
     err = ApiError(413, "too_many_streamlines", "too many", "fewer", limit_streamlines=5)
-    assert json.loads(err.to_bytes()) == {"error": "too_many_streamlines", "message": "too many", "status": 413,
+    assert err.body() == {"error": "too_many_streamlines", "message": "too many", "status": 413,
                                           "accepted": "fewer", "limit_streamlines": 5}
 
 
