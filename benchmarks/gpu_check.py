@@ -9,14 +9,14 @@
 3. end to end: encode every bundle of subject01 (12,416 streamlines, 194 groups; read, register,
    canonicalise, engine, latents) with the bf16 and fp32 graph engines: wall time, and the engine's
    share; plus the whole subject's groups in one engine call.
+4. parity: GPU latents / reconstructions against the CPU torch fp32 reference on every subject01
+   group (max abs error <= 1e-4 and equal codes up to ties for fp32; the quality gate for bf16 / fp16,
+   judged on the GPU only: the dry run reports it, CPU bf16 kernels differ by CPU).
 5. service: what `bentoml serve` does on this host (`vqdiff.service.settings`: a GPU host runs ONE
    worker with the GPU engine, so no copy of the engine per CPU core) and its micro-batcher
    (`vqdiff.service.batcher.MicroBatcher`, the service's own class) around the bf16 graph engine: 16
    concurrent requests of 4 groups joined into engine calls of up to 64 groups, beside one engine
    call per request; engine calls, groups per call, wall time.
-4. parity: GPU latents / reconstructions against the CPU torch fp32 reference on every subject01
-   group (max abs error <= 1e-4 and equal codes up to ties for fp32; the quality gate for bf16 / fp16,
-   judged on the GPU only: the dry run reports it, CPU bf16 kernels differ by CPU).
 
 ``--dry-run`` runs every step on the CPU at tiny sizes instead (torch fp32 / bf16 engines of
 `vqdiff.export.torch_backend` stand in for the CUDA ones; ``torch.compile`` is skipped): the CI check
@@ -246,7 +246,8 @@ def service(ctx) -> dict:
         from vqdiff.export.torch_cuda import CudaGraphEngine
 
         engine, label = CudaGraphEngine(ctx["model_dir"], device=str(ctx["device"]), precision="bf16"), "bf16 graphs"
-    requests = [np.ascontiguousarray(ctx["x"][i * 4: i * 4 + 4]) for i in range(16)]
+    x = np.resize(ctx["x"], (64, *ctx["x"].shape[1:])).astype(np.float32)  # the dry run's data has fewer groups
+    requests = [np.ascontiguousarray(x[i * 4: i * 4 + 4]) for i in range(16)]
     engine.encode_with_indices(np.concatenate(requests))  # warm (graphs captured, kernels chosen)
 
     async def joined():
