@@ -146,14 +146,12 @@ def _check_file_field(key: str, value, accepted: str) -> str:
     return value.filename or ""
 
 
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+def _replay(body: bytes | None, receive):
+    async def replay():  # lets go of the body once handed over: a finished request's objects may outlive it
+        nonlocal body
+        if body is not None:
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
         return {"type": "http.disconnect"} if receive is None else await receive()
 
     return replay
