@@ -57,6 +57,10 @@ def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str,
     return Response(content, media_type=media, headers=headers)
 
 
+def _names(ctx) -> dict[str, str]:
+    return getattr(ctx.request.state, UPLOAD_NAMES, {})  # the client's file names, field -> name (`service.guard`)
+
+
 @bentoml.service(
     name="vqdiff",
     workers=SETTINGS.workers,
@@ -109,11 +113,9 @@ class VQDiff:
             for p in filter(None, uploads_):
                 Path(p).unlink(missing_ok=True)
 
-    async def _encode_upload(self, ctx, file: Path, reference: Path | None, register: str, timer):
-        """Upload -> (bundle, its `Latents`): read and prepared in a worker thread, the groups through
-        the batched engine. A route for several bundles per request would call this per file part."""
-        names = getattr(ctx.request.state, UPLOAD_NAMES, {})
-
+    async def _encode_upload(self, file: Path, reference: Path | None, register: str, timer, names: dict):
+        """An upload -> (bundle, state, its `Latents`): read and prepared in a worker thread, the groups through the
+        batched engine. A route of several bundles gathers this per bundle (their groups then share engine calls)."""
         def read():
             bundle, sha = uploads.read_bundle(file, reference, name=uploads.bundle_name(names.get("file")),
                                               reference_name=names.get("reference", ""),
@@ -140,7 +142,7 @@ class VQDiff:
         """Tractogram (TRK; TCK + ``reference``; TRX) -> latents file (.vqlat); ``register``: auto | off | <bundle>."""
 
         async def work(timer):
-            bundle, state, lat = await self._encode_upload(ctx, file, reference, register, timer)
+            bundle, state, lat = await self._encode_upload(file, reference, register, timer, _names(ctx))
             data = await self._cpu(lat.to_bytes)
             info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data), latent_shape=list(
                 lat.latents.shape), registration=state.registration, warnings=state.warnings)
@@ -178,7 +180,7 @@ class VQDiff:
 
         async def work(timer):
             fmt = uploads.output_format(format, "trk") if format else None
-            bundle, state, lat = await self._encode_upload(ctx, file, reference, register, timer)
+            bundle, state, lat = await self._encode_upload(file, reference, register, timer, _names(ctx))
             fmt = fmt or uploads.output_format(None, bundle.source_format)
             groups = await self.batcher.run("decode", lat.latents)
             timer.mark("model")
