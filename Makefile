@@ -31,8 +31,9 @@ wheel: install
 bento: wheel
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build
 
+# VQDIFF_DEVICE at build time: the bento's config records the GPU shape (one worker, resources gpu: 1)
 bento-gpu: wheel
-	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build -f service/bentofile-gpu.yaml .
+	VQDIFF_DEVICE=cuda:0 BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build -f service/bentofile-gpu.yaml .
 
 bench-service: install
 	$(BIN)/python benchmarks/bench_service.py --threads 1

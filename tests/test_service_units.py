@@ -107,6 +107,8 @@ def test_bentoml_build(tmp_path, bentofile, name):
     from serving import REPO
 
     env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}
+    if bentofile:  # as `make bento-gpu`
+        env["VQDIFF_DEVICE"] = "cuda:0"
     wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist",
                             "."], cwd=REPO, capture_output=True, text=True, timeout=300)  # as `make wheel`
     assert wheel.returncode == 0, wheel.stdout[-2000:] + wheel.stderr[-2000:]
@@ -118,6 +120,11 @@ def test_bentoml_build(tmp_path, bentofile, name):
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert info["service"] == "vqdiff.service.app:VQDiff"
     assert [s["name"] for s in info["services"]] == ["vqdiff"]  # one service: no second one behind HTTP
+    config = info["services"][0]["config"]
+    if bentofile:  # a GPU host: one worker with the GPU engine (every request's groups meet in one batcher)
+        assert config["workers"] == 1 and config["resources"]["gpu"] == 1, config
+    else:
+        assert "gpu" not in config.get("resources", {}), config
     src = bento / "src"
     assert (src / "models" / "default" / "model.safetensors").is_file()
     assert not any((src / d).exists() for d in ("vqdiff", "service", "export", "runs", ".venv", "tests", "training"))
