@@ -24,8 +24,8 @@ TABLE = (
      "`auto` = the fastest that passes the quality gate on this machine, or a variant name (`ort-fp32`, ...)"),
     ("VQDIFF_DEVICE", "device", _TEXT, None, "(auto)", "`cpu` or `cuda[:N]` (auto: the GPU when there is one)"),
     ("VQDIFF_WORKERS", "workers", _INT, None, "(auto)", "worker processes, each with its own engine and "
-     "micro-batcher; auto: 1 on a GPU host (every request's groups meet in one engine), else one per CPU core"),
-    ("VQDIFF_THREADS", "threads", _INT, None, "(auto)", "engine threads per worker (auto: twice its share of the cores, at most all: a lone request gets every core)"),
+     "micro-batcher; auto: 1 on a GPU host (every request's groups meet in one engine), else one per 4 CPU cores"),
+    ("VQDIFF_THREADS", "threads", _INT, None, "(auto)", "engine threads per worker (auto: its share of the CPU cores)"),
     ("VQDIFF_IO_THREADS", "io_threads", _INT, 2, "2", "threads per worker that parse uploads, canonicalise and "
      "write answers"),
     ("VQDIFF_MAX_BATCH_GROUPS", "max_batch_groups", _INT, 64, "64", "micro-batching: most groups in one engine call "
@@ -96,8 +96,8 @@ class Settings(SimpleNamespace):
                 value = _read(name, env, kind)
                 values[attr] = default if value is None else value
         cores = os.cpu_count() or 1
-        values["workers"] = values["workers"] or (1 if gpu_host(values["device"]) else cores)
-        values["threads"] = values["threads"] or max(1, min(cores, 2 * cores // values["workers"]))
+        values["workers"] = values["workers"] or (1 if gpu_host(values["device"]) else max(1, cores // 4))
+        values["threads"] = values["threads"] or max(1, cores // values["workers"])
         return cls(**values)
 
     max_upload_bytes = property(lambda self: int(self.max_upload_mb * (1 << 20)))

@@ -401,7 +401,8 @@ def test_settings_defaults_renames_and_refusals(caplog):
     from vqdiff.service.settings import Settings
 
     s = Settings.from_env({"VQDIFF_DEVICE": "cpu"})
-    assert s.workers == (os.cpu_count() or 1) and s.threads >= 1 and s.max_batch_groups == 64
+    cores = os.cpu_count() or 1
+    assert s.workers == max(1, cores // 4) and s.threads == max(1, cores // s.workers) and s.max_batch_groups == 64
     assert Settings.from_env({"VQDIFF_DEVICE": "cuda:0"}).workers == 1  # a GPU host: one worker, one engine
     s = Settings.from_env({"VQDIFF_DEVICE": "cpu", "VQDIFF_GATEWAY_WORKERS": "3", "VQDIFF_BACKEND": "torch",
                            "VQDIFF_MAX_CONCURRENCY": "10"})
