@@ -7,13 +7,13 @@ OUT    ?= out
 # The CPU build of torch (a local wheel on our machines); GPU users install their own torch first.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install serve run test lint default-model table1 authors table1-authors wheel bento bento-gpu bench-service clean
+.PHONY: install serve run test test-fast lint default-model table1 authors table1-authors wheel bento bento-gpu bench-service clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,export,eval,serve,ray]"
+	$(BIN)/python -m pip install -q -e ".[test,export,eval,analysis,serve,ray]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,8 +31,9 @@ wheel: install
 bento: wheel
 	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build
 
+# VQDIFF_DEVICE at build time: the bento's config records the GPU shape (one worker, resources gpu: 1)
 bento-gpu: wheel
-	BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build -f service/bentofile-gpu.yaml .
+	VQDIFF_DEVICE=cuda:0 BENTOML_DO_NOT_TRACK=True $(BIN)/bentoml build -f service/bentofile-gpu.yaml .
 
 bench-service: install
 	$(BIN)/python benchmarks/bench_service.py --threads 1
@@ -50,6 +51,15 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The unit layer (under 3 minutes on 2 cores): everything but the end-to-end modules (a real `bentoml
+# serve`, batch jobs, training runs, exports and the engine selection, the default model's evaluations,
+# the authors' weights, GPU) and the bento builds. `make test` runs them all.
+FAST_SKIP ?= test_service.py test_service_auth.py test_service_auto.py test_batch.py test_training.py \
+  test_resume_kill.py test_export.py test_default_model.py test_authors.py test_gpu.py test_checkpoint_latents_api.py
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu and not tensorrt" $(addprefix --ignore=tests/,$(FAST_SKIP)) \
+	  --deselect tests/test_service_units.py::test_bentoml_build
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,10 +2,12 @@
 
 Starts ``bentoml serve`` (the repository's service) on a free port, sends ``POST /encode`` (or
 ``/decode``) requests of real bundles from 1, 4 and 16 concurrent clients (closed loop, fixed
-duration per level) and reports requests/s, streamlines/s, p50/p99 latency and the adaptive
-batching seen by the model service; the offline figures come from the same engine in this process
-(parse + canonicalise + encode + serialise, one bundle at a time; and the engine alone), measured
-before and after the service runs (mean of the two) so that drifting background load is shared.
+duration per level) and reports requests/s, streamlines/s, p50/p99 latency and the micro-batching
+(requests per engine call, from ``vqdiff_batch_requests`` on /metrics); the offline figures come from
+the same engine selection in this process (parse + canonicalise + encode + serialise, one bundle at a
+time, the engine on every core; and the engine alone), measured before and after the service runs
+(mean of the two) so that drifting background load is shared. The server runs its defaults
+(``VQDIFF_WORKERS`` / ``VQDIFF_THREADS`` auto) unless ``--workers`` / ``--server-threads`` say otherwise.
 
     python benchmarks/bench_service.py                       # models/default (or $VQDIFF_MODEL)
     python benchmarks/bench_service.py --dev-model --seconds 20 --out runs/bench_service.json
@@ -43,9 +45,11 @@ def _args(argv=None):
     p.add_argument("--endpoint", choices=["encode", "decode"], default="encode")
     p.add_argument("--clients", default="1,4,16", help="concurrency levels")
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each level")
-    p.add_argument("--backend", default=os.environ.get("VQDIFF_BACKEND", "auto"))
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine threads (server and offline)")
-    p.add_argument("--workers", type=int, default=2, help="gateway workers")
+    p.add_argument("--engine", default=os.environ.get("VQDIFF_ENGINE", "auto"), help="VQDIFF_ENGINE of both sides")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="offline engine threads")
+    p.add_argument("--workers", type=int, help="VQDIFF_WORKERS of the server (default: its own, auto)")
+    p.add_argument("--server-threads", type=int, help="VQDIFF_THREADS of the server (default: its own, auto)")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="more server settings")
     p.add_argument("--out", help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -54,7 +58,7 @@ def _percentile(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def offline(model_dir: Path, payloads, endpoint: str, backend: str, threads: int, seconds: float) -> dict:
+def offline(model_dir: Path, payloads, endpoint: str, threads: int, seconds: float) -> dict:
     """The same work in this process, one bundle after the other, for ``seconds``."""
     from vqdiff.blas import limit_blas_threads
     from vqdiff.export.runtime import make_codec
@@ -62,7 +66,7 @@ def offline(model_dir: Path, payloads, endpoint: str, backend: str, threads: int
     from vqdiff.latents import Latents
 
     limit_blas_threads()  # as in the gateway
-    codec = make_codec(model_dir, backend=backend, threads=threads)  # with the model's templates, as served
+    codec = make_codec(model_dir, threads=threads)  # the VQDIFF_ENGINE selection, the model's templates, as served
     engine = codec.engine
     name, data, _ = payloads[0]  # warm-up (kernels, allocations), untimed
     if endpoint == "encode":
@@ -90,16 +94,17 @@ def offline(model_dir: Path, payloads, endpoint: str, backend: str, threads: int
     wall = time.perf_counter() - t0 - engine_s
     return {"requests": n_req, "seconds": wall, "req_per_s": n_req / wall, "streamlines_per_s": n_sl / wall,
             "engine_groups_per_s": (n_groups / engine_s) if engine_s else None, "backend": engine.backend,
-            "provider": engine.provider}
+            "provider": engine.provider, "variant": getattr(engine, "variant_name", None)}
 
 
-def _batch_hist(client, method):
+def _batch_hist(client, op):
+    """(engine calls, requests they carried) of ``op``, summed over the workers."""
     count = total = 0.0
     for line in client.get("/metrics").text.splitlines():
-        if f'method_name="{method}"' in line:
-            if line.startswith("bentoml_service_adaptive_batch_size_count"):
+        if f'op="{op}"' in line:
+            if line.startswith("vqdiff_batch_requests_count"):
                 count += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("bentoml_service_adaptive_batch_size_sum"):
+            elif line.startswith("vqdiff_batch_requests_sum"):
                 total += float(line.rsplit(" ", 1)[1])
     return count, total
 
@@ -128,7 +133,7 @@ def load_level(url: str, payloads, endpoint: str, clients: int, seconds: float) 
                     else:
                         errors.append(r.status_code)
 
-    method = f"{endpoint}_groups"
+    method = endpoint
     with httpx.Client(base_url=url) as c:
         b0 = _batch_hist(c, method)
         t0 = time.perf_counter()
@@ -145,6 +150,7 @@ def load_level(url: str, payloads, endpoint: str, clients: int, seconds: float) 
 
 def main(argv=None) -> int:
     args = _args(argv)
+    os.environ["VQDIFF_ENGINE"] = args.engine  # the offline side's selection (vqdiff.export.select)
     from vqdiff.io import load_bundle
 
     data_dir = Path(args.data)
@@ -163,17 +169,20 @@ def main(argv=None) -> int:
     if args.endpoint == "decode":  # latents of every bundle, made offline with the same model
         from vqdiff.export.runtime import make_codec
 
-        codec = make_codec(model_dir, backend=args.backend, threads=args.threads)
+        codec = make_codec(model_dir, threads=args.threads)
         payloads = [(n, codec.encode(load_bundle(f)).to_bytes(), c) for (n, _, c), f in zip(payloads, files, strict=True)]
     levels = [int(c) for c in args.clients.split(",")]
     results = {"model": str(model_dir), "endpoint": args.endpoint, "bundles": len(payloads),
                "streamlines_per_round": sum(p[2] for p in payloads), "cpus": os.cpu_count(), "levels": []}
 
-    watch = LoadWatch(os.cpu_count())  # server, gateway workers and clients share the machine
-    off = [offline(model_dir, payloads, args.endpoint, args.backend, args.threads, args.seconds)]
-    env = {"VQDIFF_MODEL": str(model_dir), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
-           "VQDIFF_BACKEND": args.backend, "VQDIFF_THREADS": str(args.threads),
-           "VQDIFF_GATEWAY_WORKERS": str(args.workers), "BENTOML_HOME": str(tmp / "bentoml")}
+    watch = LoadWatch(os.cpu_count())  # server, workers and clients share the machine
+    off = [offline(model_dir, payloads, args.endpoint, args.threads, args.seconds)]
+    env = {"VQDIFF_MODEL": str(model_dir), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "", "VQDIFF_ENGINE": args.engine,
+           "BENTOML_HOME": str(tmp / "bentoml"), **dict(kv.split("=", 1) for kv in args.server_env)}
+    if args.workers:
+        env["VQDIFF_WORKERS"] = str(args.workers)
+    if args.server_threads:
+        env["VQDIFF_THREADS"] = str(args.server_threads)
     with ServeProcess(env, log_path=tmp / "serve.log") as server:
         with httpx.Client(base_url=server.url) as c:
             card = c.get("/model").json()
@@ -181,17 +190,21 @@ def main(argv=None) -> int:
         for n in levels:
             results["levels"].append(load_level(server.url, payloads, args.endpoint, n, args.seconds))
             print(json.dumps(results["levels"][-1]), file=sys.stderr)
-    off.append(offline(model_dir, payloads, args.endpoint, args.backend, args.threads, args.seconds))
+    off.append(offline(model_dir, payloads, args.endpoint, args.threads, args.seconds))
     results["offline_runs"] = off
     sl = statistics.mean(o["streamlines_per_s"] for o in off)
     rq = statistics.mean(o["req_per_s"] for o in off)
     eng = [o["engine_groups_per_s"] for o in off if o["engine_groups_per_s"]]
     results["offline"] = {"req_per_s": rq, "streamlines_per_s": sl, "engine_groups_per_s": statistics.mean(eng) if eng
-                          else None, "backend": off[0]["backend"], "provider": off[0]["provider"]}
+                          else None, "backend": off[0]["backend"], "provider": off[0]["provider"],
+                          "variant": off[0]["variant"]}
+    results["offline_threads"] = args.threads
     results["server_backend"] = f"{card.get('backend')}/{card.get('provider')}"
-    results["server_engine"] = {"variant": card.get("engine_variant"), "selection": (card.get("selection") or {}).get("reason")}
-    print(_table(results))
+    results["server_engine"] = {"variant": card.get("engine_variant"), "selection": (card.get("selection") or {}).get("reason"),
+                                "workers": card["service"]["workers"], "threads": card["service"]["threads"]}
     results.update(watch.finish())
+    print(_table(results))
+    print(f"load average before / after: {results.get('load_avg_before')} / {results.get('load_avg_after')}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
@@ -202,7 +215,8 @@ def main(argv=None) -> int:
 def _table(r: dict) -> str:
     off = r["offline"]
     rows = [f"/{r['endpoint']} of {r['bundles']} real bundles ({r['streamlines_per_round']} streamlines per round), "
-            f"{r['cpus']} CPUs; server {r['server_backend']}, offline {off['backend']}/{off['provider']}",
+            f"{r['cpus']} CPUs; server {r['server_backend']} {r['server_engine']}, offline "
+            f"{off['backend']}/{off['provider']} {off['variant']} x{r['offline_threads']} threads",
             "",
             "| mode | clients | requests | req/s | streamlines/s | p50 ms | p99 ms | requests/batch | % of offline |",
             "|---|---|---|---|---|---|---|---|---|",

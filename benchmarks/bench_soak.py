@@ -2,7 +2,7 @@
 
 Starts ``bentoml serve`` (the repository's service, tests/serving.py) on a free 127.0.0.1 port, runs
 ``--clients`` closed-loop clients (asyncio, one connection each, started ``--ramp`` s apart so that
-the connections spread over the gateway workers) that post the real subject01 bundles (pre-encoded
+the connections spread over the workers) that post the real subject01 bundles (pre-encoded
 multipart bodies, in a seeded order) until ``--duration`` seconds have passed, then stops by itself
 and stops the server. Reports:
 
@@ -10,16 +10,16 @@ and stops the server. Reports:
   latency of the 200 answers (and of the 503 answers when there are any);
 * RSS of every process of the server tree over time (``/proc/<pid>/status``: VmRSS, RssAnon,
   RssFile, threads) and its CPU seconds (``/proc/<pid>/stat``), sampled every ``--sample-every`` s,
-  labelled arbiter / gateway:N / model:N; per process: RSS before the load, after the warm-up, max,
+  labelled arbiter / worker:N; per process: RSS before the load, after the warm-up, max,
   at the end, the CPU seconds it spent during the load (which also shows how the clients' connections
-  fell on the gateway workers) and the gateways' CPU milliseconds per answered request;
+  fell on the workers) and the workers' CPU milliseconds per answered request;
 * the RSS verdict (soak mode): every worker's RSS stays within ``--rss-bound`` (default 1.25) times
   its level at the end of the warm-up, from then to the end of the load: ``max after warm-up <= 1.25 x
   level`` (so the end, too). The warm-up is the first ``--warmup`` seconds of load (default: a quarter
   of the duration, at most 60 s); the level is the highest RSS sampled in its last ``--window``
   seconds (default 30: t = 30..60 s), not one sample, because the allocator and the heap trim
-  (`service.lifecycle.HeapTrim`) swing a worker's RSS by up to 2x within seconds (the torch model
-  worker) and one sample would be a coin toss. The end level (the peak of the last ``--window``
+  (`service.lifecycle.trim_heap`) swing a worker's RSS by up to 2x within seconds (the torch
+  engine) and one sample would be a coin toss. The end level (the peak of the last ``--window``
   seconds) and the single samples are reported too. The exit status is 1 when a worker exceeds it;
 * load average before and after, CPU model and SIMD flags, the server's environment overrides.
 
@@ -70,8 +70,8 @@ def _args(argv=None):
     p.add_argument("--rss-bound", type=float, default=1.25, help="the verdict: every worker's RSS after the "
                    "warm-up at most this times its level at the end of the warm-up (default 1.25)")
     p.add_argument("--sample-every", type=float, default=5.0, help="RSS sampling period, seconds")
-    p.add_argument("--workers", type=int, default=2, help="gateway workers")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="model engine threads")
+    p.add_argument("--workers", type=int, help="VQDIFF_WORKERS of the server (default: its own, auto)")
+    p.add_argument("--threads", type=int, help="VQDIFF_THREADS of the server (default: its own, auto)")
     p.add_argument("--max-concurrency", type=int, default=None, help="VQDIFF_MAX_CONCURRENCY of the server")
     p.add_argument("--overload", action="store_true", help="measure the 503 latency (64 clients, 4 in flight)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
@@ -81,7 +81,7 @@ def _args(argv=None):
                    "--overload default: the refusal path at its busiest)")
     p.add_argument("--ramp", type=float, default=None, help="seconds between two clients' starts (default "
                    "0.1; 0 with --overload): asyncio accepts every waiting connection at once, so clients "
-                   "connecting together would all be served by one gateway worker")
+                   "connecting together would all be served by one worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results (time series included) as JSON here")
     p.add_argument("--log", help="write the server's log here (default: a temporary folder, removed)")
@@ -118,22 +118,27 @@ def _status(pid: int) -> dict:
     return out
 
 
-def _label(cmdline: list[str], gateway: str) -> str | None:
-    from vqdiff.service.lifecycle import _WORKER_MODULE, _service_of
+def _worker_pids(root: int) -> list[int]:
+    """The server's worker processes: the Python processes under ``bentoml serve`` (the arbiter), oldest
+    first; helper processes that are no Python (e.g. a resource tracker's shell) are left out."""
+    import psutil
 
-    if _WORKER_MODULE not in cmdline:
-        return None
-    name = _service_of(cmdline) or "?"
-    wid = cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else "?"
-    return f"{'gateway' if name == gateway else 'model'}:{wid}"
+    kids = []
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            if "python" in child.name().lower() and child.ppid() == root:
+                kids.append((child.create_time(), child.pid))
+        except psutil.Error:
+            continue
+    return [pid for _, pid in sorted(kids)]
 
 
 class RssSampler(threading.Thread):
     """Samples the RSS of the server's process tree every ``every`` seconds until stopped."""
 
-    def __init__(self, root_pid: int, every: float, gateway: str = "vqdiff"):
+    def __init__(self, root_pid: int, every: float):
         super().__init__(daemon=True)
-        self.root, self.every, self.gateway = root_pid, every, gateway
+        self.root, self.every = root_pid, every
         self.samples: list[dict] = []  # {"t": s since start, "procs": {label: status}}
         self.t0 = time.monotonic()
         self._halt = threading.Event()
@@ -143,13 +148,7 @@ class RssSampler(threading.Thread):
 
         procs = {"arbiter": self.root}
         try:
-            for child in psutil.Process(self.root).children(recursive=True):
-                try:
-                    label = _label(child.cmdline(), self.gateway)
-                except psutil.Error:
-                    continue
-                if label:
-                    procs[label] = child.pid
+            procs.update({f"worker:{i + 1}": pid for i, pid in enumerate(_worker_pids(self.root))})
         except psutil.Error:
             pass
         return procs
@@ -186,7 +185,7 @@ async def _client(k: int, url: str, bodies: list, stop_at: float, seed: int, rec
     random.Random(seed * 1000 + k).shuffle(order)
     headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     i = 0
-    await asyncio.sleep(k * ramp)  # opened all at once, the connections all land on the first gateway worker
+    await asyncio.sleep(k * ramp)  # opened all at once, the connections all land on the first worker
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=1)) as c:
         while time.monotonic() < stop_at:
             body = bodies[order[i % len(order)]]
@@ -282,8 +281,11 @@ def main(argv=None) -> int:
     streamlines = sum(len(load_bundle(f)) for f in files)
     overrides = dict(kv.split("=", 1) for kv in args.server_env)
     env = {"VQDIFF_MODEL": str(model_dir), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
-           "VQDIFF_THREADS": str(args.threads), "VQDIFF_GATEWAY_WORKERS": str(args.workers),
            "BENTOML_HOME": str(tmp / "bentoml"), **overrides}
+    if args.workers:
+        env["VQDIFF_WORKERS"] = str(args.workers)
+    if args.threads:
+        env["VQDIFF_THREADS"] = str(args.threads)
     if args.max_concurrency:
         env["VQDIFF_MAX_CONCURRENCY"] = str(args.max_concurrency)
     result = {"mode": "overload" if args.overload else "soak", "clients": args.clients, "duration_s": args.duration,
@@ -313,9 +315,9 @@ def main(argv=None) -> int:
     result["warmup_s"], result["window_s"] = args.warmup, args.window
     result["rss"] = rss_summary(sampler.samples, load_t0, wall, args.warmup, args.window, args.rss_bound)
     result["rss_verdict"] = rss_verdict(result["rss"], args.rss_bound)
-    gateway_cpu = sum(v["cpu_s"] for k, v in result["rss"].items() if k.startswith("gateway"))
+    worker_cpu = sum(v["cpu_s"] for k, v in result["rss"].items() if k.startswith("worker"))
     ok = result["load"]["ok"]
-    result["gateway_cpu_ms_per_ok"] = round(1e3 * gateway_cpu / ok, 1) if ok else None
+    result["worker_cpu_ms_per_ok"] = round(1e3 * worker_cpu / ok, 1) if ok else None
     result["rss_series"] = sampler.samples
     print(report(result, load_t0))
     if args.out:
@@ -347,8 +349,8 @@ def report(r: dict, load_t0: float) -> str:
                      f"{s['max_after_warmup_mb']:>6} / {s['end_mb']:>6} ({s['end_anon_mb']}+{s['end_file_mb']}, "
                      f"{s['threads']} thr) x{s['growth_after_warmup']};  levels {s['level_warmup_mb']:>6} -> "
                      f"{s['level_end_mb']:>6} x{s['end_growth']}; max x{s['max_growth']}{verdict};  cpu {s['cpu_s']} s")
-    if r.get("gateway_cpu_ms_per_ok") is not None:
-        lines.append(f"gateway CPU per answered request: {r['gateway_cpu_ms_per_ok']} ms")
+    if r.get("worker_cpu_ms_per_ok") is not None:
+        lines.append(f"worker CPU per answered request: {r['worker_cpu_ms_per_ok']} ms")
     v = r["rss_verdict"]
     lines.append(f"RSS verdict: {'PASS' if v['ok'] else 'FAIL'}: after the warm-up ({w:g} s) every worker's RSS stays "
                  f"within x{v['bound']} of its level at the end of the warm-up (peak of t = {w - ww:g}..{w:g} s); "

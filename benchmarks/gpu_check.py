@@ -12,6 +12,11 @@
 4. parity: GPU latents / reconstructions against the CPU torch fp32 reference on every subject01
    group (max abs error <= 1e-4 and equal codes up to ties for fp32; the quality gate for bf16 / fp16,
    judged on the GPU only: the dry run reports it, CPU bf16 kernels differ by CPU).
+5. service: what `bentoml serve` does on this host (`vqdiff.service.settings`: a GPU host runs ONE
+   worker with the GPU engine, so no copy of the engine per CPU core) and its micro-batcher
+   (`vqdiff.service.batcher.MicroBatcher`, the service's own class) around the bf16 graph engine: 16
+   concurrent requests of 4 groups joined into engine calls of up to 64 groups, beside one engine
+   call per request; engine calls, groups per call, wall time.
 
 ``--dry-run`` runs every step on the CPU at tiny sizes instead (torch fp32 / bf16 engines of
 `vqdiff.export.torch_backend` stand in for the CUDA ones; ``torch.compile`` is skipped): the CI check
@@ -226,8 +231,55 @@ def parity(ctx) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- report
+def service(ctx) -> dict:
+    import asyncio
+
+    from vqdiff.service.batcher import MicroBatcher
+    from vqdiff.service.settings import Settings
+
+    settings = Settings.from_env({**os.environ, "VQDIFF_DEVICE": str(ctx["device"])})
+    if ctx["dry_run"]:
+        from vqdiff.export.torch_backend import TorchBackendEngine
+
+        engine, label = TorchBackendEngine(ctx["model_dir"], precision="fp32"), "torch-fp32 (cpu stand-in)"
+    else:
+        from vqdiff.export.torch_cuda import CudaGraphEngine
+
+        engine, label = CudaGraphEngine(ctx["model_dir"], device=str(ctx["device"]), precision="bf16"), "bf16 graphs"
+    x = np.resize(ctx["x"], (64, *ctx["x"].shape[1:])).astype(np.float32)  # the dry run's data has fewer groups
+    requests = [np.ascontiguousarray(x[i * 4: i * 4 + 4]) for i in range(16)]
+    engine.encode_with_indices(np.concatenate(requests))  # warm (graphs captured, kernels chosen)
+
+    async def joined():
+        batcher = MicroBatcher({"encode": engine.encode_with_indices}, max_groups=settings.max_batch_groups,
+                               max_wait_ms=settings.max_batch_wait_ms, metrics=False)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(batcher.run("encode", r) for r in requests))
+        batcher.close()
+        return time.perf_counter() - t0, batcher.calls
+
+    t0 = time.perf_counter()
+    for r in requests:
+        engine.encode_with_indices(r)
+    alone_s = time.perf_counter() - t0
+    joined_s, calls = asyncio.run(joined())
+    return {"device": str(ctx["device"]), "workers": settings.workers, "engine_threads": settings.threads,
+            "max_batch_groups": settings.max_batch_groups, "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "engine": label, "requests": len(requests), "groups": 4 * len(requests), "joined_calls": calls,
+            "groups_per_call": round(4 * len(requests) / calls, 1), "joined_s": round(joined_s, 4),
+            "one_call_per_request_s": round(alone_s, 4)}
+
+
 def _print(name: str, res) -> None:
     print(f"\n## {name}")
+    if name == "service":
+        print(f"on this host `bentoml serve` runs {res['workers']} worker(s) ({res['device']}; engine threads "
+              f"{res['engine_threads']}), each with one engine and a micro-batcher (at most "
+              f"{res['max_batch_groups']} groups per call, {res['max_batch_wait_ms']} ms wait)")
+        print(f"{res['requests']} concurrent requests x 4 groups on {res['engine']}: {res['joined_calls']} engine "
+              f"call(s), {res['groups_per_call']} groups per call, {res['joined_s']} s; one call per request: "
+              f"{res['one_call_per_request_s']} s")
+        return
     if name == "training":
         print("| config | batch | ms/step | groups/s | vs fp32 | warm-up s |\n|---|---|---|---|---|---|")
         for r in res:
@@ -300,7 +352,7 @@ def main(argv=None) -> int:
         print(f"- {k}: {v}")
     report, failed = {"machine": info}, []
     for name, fn in (("training", training), ("engines", engines), ("encode_subject", encode_subject),
-                     ("parity", parity)):
+                     ("parity", parity), ("service", service)):
         t0 = time.perf_counter()
         try:
             report[name] = fn(ctx)

@@ -4,6 +4,9 @@
 >>> tag = register("exports/default")              # 'vqdiff:<version>'
 >>> engine = load_engine(export_path(tag))          # the stored copy is a plain export directory
 
+    vqdiff-model-store models/default --name vqdiff     # a checkpoint or export directory; prints the tag
+    VQDIFF_MODEL_TAG=vqdiff:latest bentoml serve        # serve it (and pack it at build)
+
 `register` copies the export's files (those listed in ``manifest.json``, checked by sha256, and the
 manifest) into a new model of the store, with labels (model id, kind, weights hash, opset) and
 metadata (normalisation, parity, source checkpoint) taken from the manifest. The original export
@@ -12,8 +15,11 @@ directory is left as it is and stays usable on its own. ``bentoml`` is imported 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +86,33 @@ def load_engine_from_store(tag: str, **kwargs: Any):
     from .runtime import load_engine
 
     return load_engine(export_path(tag), **kwargs)
+
+
+def import_model(path: str | os.PathLike, name: str = "vqdiff") -> str:
+    """A checkpoint directory (copied as it is) or an export directory (`register`) into the store as
+    ``name:<version>``; returns the tag. The service reads the stored directory like ``VQDIFF_MODEL``."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return register(path, name)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory (model.safetensors + config.json) "
+                                f"nor an export directory ({MANIFEST})")
+    info = json.loads((path / "config.json").read_text())
+    metadata = {"source": path.name, "kind": "checkpoint", "model_id": str(info.get("model_id", path.name))}
+    with _bentoml().models.create(name, labels={"project": "vqdiff"}, metadata=metadata) as model:
+        shutil.copytree(path, model.path, dirs_exist_ok=True)
+    return str(model.tag)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Put a checkpoint or export directory into the BentoML model store "
+                                "(serve it with VQDIFF_MODEL_TAG=<tag>); prints its tag.")
+    p.add_argument("in_model", help="checkpoint directory (model.safetensors + config.json) or export directory")
+    p.add_argument("--name", default="vqdiff", help="model name in the store (default: vqdiff)")
+    args = p.parse_args(argv)
+    print(import_model(args.in_model, args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

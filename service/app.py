@@ -1,21 +1,211 @@
-"""Entry point of ``bentoml serve`` (``bentofile.yaml``: ``service: "service.app:Gateway"``).
+"""The vqdiff service (``bentoml serve`` from the repository root): ``POST /encode /decode /reconstruct``
+(README), ``GET /model``, BentoML's probes and ``/metrics``. Each worker owns a codec (`service.backend`)
+and a `MicroBatcher` joining its concurrent requests' groups into engine calls. A route is: read the upload
+(`service.uploads`, worker threads), the engine (``self.batcher.run``), assemble and write (worker threads);
+refusals are 4xx JSON (`service.errors`); the ASGI middlewares (`service.guard`, `service.lifecycle`) run first."""
 
-Run from the repository root: ``bentoml serve`` (or ``bentoml serve service.app:Gateway``). The
-gateway depends on the model service, which BentoML starts beside it.
+from __future__ import annotations
 
-Stop order on SIGTERM (`service.lifecycle.Drain`, ``VQDIFF_DRAIN_S``): BentoML signals every worker at
-once; the gateway workers drain their requests, and the model service keeps serving them until the
-last gateway worker has exited (and BentoML keeps its unix socket until then).
-"""
+import asyncio
+import json
+import logging
+import re
+import time
+from pathlib import Path
 
-from .gateway import Gateway
-from .lifecycle import Drain, HeapTrim, ReleaseBody, keep_sockets_until_workers_stop
-from .model_service import VQDiffModel
-from .settings import SETTINGS
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-keep_sockets_until_workers_stop()  # takes effect in the `bentoml serve` process
-VQDiffModel.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, callers=frozenset({Gateway.name}), margin_s=1.0)
-VQDiffModel.add_asgi_middleware(HeapTrim, interval_s=SETTINGS.heap_trim_s)  # its RSS would climb under load
-VQDiffModel.add_asgi_middleware(ReleaseBody)
+from .errors import ApiError, refusal
+from .guard import ROUTES, UPLOAD_NAMES, RequestGuard
+from .lifecycle import Drain, trim_heap
+from .settings import SETTINGS, gpu_host
 
-__all__ = ["Gateway", "VQDiffModel"]
+with bentoml.importing():
+    import anyio
+
+    from vqdiff.blas import limit_blas_threads
+    from vqdiff.codec import REGISTER_MODES
+    from vqdiff.errors import VQDiffError
+    from vqdiff.quality import reconstruction_quality
+
+    from . import backend, uploads
+    from .batcher import MicroBatcher
+
+log = logging.getLogger("bentoml.vqdiff")
+
+LATENTS_MEDIA_TYPE = "application/vnd.vqdiff.latents"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+OptionalFile = Path  # with default None: BentoML 1.4 cannot build ``Optional[Path]`` nor sees ``Path | None``
+
+
+def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str, extra: dict | None = None) -> Response:
+    """The file with its summary in headers, or (``summary=true``) the summary as JSON."""
+    timer.mark("write")
+    summary["seconds"] = timer.seconds
+    headers = {"Server-Timing": timer.header()}
+    if as_json:
+        return JSONResponse(summary, headers=headers)
+    media = LATENTS_MEDIA_TYPE if filename.endswith(".vqlat") else "application/octet-stream"
+    headers.update({"Content-Disposition": f'attachment; filename="{_SAFE.sub("_", filename)}"',
+                    "X-VQDiff-Summary": json.dumps(summary, separators=(",", ":")), **(extra or {})})
+    if summary.get("warnings"):
+        headers["X-VQDiff-Warning"] = ",".join(w["code"] for w in summary["warnings"])
+    return Response(content, media_type=media, headers=headers)
+
+
+def _names(ctx) -> dict[str, str]:
+    return getattr(ctx.request.state, UPLOAD_NAMES, {})  # the client's file names, field -> name (`service.guard`)
+
+
+@bentoml.service(
+    name="vqdiff",
+    workers=SETTINGS.workers,
+    **({"resources": {"gpu": 1}} if gpu_host(SETTINGS.device) else {}),  # a GPU host's one worker; CPU hosts: none
+    traffic={"timeout": SETTINGS.timeout_s},  # the concurrency limit is the guard's (503 + Retry-After)
+)
+class VQDiff:
+    bento_model = bentoml.models.BentoModel(SETTINGS.model_tag) if SETTINGS.model_tag else None  # packed at build
+
+    def __init__(self) -> None:
+        t0 = time.perf_counter()
+        limit_blas_threads()  # one BLAS thread per request thread, scipy's included (vqdiff.blas)
+        self.model_dir, self.codec = backend.open_codec(SETTINGS.model_path, self.bento_model, device=SETTINGS.device,
+                                                        threads=SETTINGS.threads)
+        self.pipeline, engine = self.codec.pipeline, self.codec.engine
+        self.card = backend.model_card(self.model_dir, self.codec)
+        self.batcher = MicroBatcher({"encode": engine.encode_with_indices, "decode": engine.decode_groups},
+                                    max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
+        self.card["warmup_s"] = round(uploads.warm_up(self.codec), 3)
+        self._limiter = None
+        log.info("worker ready in %.1f s: model %s (%s), engine %s (%s), %d thread(s)", time.perf_counter() - t0,
+                 self.card["model"].get("id"), self.model_dir, self.card["engine_variant"], self.card["provider"], SETTINGS.threads)
+
+    @bentoml.on_startup
+    async def _start_heap_trim(self) -> None:
+        self._trim_task = asyncio.create_task(trim_heap(SETTINGS.heap_trim_s, lambda: self.batcher.calls))
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self._trim_task.cancel()
+        self.batcher.close()
+
+    async def _cpu(self, fn, *args):
+        """Parsing, canonicalisation and writing: worker threads, at most VQDIFF_IO_THREADS at once."""
+        self._limiter = self._limiter or anyio.CapacityLimiter(SETTINGS.io_threads)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _run(self, ctx, work, *uploads_: Path | None) -> Response:
+        """``await work(timer)``; refusals as 4xx JSON; the uploaded files always removed."""
+        try:
+            return await work(uploads.Timer())
+        except (ApiError, VQDiffError) as exc:
+            err = exc if isinstance(exc, ApiError) else refusal(exc)
+            if err is None:
+                raise
+            log.info("%s refused (%d %s): %s", ctx.request.url.path, err.status, err.reason, err.message[:300])
+            ctx.response.status_code = err.status  # BentoML answers with the context's status
+            return err.to_response()
+        finally:
+            for p in filter(None, uploads_):
+                Path(p).unlink(missing_ok=True)
+
+    async def _encode_upload(self, file: Path, reference: Path | None, register: str, timer, names: dict):
+        """An upload -> (bundle, state, its `Latents`): read and prepared in a worker thread, the groups through the
+        batched engine. A route of several bundles gathers this per bundle (their groups then share engine calls)."""
+        def read():
+            bundle, sha = uploads.read_bundle(file, reference, name=uploads.bundle_name(names.get("file")),
+                                              reference_name=names.get("reference", ""),
+                                              max_streamlines=SETTINGS.max_streamlines, max_points=SETTINGS.max_points)
+            try:
+                return bundle, *self.pipeline.prepare_encode(bundle, input_sha256=sha, register=register)
+            except ValueError as exc:
+                if isinstance(exc, VQDiffError):  # BundleFormatError: `_run` answers it
+                    raise
+                raise ApiError(400, "bad_register", str(exc), REGISTER_MODES) from exc
+
+        bundle, x, state = await self._cpu(read)
+        timer.mark("read")
+        latents, indices = await self.batcher.run("encode", x)
+        timer.mark("model")
+        return bundle, state, self.pipeline.assemble_latents(state, latents, indices)
+
+    def _summary(self, lat, **extra) -> dict:
+        return {"streamlines": lat.n_streamlines, "groups": lat.n_groups, "model": self.pipeline.model_info, **extra}
+
+    @bentoml.api(route="/encode")
+    async def encode(self, file: Path, reference: OptionalFile = None, register: str = "auto",
+                     summary: bool = False, ctx: bentoml.Context = None) -> Path:
+        """Tractogram (TRK; TCK + ``reference``; TRX) -> latents file (.vqlat); ``register``: auto | off | <bundle>."""
+
+        async def work(timer):
+            bundle, state, lat = await self._encode_upload(file, reference, register, timer, _names(ctx))
+            data = await self._cpu(lat.to_bytes)
+            info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data), latent_shape=list(
+                lat.latents.shape), registration=state.registration, warnings=state.warnings)
+            return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
+
+        return await self._run(ctx, work, file, reference)
+
+    @bentoml.api(route="/decode")
+    async def decode(self, file: Path, format: str = "trk", restore_points: bool = False,
+                     summary: bool = False, ctx: bentoml.Context = None) -> Path:
+        """Latents file -> tractogram (TRK, or TCK / TRX) in the caller's original space and order."""
+
+        async def work(timer):
+            fmt = uploads.output_format(format, "trk")
+            lat = await self._cpu(lambda: uploads.read_latents(file, self.pipeline, self.card["latent_shape"],
+                                                               max_groups=SETTINGS.max_groups, max_points=SETTINGS.max_points))
+            timer.mark("read")
+            groups = await self.batcher.run("decode", lat.latents)
+            timer.mark("model")
+
+            def finish():
+                bundle = self.pipeline.assemble_bundle(lat, groups, restore_points=restore_points)
+                return bundle, uploads.write_bundle(bundle, fmt)
+
+            bundle, data = await self._cpu(finish)
+            info = self._summary(lat, format=fmt, bytes=len(data), warnings=[])
+            return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.{fmt}")
+
+        return await self._run(ctx, work, file)
+
+    @bentoml.api(route="/reconstruct")
+    async def reconstruct(self, file: Path, reference: OptionalFile = None, register: str = "auto",
+                          format: str | None = None, summary: bool = False, ctx: bentoml.Context = None) -> Path:
+        """Tractogram -> its reconstruction through the model, with BUAN and MDF figures."""
+
+        async def work(timer):
+            fmt = uploads.output_format(format, "trk") if format else None
+            bundle, state, lat = await self._encode_upload(file, reference, register, timer, _names(ctx))
+            fmt = fmt or uploads.output_format(None, bundle.source_format)
+            groups = await self.batcher.run("decode", lat.latents)
+            timer.mark("model")
+
+            def finish():
+                recon = self.pipeline.assemble_bundle(lat, groups, restore_points=True)
+                figures = reconstruction_quality(bundle, recon)
+                timer.mark("quality")
+                return figures, uploads.write_bundle(recon, fmt)
+
+            figures, data = await self._cpu(finish)
+            info = self._summary(lat, format=fmt, quality=figures, registration=state.registration, warnings=state.warnings)
+            return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}_recon.{fmt}", {
+                "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
+
+        return await self._run(ctx, work, file, reference)
+
+
+async def _model_card(request: Request) -> Response:
+    return JSONResponse({**bentoml.get_current_service().card, "service": SETTINGS.public(),
+                         "formats": {"input": ["trk", "tck", "trx"], "output": list(uploads.OUTPUT_FORMATS)}})
+
+
+VQDiff.mount_asgi_app(Starlette(routes=[Route("/model", _model_card, methods=["GET"])]), path="/")
+# Outermost first: while draining, new API requests are refused before their body is read.
+VQDiff.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, refuse=frozenset(ROUTES))
+VQDiff.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token,
+                           max_in_flight=SETTINGS.max_in_flight)

@@ -1,33 +1,18 @@
-"""HTTP errors of the service: one JSON shape for every 4xx, mapped from the library's exceptions.
-
-Body: ``{"error": <machine tag>, "message": <what was wrong>, "accepted": <what is accepted>,
-"status": <code>}``. 5xx are only for our own bugs (and BentoML's own timeouts / overload).
-"""
+"""The service's refusals: one JSON body ``{"error": <tag>, "message", "accepted", "status"}`` for every
+4xx (and our 503s), mapped from the library's exceptions. 5xx are only for our own bugs."""
 
 from __future__ import annotations
-
-import json
 
 ACCEPTED_BUNDLE = ("multipart/form-data with a field 'file' holding a TrackVis .trk, an MRtrix .tck "
                    "(plus a field 'reference': NIfTI .nii/.nii.gz or .trk giving its space) or a TRX .trx file")
 ACCEPTED_LATENTS = ("multipart/form-data with a field 'file' holding a .vqlat latents file written by "
                     "POST /encode (vqdiff-latents, safetensors)")
 
-# BundleFormatError.reason -> HTTP status
-_BUNDLE_STATUS = {
-    "wrong_magic": 415,
-    "unsupported_format": 415,
-    "non_finite": 422,
-    "too_few_points": 422,
-    "bad_reference": 422,
-    "bad_shape": 422,
-    "zero_length": 422,
-    "degenerate_bundle": 422,
-    "coordinates_too_large": 422,
-    "too_many_streamlines": 413,
-    "too_many_points": 413,
-    "too_large": 413,
-}
+# BundleFormatError.reason -> HTTP status (400 for the others: malformed)
+_BUNDLE_STATUS = {**dict.fromkeys(("wrong_magic", "unsupported_format"), 415),
+                  **dict.fromkeys(("too_many_streamlines", "too_many_points", "too_large"), 413),
+                  **dict.fromkeys(("non_finite", "too_few_points", "bad_reference", "bad_shape", "zero_length",
+                                   "degenerate_bundle", "coordinates_too_large"), 422)}
 
 
 class ApiError(Exception):
@@ -46,9 +31,6 @@ class ApiError(Exception):
         out.update(self.extra)
         return out
 
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.body()).encode()
-
     def to_response(self):
         from starlette.responses import JSONResponse
 
@@ -56,14 +38,14 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers={**headers, **self.headers} or None)
 
 
-def from_bundle_error(exc) -> ApiError:
-    """`vqdiff.errors.BundleFormatError` -> 400 (malformed), 415 (not a tractogram) or 422 (invalid)."""
-    return ApiError(_BUNDLE_STATUS.get(exc.reason, 400), exc.reason, str(exc), ACCEPTED_BUNDLE)
+def refusal(exc: Exception) -> ApiError | None:
+    """The 4xx of a library exception that a request caused (None: not the caller's doing)."""
+    from vqdiff.errors import BundleFormatError, LatentsFormatError, ModelMismatchError
 
-
-def from_latents_error(exc) -> ApiError:
-    return ApiError(400, "bad_latents", str(exc), ACCEPTED_LATENTS)
-
-
-def from_model_mismatch(exc) -> ApiError:
-    return ApiError(409, "model_mismatch", str(exc), "latents made by the model this server runs (GET /model)")
+    if isinstance(exc, BundleFormatError):  # 400 (malformed), 413, 415 (not a tractogram) or 422 (invalid)
+        return ApiError(_BUNDLE_STATUS.get(exc.reason, 400), exc.reason, str(exc), ACCEPTED_BUNDLE)
+    if isinstance(exc, LatentsFormatError):
+        return ApiError(400, "bad_latents", str(exc), ACCEPTED_LATENTS)
+    if isinstance(exc, ModelMismatchError):
+        return ApiError(409, "model_mismatch", str(exc), "latents made by the model this server runs (GET /model)")
+    return None

@@ -1,154 +1,120 @@
-"""Service settings, read once from environment variables (all optional).
-
-=============================  ==========  ===================================================
-variable                       default     meaning
-=============================  ==========  ===================================================
-VQDIFF_MODEL                   models/     checkpoint directory or export directory to serve
-                               default
-VQDIFF_MODEL_TAG               (unset)     a BentoML model-store tag (``vqdiff:latest``); wins
-                                           over VQDIFF_MODEL (import one with
-                                           ``python -m vqdiff.service.store``)
-VQDIFF_BACKEND                 auto        auto | tensorrt | ort-cuda | ort-cpu | torch
-VQDIFF_DEVICE                  (auto)      e.g. ``cpu`` or ``cuda:0`` (auto: GPU when usable)
-VQDIFF_THREADS                 (cores)     intra-op threads of the model worker
-VQDIFF_MAX_BATCH_GROUPS        64          adaptive batching: most groups in one batch
-VQDIFF_MAX_LATENCY_MS          30000       adaptive batching: latency budget of one batch
-VQDIFF_MAX_BATCH_WAIT_MS       50          adaptive batching: most a request waits for others
-VQDIFF_GATEWAY_WORKERS         2           gateway processes (parsing, canonicalisation)
-VQDIFF_GATEWAY_THREADS         2           CPU threads per gateway process (parse, write)
-VQDIFF_TIMEOUT_S               120         gateway request timeout (model: 3/4 of it)
-VQDIFF_MAX_CONCURRENCY         64          gateway requests in flight per service (then 503)
-VQDIFF_MAX_UPLOAD_MB           64          largest request body (413 beyond)
-VQDIFF_MAX_STREAMLINES         200000      most streamlines in one request (413 beyond)
-VQDIFF_API_TOKEN               (unset)     when set, every route but /livez, /readyz, /healthz
-                                           and /metrics needs ``Authorization: Bearer <token>``
-VQDIFF_DRAIN_S                 25          graceful stop on SIGTERM: requests in flight finish,
-                                           new ones get 503 + Retry-After, /readyz 503; the
-                                           workers exit within this time (give the orchestrator
-                                           a longer grace: Kubernetes 30 s default, docker stop -t)
-VQDIFF_HEAP_TRIM_S             2           while requests come, return the heap's free pages to
-                                           the OS this often (glibc malloc_trim; 0: never): bounds
-                                           the RSS of workers serving ever-different batch sizes
-=============================  ==========  ===================================================
-
-Memory, without a setting: a finished request lets go of its body (`service.lifecycle.ReleaseBody`;
-before it, each gateway worker kept the uploads of its last 90 s alive: 240 MB -> 0.9-1.3 GB of RSS
-in two minutes of 8-16 clients). glibc's own variables reach every worker as they are (``bentoml
-serve`` and the container pass the environment on), but none is needed for the RSS to stay within
-+25 % after the warm-up (``benchmarks/bench_soak.py`` checks it) and they cost CPU:
-``MALLOC_MMAP_THRESHOLD_=131072`` (big blocks mmapped, so freed at once) narrows the RSS swings,
-measured at +70 % gateway CPU per request and 2-2.7x the CPU of the torch engine (every block
-page-faulted afresh); ``MALLOC_ARENA_MAX`` changed nothing measurable (the torch engine allocates
-from one arena).
-"""
+"""The service's settings: environment variables, each declared once in `TABLE` and read once into
+`SETTINGS`. The README's table is `markdown_table()` (a test checks it; ``python -m
+vqdiff.service.settings`` prints it)."""
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 from vqdiff.geometry import GROUP_SIZE
 
+log = logging.getLogger("bentoml.vqdiff")
 
-def _int(name: str, default: int, *, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+_INT, _POS, _NONNEG, _TEXT = (int, 1), (float, 1e-3), (float, 0.0), (str, None)  # (type, minimum)
+# variable, attribute (None: read elsewhere), (type, minimum), default (None: auto), default as documented, meaning
+TABLE = (
+    ("VQDIFF_MODEL", "model_path", _TEXT, None, "models/default", "checkpoint or export directory to serve"),
+    ("VQDIFF_MODEL_TAG", "model_tag", _TEXT, None, "(unset)", "a BentoML model-store tag (`vqdiff:latest`); wins "
+     "over VQDIFF_MODEL (import one with `vqdiff-model-store`)"),
+    ("VQDIFF_ENGINE", None, _TEXT, None, "auto", "engine variant, read by `vqdiff.export.select` (docs/engines.md): "
+     "`auto` = the fastest that passes the quality gate on this machine, or a variant name (`ort-fp32`, ...)"),
+    ("VQDIFF_DEVICE", "device", _TEXT, None, "(auto)", "`cpu` or `cuda[:N]` (auto: the GPU when there is one)"),
+    ("VQDIFF_WORKERS", "workers", _INT, None, "(auto)", "worker processes, each with its own engine and "
+     "micro-batcher; auto: 1 on a GPU host (every request's groups meet in one engine), else one per 4 CPU cores"),
+    ("VQDIFF_THREADS", "threads", _INT, None, "(auto)", "engine threads per worker (auto: its share of the CPU cores)"),
+    ("VQDIFF_IO_THREADS", "io_threads", _INT, 2, "2", "threads per worker that parse uploads, canonicalise and "
+     "write answers"),
+    ("VQDIFF_MAX_BATCH_GROUPS", "max_batch_groups", _INT, 64, "64", "micro-batching: most groups in one engine call "
+     "(a larger request is cut into pieces of this size)"),
+    ("VQDIFF_MAX_BATCH_WAIT_MS", "max_batch_wait_ms", _NONNEG, 2.0, "2", "micro-batching: most an idle engine waits "
+     "for other requests' groups (0: never; a busy engine batches what queued meanwhile)"),
+    ("VQDIFF_TIMEOUT_S", "timeout_s", _POS, 120.0, "120", "request timeout (BentoML `traffic.timeout`)"),
+    ("VQDIFF_MAX_CONCURRENCY", "max_concurrency", _INT, 64, "64", "API requests in flight (shared out over the "
+     "workers); past it a 503 with `Retry-After` at once"),
+    ("VQDIFF_MAX_UPLOAD_MB", "max_upload_mb", _POS, 64.0, "64", "largest request body (413 beyond)"),
+    ("VQDIFF_MAX_STREAMLINES", "max_streamlines", _INT, 200000, "200000", "most streamlines in one request (413 "
+     "beyond)"),
+    ("VQDIFF_API_TOKEN", "api_token", _TEXT, None, "(unset)", "when set, every route but /livez, /readyz, /healthz "
+     "and /metrics needs `Authorization: Bearer <token>`"),
+    ("VQDIFF_DRAIN_S", "drain_s", _POS, 25.0, "25", "graceful stop on SIGTERM: /readyz and new requests 503 + "
+     "`Retry-After`, requests in flight finish, workers exit within this time (give the orchestrator longer)"),
+    ("VQDIFF_HEAP_TRIM_S", "heap_trim_s", _NONNEG, 2.0, "2", "while the engine works, return free heap pages to the "
+     "OS this often (glibc `malloc_trim`; 0: never): bounds the RSS under ever-different batch sizes"),
+)
+# names of earlier releases: honoured where the concept is the same, else a warning naming the new one
+RENAMED = {"VQDIFF_GATEWAY_WORKERS": "VQDIFF_WORKERS", "VQDIFF_GATEWAY_THREADS": "VQDIFF_IO_THREADS"}
+GONE = {"VQDIFF_BACKEND": "VQDIFF_ENGINE (a variant name)", "VQDIFF_MAX_LATENCY_MS": "VQDIFF_TIMEOUT_S"}
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    return "\n".join(rows + [f"| `{name}` | {shown} | {meaning} |" for name, _, _, _, shown, meaning in TABLE])
+
+
+def _read(name: str, env, kind) -> str | int | float | None:
+    raw = (env.get(name) or "").strip()
+    old = next((o for o, new in RENAMED.items() if new == name and (env.get(o) or "").strip()), None)
+    if not raw and old:
+        log.warning("%s is now called %s; honouring it", old, name)
+        raw = env[old].strip()
+    cast, minimum = kind
+    if not raw or cast is str:
+        return raw or None
     try:
-        value = int(float(raw))
+        value = cast(float(raw))
     except ValueError as exc:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
     if value < minimum:
-        raise ValueError(f"environment variable {name}={value} must be >= {minimum}")
+        raise ValueError(f"environment variable {name}={raw} must be >= {minimum}")
     return value
 
 
-def _float(name: str, default: float, *, minimum: float | None = None) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
-    if minimum is None and value <= 0:
-        raise ValueError(f"environment variable {name}={value} must be > 0")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"environment variable {name}={value} must be >= {minimum}")
-    return value
+def gpu_host(device: str | None) -> bool:
+    """Whether the engine will run on a GPU: ``VQDIFF_DEVICE`` says so or, unset, an NVIDIA GPU is
+    present (decided without importing torch: the worker count is needed before any engine loads)."""
+    if device:
+        return device.startswith("cuda")
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/proc/driver/nvidia/gpus")) or bool(shutil.which("nvidia-smi"))
 
 
-@dataclass(frozen=True)
-class Settings:
-    model_path: str | None
-    model_tag: str | None
-    backend: str
-    device: str | None
-    threads: int | None
-    max_batch_groups: int
-    max_latency_ms: int
-    max_batch_wait_ms: int
-    gateway_workers: int
-    gateway_threads: int
-    timeout_s: float
-    max_concurrency: int
-    max_upload_bytes: int
-    max_streamlines: int
-    api_token: str | None
-    drain_s: float = 25.0
-    heap_trim_s: float = 2.0
-
-    @property
-    def max_groups(self) -> int:
-        """Most groups one request may carry (decode side of the streamline limit)."""
-        return -(-self.max_streamlines // GROUP_SIZE)
-
-    @property
-    def max_points(self) -> int:
-        """Most points a decoded bundle may have: what the largest accepted upload could hold."""
-        return max(self.max_upload_bytes // 12, self.max_streamlines * 64)
-
-    @property
-    def model_timeout_s(self) -> float:
-        return max(1.0, 0.75 * self.timeout_s)
+class Settings(SimpleNamespace):
+    """One attribute per `TABLE` row, plus the limits derived from them."""
 
     @classmethod
-    def from_env(cls) -> Settings:
-        threads = os.environ.get("VQDIFF_THREADS", "").strip()
-        return cls(
-            model_path=os.environ.get("VQDIFF_MODEL") or None,
-            model_tag=os.environ.get("VQDIFF_MODEL_TAG") or None,
-            backend=(os.environ.get("VQDIFF_BACKEND") or "auto").strip().lower(),
-            device=os.environ.get("VQDIFF_DEVICE") or None,
-            threads=_int("VQDIFF_THREADS", 1) if threads else None,
-            max_batch_groups=_int("VQDIFF_MAX_BATCH_GROUPS", 64),
-            max_latency_ms=_int("VQDIFF_MAX_LATENCY_MS", 30_000, minimum=10),
-            max_batch_wait_ms=_int("VQDIFF_MAX_BATCH_WAIT_MS", 50, minimum=0),
-            gateway_workers=_int("VQDIFF_GATEWAY_WORKERS", 2),
-            gateway_threads=_int("VQDIFF_GATEWAY_THREADS", 2),
-            timeout_s=_float("VQDIFF_TIMEOUT_S", 120.0),
-            max_concurrency=_int("VQDIFF_MAX_CONCURRENCY", 64),
-            max_upload_bytes=int(_float("VQDIFF_MAX_UPLOAD_MB", 64.0) * (1 << 20)),
-            max_streamlines=_int("VQDIFF_MAX_STREAMLINES", 200_000),
-            api_token=(os.environ.get("VQDIFF_API_TOKEN") or "").strip() or None,
-            drain_s=_float("VQDIFF_DRAIN_S", 25.0),
-            heap_trim_s=_float("VQDIFF_HEAP_TRIM_S", 2.0, minimum=0.0),
-        )
+    def from_env(cls, env=None) -> Settings:
+        env = os.environ if env is None else env
+        for old, new in GONE.items():
+            if (env.get(old) or "").strip():
+                log.warning("%s is no longer read; use %s", old, new)
+        values = {}
+        for name, attr, kind, default, _, _ in TABLE:
+            if attr is not None:
+                value = _read(name, env, kind)
+                values[attr] = default if value is None else value
+        cores = os.cpu_count() or 1
+        values["workers"] = values["workers"] or (1 if gpu_host(values["device"]) else max(1, cores // 4))
+        values["threads"] = values["threads"] or max(1, cores // values["workers"])
+        return cls(**values)
+
+    max_upload_bytes = property(lambda self: int(self.max_upload_mb * (1 << 20)))
+    # the decode side of the streamline limit; the points a decoded bundle may have: what the largest upload holds
+    max_groups = property(lambda self: -(-self.max_streamlines // GROUP_SIZE))
+    max_points = property(lambda self: max(self.max_upload_bytes // 12, self.max_streamlines * 64))
+    max_in_flight = property(lambda self: -(-self.max_concurrency // self.workers))  # one worker's limit
 
     def public(self) -> dict:
         """What `GET /model` shows (never the token)."""
-        return {
-            "max_upload_bytes": self.max_upload_bytes,
-            "max_streamlines": self.max_streamlines,
-            "max_batch_groups": self.max_batch_groups,
-            "max_latency_ms": self.max_latency_ms,
-            "max_batch_wait_ms": self.max_batch_wait_ms,
-            "timeout_s": self.timeout_s,
-            "gateway_workers": self.gateway_workers,
-            "gateway_threads": self.gateway_threads,
-            "drain_s": self.drain_s,
-            "auth": "bearer" if self.api_token else "none",
-        }
+        out = {k: getattr(self, k) for k in ("max_upload_bytes", "max_streamlines", "max_batch_groups",
+                                             "max_batch_wait_ms", "timeout_s", "max_concurrency", "workers",
+                                             "threads", "io_threads", "drain_s")}
+        return {**out, "auth": "bearer" if self.api_token else "none"}
 
 
 SETTINGS = Settings.from_env()
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -49,7 +49,7 @@ def make_dev_model(path: str | os.PathLike, data_dir: str | os.PathLike | None =
 
 
 class ServeProcess:
-    """``bentoml serve vqdiff.service.app:Gateway`` from the repository root on a free port."""
+    """``bentoml serve vqdiff.service.app:VQDiff`` from the repository root on a free port."""
 
     def __init__(self, env: Mapping[str, str] | None = None, *, port: int | None = None,
                  log_path: str | os.PathLike | None = None, ready_timeout: float = 180.0):
@@ -62,7 +62,7 @@ class ServeProcess:
         self._log = None
 
     def start(self) -> ServeProcess:
-        cmd = [sys.executable, "-m", "bentoml", "serve", "vqdiff.service.app:Gateway", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "bentoml", "serve", "vqdiff.service.app:VQDiff", "--host", "127.0.0.1",
                "--port", str(self.port)]
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,

@@ -118,7 +118,20 @@ def test_one_name_per_module():
                 bad.append(f"{path.relative_to(REPO)}: {imp}")
     assert not bad, bad
     for bentofile in ("bentofile.yaml", "service/bentofile-gpu.yaml"):
-        assert 'service: "vqdiff.service.app:Gateway"' in (REPO / bentofile).read_text()
+        assert 'service: "vqdiff.service.app:VQDiff"' in (REPO / bentofile).read_text()
+
+
+def test_the_service_uses_public_apis_only():
+    """No import of BentoML's private packages (``bentoml._internal``, ``_bentoml_impl``, ``_bentoml_sdk``)
+    or of any library's private module, anywhere in service/; and at most 1,000 lines in all."""
+    mods = {n: p for n, p in project_modules().items() if n == "vqdiff.service" or n.startswith("vqdiff.service.")}
+    private = sorted(f"{n}: {imp}" for n, p in mods.items() for imp in imported_names(p, n)
+                     if not imp.startswith("vqdiff") and any(part.startswith("_") and part != "__future__"
+                                                             for part in imp.split(".")))
+    assert not private, private
+    text = "\n".join(p.read_text() for p in mods.values())
+    assert "_internal" not in text and "_bentoml_impl" not in text
+    assert sum(len(p.read_text().splitlines()) for p in mods.values()) <= 1000
 
 
 def test_modules_stay_small():
@@ -134,12 +147,12 @@ def _without_torch(code: str) -> subprocess.CompletedProcess:
 
 def test_core_gateway_and_batch_import_without_torch():
     res = _without_torch("import vqdiff, vqdiff.codec, vqdiff.api, vqdiff.checkpoint, vqdiff.io, vqdiff.metrics\n"
-                         "import vqdiff.batch.job, vqdiff.export.runtime, vqdiff.service.pipeline\n"
+                         "import vqdiff.batch.job, vqdiff.export.runtime, vqdiff.service.uploads\n"
                          "from vqdiff import Codec, Latents, load_bundle")
     assert res.returncode == 0, res.stderr[-3000:]
 
 
 def test_gateway_service_imports_without_torch():
     pytest.importorskip("bentoml")
-    res = _without_torch("import vqdiff.service.gateway")
+    res = _without_torch("import vqdiff.service.app")  # the arbiter and `bentoml build` import it
     assert res.returncode == 0, res.stderr[-3000:]

@@ -105,30 +105,43 @@ def test_cross_subject_evaluation_mode(subject_dir, tmp_path):
 
 
 @needs_model
-def test_default_model_cross_subject_figures_reproduce_and_meet_the_bar(subject_dir):
+def test_default_model_cross_subject_figures_reproduce_and_meet_the_bar(subject_dir, tmp_path):
     """The card's cross-subject figures (AFQ Corticospinal / IFOF / ILF, mean MDF in the input's mm)
-    come back when re-measured, and meet the product's bar: median <= 1.5 mm, none over 3.0 mm, and
-    below the authors' VQ-Diff on every one of those bundles (each model at its better of as-is and
-    registered)."""
-    from vqdiff.training.cross_subject import TARGET_BUNDLES, _errors, best_of
+    come back when re-measured, and meet the product's bar, measured now on both sides: median <= 1.5
+    mm, none over 3.0 mm, and below the authors' VQ-Diff (their released weights, imported here) on
+    every one of those bundles (each model at its better of as-is and registered)."""
+    import subprocess
+    import sys
+
+    from vqdiff.training.cross_subject import TARGET_BUNDLES, _errors
 
     card_file = MODEL / "cross_subject.json"
     if not card_file.is_file():
         pytest.skip("the bundled model's card has no cross-subject figures")
     folder = subject_dir.parent / "crosssubject" / "afq_browser"
-    if not folder.is_dir():
-        pytest.skip(f"cross-subject data not found at {folder}")
+    weights = subject_dir.parent.parent / "authors" / "vq_diff.pt"
+    if not folder.is_dir() or not weights.is_file():
+        pytest.skip(f"cross-subject data ({folder}) or the authors' weights ({weights}) not found")
     from vqdiff.codec import Codec
     from vqdiff.io import load_bundle
 
+    authors_dir = tmp_path / "authors-vq_diff"
+    proc = subprocess.run([sys.executable, "-m", "vqdiff.training.cli_import_authors", str(weights), str(authors_dir),
+                           "--kind", "vq_diff", "--templates", str(subject_dir), "-f"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     card = json.loads(card_file.read_text())["bundles"]
-    authors = json.loads((MODEL / "cross_subject_authors-vq_diff.json").read_text())["bundles"]
-    codec = Codec.default()
-    best = []
+    ours, theirs = Codec.default(), Codec.from_checkpoint(authors_dir)
+
+    def best(codec, bundle) -> tuple[float, float]:  # (registered, better of as-is and registered), measured
+        registered = float(_errors(codec, bundle, "auto")[0].mean())
+        return registered, min(registered, float(_errors(codec, bundle, "off")[0].mean()))
+
+    measured = []
     for name in TARGET_BUNDLES:
         bundle = load_bundle(folder / f"{name}.trk")
-        registered, _ = _errors(codec, bundle, "auto")
-        assert float(registered.mean()) == pytest.approx(card[name]["registered_mean_mm"], abs=0.01), name
-        best.append(best_of(card[name]))
-        assert best_of(card[name]) < best_of(authors[name]), name
-    assert np.median(best) <= 1.5 and max(best) <= 3.0, best
+        registered, mine = best(ours, bundle)
+        assert registered == pytest.approx(card[name]["registered_mean_mm"], abs=0.01), name  # the card holds
+        assert mine < best(theirs, bundle)[1], name  # better than the authors' model, both measured now
+        measured.append(mine)
+    assert np.median(measured) <= 1.5 and max(measured) <= 3.0, measured

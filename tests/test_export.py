@@ -866,8 +866,8 @@ def test_forced_int8_on_an_export_builds_it_in_the_cache(small_exports, subject_
 
 
 def test_make_codec_and_the_service_use_the_selection(selected, monkeypatch):
-    from vqdiff.export.runtime import make_codec
-    from vqdiff.service.backend import model_card, open_engine
+    from vqdiff.export.runtime import make_codec, open_engine
+    from vqdiff.service.backend import model_card, open_codec
 
     ck, cache, eng = selected
     monkeypatch.setenv("VQDIFF_ENGINE_CACHE", str(cache))
@@ -876,8 +876,9 @@ def test_make_codec_and_the_service_use_the_selection(selected, monkeypatch):
     decided = json.loads((Path(eng.selection["cache_dir"]) / "decision.json").read_text())["variant"]
     assert codec.engine.variant_name == decided and codec.engine.selection["mode"] == "auto"
     assert codec.engine.selection["cache"] == "hit"
-    served = open_engine(ck, backend="auto", threads=1)
-    card = model_card(ck, served)
+    _, codec = open_codec(str(ck), threads=1)
+    served = codec.engine
+    card = model_card(ck, codec)
     assert card["engine_variant"] == served.variant_name and card["selection"]["variant"] == served.variant_name
     assert card["selection"]["candidates"] and card["precision"] in ("fp32", "bf16", "int8")
     assert open_engine(ck, backend="torch").backend == "torch"  # a named backend: no selection

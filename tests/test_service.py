@@ -38,7 +38,7 @@ def server(tmp_path_factory):
     env = {
         "VQDIFF_MODEL": str(model), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
         "VQDIFF_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB), "VQDIFF_MAX_STREAMLINES": str(MAX_STREAMLINES),
-        "VQDIFF_GATEWAY_WORKERS": "2", "VQDIFF_THREADS": "2", "VQDIFF_BACKEND": "auto",
+        "VQDIFF_WORKERS": "2", "VQDIFF_THREADS": "2",
         "BENTOML_HOME": str(root / "bentoml"), "TMPDIR": str(tmp),
     }
     with ServeProcess(env, log_path=root / "serve.log") as proc:
@@ -79,16 +79,17 @@ def _raw_trk(records: list[np.ndarray], n_count: int | None = None) -> bytes:
     return bytes(header) + body
 
 
-def _batch_hist(client, method: str) -> tuple[float, float]:
-    """(batches, batches of one request) of ``method`` from BentoML's adaptive-batch histogram."""
+def _batch_hist(client, op: str) -> tuple[float, float]:
+    """(engine calls, engine calls carrying one request's groups) of ``op`` from the micro-batcher's
+    histogram (summed over the workers)."""
     text = client.get("/metrics").text
     count = ones = 0.0
     for line in text.splitlines():
-        if f'method_name="{method}"' not in line:
+        if f'op="{op}"' not in line:
             continue
-        if line.startswith("bentoml_service_adaptive_batch_size_count"):
+        if line.startswith("vqdiff_batch_requests_count"):
             count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_bucket") and 'le="1.0"' in line:
+        elif line.startswith("vqdiff_batch_requests_bucket") and 'le="1.0"' in line:
             ones += float(line.rsplit(" ", 1)[1])
     return count, ones
 
@@ -214,7 +215,7 @@ def test_out_of_range_coordinates_are_flagged(client):
 def test_concurrent_clients_share_batches(client, server, subject_dir):
     names = ["CC_Fr_1.trk", "FPT_R.trk", "FPT_L.trk", "ILF_L.trk"]  # model-bound sizes (9-17 groups)
     payloads = [(n, (subject_dir / n).read_bytes()) for n in names]
-    before = _batch_hist(client, "encode_groups")
+    before = _batch_hist(client, "encode")
 
     def one(i):
         name, data = payloads[i % len(payloads)]
@@ -224,7 +225,7 @@ def test_concurrent_clients_share_batches(client, server, subject_dir):
     with ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(one, range(32)))
     assert codes == [200] * 32
-    after = _batch_hist(client, "encode_groups")
+    after = _batch_hist(client, "encode")
     batches, single = after[0] - before[0], after[1] - before[1]
     assert batches > 0 and batches - single > 0, f"no batch held more than one request ({batches} batches)"
 
@@ -381,7 +382,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path, subjec
 
     drain_s = 20
     model = make_dev_model(tmp_path / "model", subject_dir)
-    env = {"VQDIFF_MODEL": str(model), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "", "VQDIFF_GATEWAY_WORKERS": "2",
+    env = {"VQDIFF_MODEL": str(model), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "", "VQDIFF_WORKERS": "2",
            "VQDIFF_THREADS": "1", "VQDIFF_DRAIN_S": str(drain_s), "BENTOML_HOME": str(tmp_path / "bentoml")}
     data = (subject_dir / "IFOF_R.trk").read_bytes()
     with ServeProcess(env, log_path=tmp_path / "serve.log") as server:

@@ -27,10 +27,10 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-auth")
     model = make_dev_model(root / "model")
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    tag = subprocess.run([sys.executable, "-m", "service.store", str(model), "--name", "vqdiff-test"], cwd=REPO,
+    tag = subprocess.run([sys.executable, "-m", "vqdiff.export.bento_store", str(model), "--name", "vqdiff-test"], cwd=REPO,
                          env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     assert tag.startswith("vqdiff-test:")
-    env = {"VQDIFF_MODEL": "", "VQDIFF_MODEL_TAG": tag, "VQDIFF_API_TOKEN": TOKEN, "VQDIFF_GATEWAY_WORKERS": "1",
+    env = {"VQDIFF_MODEL": "", "VQDIFF_MODEL_TAG": tag, "VQDIFF_API_TOKEN": TOKEN, "VQDIFF_WORKERS": "1",
            "VQDIFF_THREADS": "1", "BENTOML_HOME": str(root / "bentoml")}
     with ServeProcess(env, log_path=root / "serve.log") as proc:
         proc.model_dir = model

@@ -1,8 +1,8 @@
-"""Fast in-process tests of the service's pieces: .npy payloads, the request guard, the pipeline."""
+"""Fast in-process tests of the service's pieces: settings, the micro-batcher, the request guard, the drain."""
 
 from __future__ import annotations
 
-import json
+import os
 import signal
 
 import numpy as np
@@ -15,45 +15,15 @@ from starlette.responses import PlainTextResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from vqdiff.service import npy  # noqa: E402
 from vqdiff.service.errors import ApiError  # noqa: E402
-from vqdiff.service.guard import RefusePickle, RequestGuard  # noqa: E402
-
-
-def test_npy_round_trip_plain_and_structured():
-    a = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
-    assert np.array_equal(npy.loads(npy.dumps(a)), a)
-    s = np.zeros(2, dtype=[("latents", "<f4", (64, 16, 16)), ("indices", "<i8", (16, 16))])
-    s["indices"] = 7
-    back = npy.loads(npy.dumps(s))
-    assert back.dtype == s.dtype and (back["indices"] == 7).all()
-
-
-def test_npy_refuses_pickle():
-    with pytest.raises(TypeError):
-        npy.dumps(np.array([{"a": 1}], dtype=object))
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="pickle"):
-        npy.loads(buf.getvalue())
-
-
-def test_npy_group_validator():
-    ok = np.zeros((2, 3, 64, 64), np.float32)
-    assert npy._float_groups(npy.dumps(ok)).shape == (2, 3, 64, 64)
-    for bad in (np.zeros((2, 3, 64), np.float32), np.zeros((0, 3, 64, 64), np.float32),
-                np.zeros((1, 3, 64, 64), np.float64), np.full((1, 3, 64, 64), np.nan, np.float32)):
-        with pytest.raises(ValueError):
-            npy._float_groups(npy.dumps(bad))
+from vqdiff.service.guard import RequestGuard  # noqa: E402
 
 
 def _echo_app():
     async def echo(request):
         form = await request.form()
         data = await form["file"].read()
-        return PlainTextResponse(f"ok {len(data)}")
+        return PlainTextResponse(f"ok {len(data)} {request.state.upload_names['file']}")
 
     return Starlette(routes=[Route("/encode", echo, methods=["POST"]), Route("/livez", lambda r: PlainTextResponse("ok"))])
 
@@ -68,7 +38,7 @@ def guarded():
 
 def test_guard_passes_a_good_upload(guarded):
     r = guarded().post("/encode", files={"file": ("a.trk", b"TRACK" + b"x" * 100)})
-    assert r.status_code == 200 and r.text == "ok 105"
+    assert r.status_code == 200 and r.text == "ok 105 a.trk"  # the client's file name, for the bundle's name
 
 
 @pytest.mark.parametrize("kwargs, status, reason", [
@@ -112,25 +82,17 @@ def test_guard_auth(guarded):
     assert client.get("/livez").status_code == 200  # probes stay open
 
 
-def test_refuse_pickle():
-    client = TestClient(RefusePickle(_echo_app()))
-    r = client.post("/encode", content=b"x", headers={"content-type": "application/vnd.bentoml+pickle"})
-    assert r.status_code == 415 and r.json()["error"] == "pickle_refused"
-
-
 def test_api_error_body():
     err = ApiError(413, "too_many_streamlines", "too many", "fewer", limit_streamlines=5)
-    assert json.loads(err.to_bytes()) == {"error": "too_many_streamlines", "message": "too many", "status": 413,
+    assert err.body() == {"error": "too_many_streamlines", "message": "too many", "status": 413,
                                           "accepted": "fewer", "limit_streamlines": 5}
 
 
-def test_original_name():
-    from pathlib import Path
+def test_bundle_name_is_the_clients_file_name():
+    from vqdiff.service.uploads import bundle_name
 
-    from vqdiff.service.pipeline import original_name
-
-    assert original_name(Path("/tmp/x/tmpab_cd123IFOF_R.trk")) == "IFOF_R"
-    assert original_name(Path("/tmp/x/tmpab_cd123")) == "bundle"
+    assert bundle_name("IFOF_R.trk") == "IFOF_R" and bundle_name("../x/CC.TCK") == "CC"
+    assert bundle_name("") == "bundle" and bundle_name(None) == "bundle" and bundle_name(".trk") == "bundle"
 
 
 @pytest.mark.parametrize("bentofile, name", [(None, "vqdiff"), ("service/bentofile-gpu.yaml", "vqdiff-gpu")])
@@ -145,6 +107,8 @@ def test_bentoml_build(tmp_path, bentofile, name):
     from serving import REPO
 
     env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}
+    if bentofile:  # as `make bento-gpu`
+        env["VQDIFF_DEVICE"] = "cuda:0"
     wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist",
                             "."], cwd=REPO, capture_output=True, text=True, timeout=300)  # as `make wheel`
     assert wheel.returncode == 0, wheel.stdout[-2000:] + wheel.stderr[-2000:]
@@ -154,36 +118,19 @@ def test_bentoml_build(tmp_path, bentofile, name):
     tag = out.stdout.strip().splitlines()[-1].split("__tag__:")[-1].strip()
     bento = tmp_path / "bentos" / name / tag.split(":")[1]
     info = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert info["service"] == "vqdiff.service.app:Gateway"
-    assert {s["name"] for s in info["services"]} == {"vqdiff", "vqdiff-model"}
-    model_cfg = next(s for s in info["services"] if s["name"] == "vqdiff-model")["config"]
-    assert model_cfg["resources"]["gpu"] == 1 and model_cfg["workers"] == 1
+    assert info["service"] == "vqdiff.service.app:VQDiff"
+    assert [s["name"] for s in info["services"]] == ["vqdiff"]  # one service: no second one behind HTTP
+    config = info["services"][0]["config"]
+    if bentofile:  # a GPU host: one worker with the GPU engine (every request's groups meet in one batcher)
+        assert config["workers"] == 1 and config["resources"]["gpu"] == 1, config
+    else:
+        assert "gpu" not in config.get("resources", {}), config
     src = bento / "src"
     assert (src / "models" / "default" / "model.safetensors").is_file()
     assert not any((src / d).exists() for d in ("vqdiff", "service", "export", "runs", ".venv", "tests", "training"))
     assert [w.name for w in (bento / "env" / "python" / "wheels").iterdir()] == ["vqdiff-0.2.0-py3-none-any.whl"]
     reqs = (bento / "env" / "python" / "requirements.txt").read_text()
     assert ("onnxruntime-gpu" in reqs) == (name == "vqdiff-gpu")
-
-
-def test_batch_wait_is_capped():
-    from bentoml._internal.marshal.dispatcher import Optimizer
-
-    from vqdiff.service.model_service import cap_batch_wait
-
-    original = Optimizer.trigger_refresh
-    try:
-        assert cap_batch_wait(0.05)
-        opt = Optimizer(30.0)
-        for _ in range(10):
-            opt.o_stat.append((4, 0.2, 3.0))  # (requests, duration, wait): a burst queued for seconds
-        opt.trigger_refresh()
-        assert opt.wait == 0.05 and opt.o_a > 0
-        assert cap_batch_wait(0.01)  # re-capping replaces the cap instead of stacking wrappers
-        opt.trigger_refresh()
-        assert opt.wait == 0.01 and Optimizer.trigger_refresh.__wrapped__ is original
-    finally:
-        Optimizer.trigger_refresh = original
 
 
 def test_guard_refuses_past_the_concurrency_limit_at_once():
@@ -228,12 +175,9 @@ def test_guard_refuses_past_the_concurrency_limit_at_once():
 
 # ---------------------------------------------------------------------------------------------- drain
 class _FakeUvicorn:
-    """Stands for uvicorn.Server: the drain hands over to its ``handle_exit`` and bounds its grace."""
+    """Stands for uvicorn.Server: the drain hands over to its ``handle_exit``."""
 
-    def __init__(self, grace=None):
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(timeout_graceful_shutdown=grace)
+    def __init__(self):
         self.exits = []
 
     def handle_exit(self, sig, frame):
@@ -277,7 +221,7 @@ def test_drain_refuses_new_requests_and_hands_over_when_in_flight_requests_are_d
             held = asyncio.create_task(c.post("/encode", files=files))
             while drain.in_flight < 1:
                 await asyncio.sleep(0.01)
-            assert (await c.get("/readyz")).status_code == 200 and not drain.draining
+            assert (await c.get("/readyz")).status_code == 200 and drain.since is None
             drain.begin()
             drain.begin()  # a second SIGTERM (circus and a process-group kill) changes nothing
             t0 = time.monotonic()
@@ -297,34 +241,40 @@ def test_drain_refuses_new_requests_and_hands_over_when_in_flight_requests_are_d
     assert refused_in < 1.0 and others == [200, 200]
     assert done.status_code == 200 and done.text == "done"
     assert len(server.exits) == 1 and server.exits[0][0] == signal.SIGTERM
-    grace = server.config.timeout_graceful_shutdown
-    assert 0.5 <= grace <= 10 and server.exits[0][1] - drain.since < 2.0
+    assert server.exits[0][1] - drain.since < 2.0
 
 
-def test_drain_stops_at_its_deadline_and_bounds_uvicorns_grace():
+def test_drain_stops_at_its_deadline_and_cancels_what_is_still_running():
+    """A request that does not finish within drain_s - margin_s is cancelled (its client gets a 503 with
+    Retry-After, not a reset) and uvicorn's handler runs then, with nothing left in flight."""
     import asyncio
+
+    import httpx
 
     from vqdiff.service.lifecycle import Drain
 
     async def main():
-        gate = asyncio.Event()
+        gate = asyncio.Event()  # never set: the request would run for ever
         drain = Drain(_drained_app(gate), drain_s=1.5, margin_s=0.5, refuse=frozenset({"/encode"}))
-        server = _FakeUvicorn(grace=300)
+        server = _FakeUvicorn()
         drain._previous = server.handle_exit
-        drain.in_flight = 1  # a request that will not finish in time
-        drain.begin()
-        await asyncio.wait_for(drain.task, 5)
-        return drain, server
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=drain), base_url="http://t") as c:
+            held = asyncio.create_task(c.post("/encode", files={"file": ("a.trk", b"TRACK")}))
+            while drain.in_flight < 1:
+                await asyncio.sleep(0.01)
+            drain.begin()
+            await asyncio.wait_for(drain.task, 5)
+            return drain, server, await held
 
-    drain, server = asyncio.run(main())
+    drain, server, answer = asyncio.run(main())
     (sig, at), = server.exits
-    assert 0.9 <= at - drain.since <= 1.4  # drain_s - margin_s
-    assert 0.5 <= server.config.timeout_graceful_shutdown <= 0.6  # what is left of drain_s, not uvicorn's 300
+    assert 0.9 <= at - drain.since <= 1.4 and drain.in_flight == 0  # drain_s - margin_s
+    assert answer.status_code == 503 and answer.json()["error"] == "draining" and answer.headers["retry-after"] == "1"
 
 
 def test_drain_installs_on_lifespan_startup_and_reacts_to_the_signal():
     """The handler is installed when the lifespan start-up completes (after uvicorn's own) and a real
-    signal starts the drain; the dependency side waits for its callers' processes (none here)."""
+    signal starts the drain."""
     import asyncio
     import os
 
@@ -334,7 +284,7 @@ def test_drain_installs_on_lifespan_startup_and_reacts_to_the_signal():
     before = signal.getsignal(sig)
 
     async def main():
-        drain = Drain(_drained_app(asyncio.Event()), drain_s=5, callers=frozenset({"no-such-service"}), signum=sig)
+        drain = Drain(_drained_app(asyncio.Event()), drain_s=5, signum=sig)
         inbox: asyncio.Queue = asyncio.Queue()
         sent = []
 
@@ -363,71 +313,120 @@ def test_drain_installs_on_lifespan_startup_and_reacts_to_the_signal():
     assert [s for s, _ in server.exits] == [sig] and sent[-1] == "lifespan.shutdown.complete"
 
 
-def test_worker_service_names_and_sibling_count():
-    from vqdiff.service.lifecycle import _service_of, live_sibling_workers
-
-    cmd = ["python", "-m", "_bentoml_impl.worker.service", "svc:App", "--service-name", "vqdiff-model", "--fd", "5"]
-    assert _service_of(cmd) == "vqdiff-model"
-    assert _service_of(["python", "-m", "pytest", "--service-name", "x"]) is None
-    assert live_sibling_workers(frozenset({"vqdiff"})) == 0  # pytest's siblings are no BentoML workers
-
-
-def test_arbiter_removes_the_socket_folder_only_after_the_workers_stop(monkeypatch):
-    import contextlib
-    from unittest import mock
-
-    from bentoml._internal.utils.circus import Arbiter
-    from circus.arbiter import Arbiter as CircusArbiter
-
-    from vqdiff.service.lifecycle import keep_sockets_until_workers_stop
-
-    assert keep_sockets_until_workers_stop() and keep_sockets_until_workers_stop()  # idempotent
-    removed = []
-    fake = mock.MagicMock(spec=["exit_stack", "ctrl", "evpub_socket", "sockets", "_running"])
-    fake.exit_stack = contextlib.ExitStack()
-    fake.exit_stack.callback(removed.append, "uds folder")
-    fake.sockets = []
-    monkeypatch.setattr(CircusArbiter, "stop", lambda self: "stopping the watchers")
-    assert Arbiter.stop(fake) == "stopping the watchers" and removed == []  # BentoML's own removed it here
-    Arbiter.stop_controller_and_close_sockets(fake)
-    assert removed == ["uds folder"] and fake.ctrl.stop.called
-
-
-def test_heap_trim_runs_while_requests_come_and_stops_with_the_lifespan():
+def test_heap_trim_runs_while_there_is_activity_only(monkeypatch):
     import asyncio
 
-    import httpx
+    from vqdiff.service import lifecycle
 
-    from vqdiff.service.lifecycle import HeapTrim, _malloc_trim
+    real = lifecycle._malloc_trim()
+    assert real is None or real(0) in (0, 1)  # glibc's, where there is glibc
+    calls, activity = [], [0]
+    monkeypatch.setattr(lifecycle, "_malloc_trim", lambda: calls.append)  # instead of glibc's malloc_trim
+
+    async def main():
+        task = asyncio.get_running_loop().create_task(lifecycle.trim_heap(0.05, lambda: activity[0]))
+        await asyncio.sleep(0.15)
+        assert calls == []  # nothing before the first engine call
+        for _ in range(3):
+            activity[0] += 1
+            await asyncio.sleep(0.08)
+        n = len(calls)
+        await asyncio.sleep(0.2)
+        assert len(calls) == n  # idle: no more trims
+        task.cancel()
+        return n
+
+    n = asyncio.run(main())
+    assert 1 <= n <= 4 and calls == [0] * n
+    assert asyncio.run(lifecycle.trim_heap(0, lambda: 0)) is None  # off: returns at once
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def _batcher(calls, **kw):
+    from vqdiff.service.batcher import MicroBatcher
+
+    def encode(x):
+        calls.append(len(x))
+        return x[:, 0, 0, 0] * 2, None
+
+    return MicroBatcher({"encode": encode, "decode": lambda x: x + 1}, metrics=False, **kw)
+
+
+def test_micro_batcher_joins_concurrent_requests_and_splits_the_answers():
+    import asyncio
 
     calls = []
 
     async def main():
-        trim = HeapTrim(_drained_app(asyncio.Event()), interval_s=0.05)
-        trim._trim = calls.append  # instead of glibc's malloc_trim
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=trim), base_url="http://t") as c:
-            await asyncio.sleep(0.15)
-            assert calls == []  # nothing before the first request
-            for _ in range(3):
-                assert (await c.get("/livez")).status_code == 200
-                await asyncio.sleep(0.08)
-            await asyncio.sleep(0.2)
-            n = len(calls)
-            await asyncio.sleep(0.2)
-            assert len(calls) == n  # idle: no more trims
-        inbox: asyncio.Queue = asyncio.Queue()
-        for m in ({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}):
-            await inbox.put(m)
-        sent = []
+        b = _batcher(calls, max_groups=8, max_wait_ms=50)
+        reqs = [np.full((n, 1, 1, 1), i, np.float32) for i, n in enumerate((3, 2, 3, 20, 1))]
+        outs = await asyncio.gather(*(b.run("encode", x) for x in reqs))
+        dec = await b.run("decode", np.zeros((2, 1), np.float32))
+        b.close()
+        return reqs, outs, dec, b.calls
 
-        async def send(message):
-            sent.append(message["type"])
+    reqs, outs, dec, n_calls = asyncio.run(main())
+    for x, (lat, idx) in zip(reqs, outs, strict=True):
+        assert idx is None and np.array_equal(lat, x[:, 0, 0, 0] * 2)  # each request gets its own rows back
+    assert (dec == 1).all() and dec.shape == (2, 1)
+    assert max(calls) <= 8 and sum(calls) == 29  # never more than max_groups in one engine call
+    assert calls[0] == 8 and len(calls) < 5 + 2  # the three small requests met in one call
 
-        await trim({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
-        await asyncio.sleep(0)
-        return n, trim, sent
 
-    n, trim, sent = asyncio.run(main())
-    assert 1 <= n <= 4 and calls == [0] * n and trim.task.cancelled() and "lifespan.shutdown.complete" in sent
-    assert HeapTrim(None, interval_s=0)._trim is None  # off
-    assert _malloc_trim() is None or _malloc_trim()(0) in (0, 1)
+def test_micro_batcher_waits_only_up_to_max_wait_and_passes_engine_errors():
+    import asyncio
+    import time
+
+    calls = []
+
+    async def main():
+        b = _batcher(calls, max_groups=64, max_wait_ms=0)
+        t0 = time.perf_counter()
+        await b.run("encode", np.ones((2, 1, 1, 1), np.float32))
+        alone = time.perf_counter() - t0
+        b.fns["encode"] = lambda x: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            await b.run("encode", np.ones((2, 1, 1, 1), np.float32))
+        b.fns["encode"] = lambda x: (x, None)
+        ok = await b.run("encode", np.ones((2, 1, 1, 1), np.float32))  # the loop survives an engine error
+        b.close()
+        return alone, ok
+
+    alone, ok = asyncio.run(main())
+    assert alone < 0.5 and calls == [2] and ok[0].shape == (2, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def test_settings_defaults_renames_and_refusals(caplog):
+    from vqdiff.service.settings import Settings
+
+    s = Settings.from_env({"VQDIFF_DEVICE": "cpu"})
+    cores = os.cpu_count() or 1
+    assert s.workers == max(1, cores // 4) and s.threads == max(1, cores // s.workers) and s.max_batch_groups == 64
+    assert Settings.from_env({"VQDIFF_DEVICE": "cuda:0"}).workers == 1  # a GPU host: one worker, one engine
+    s = Settings.from_env({"VQDIFF_DEVICE": "cpu", "VQDIFF_GATEWAY_WORKERS": "3", "VQDIFF_BACKEND": "torch",
+                           "VQDIFF_MAX_CONCURRENCY": "10"})
+    assert s.workers == 3 and s.max_in_flight == 4
+    assert "VQDIFF_WORKERS" in caplog.text and "VQDIFF_ENGINE" in caplog.text  # the old names are not dropped silently
+    for bad in ({"VQDIFF_WORKERS": "0"}, {"VQDIFF_MAX_UPLOAD_MB": "lots"}, {"VQDIFF_MAX_BATCH_WAIT_MS": "-1"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Settings.from_env(bad)
+
+
+def test_every_setting_is_documented_once_and_the_readme_table_is_current():
+    """The README's table is `markdown_table()`; every ``VQDIFF_`` name that service/ mentions is a row of
+    `TABLE` (or an old name that gets a warning), once; every row but VQDIFF_ENGINE is read by `Settings`."""
+    import re
+    from pathlib import Path
+
+    from vqdiff.service.settings import GONE, RENAMED, TABLE, Settings, markdown_table
+
+    repo = Path(__file__).resolve().parents[1]
+    assert markdown_table() in (repo / "README.md").read_text(), \
+        "README's settings table is stale: python -m vqdiff.service.settings"
+    names = [row[0] for row in TABLE]
+    assert len(names) == len(set(names))
+    mentioned = set(re.findall(r"VQDIFF_[A-Z_]+[A-Z]", "".join(p.read_text() for p in (repo / "service").glob("*.py"))))
+    assert mentioned - set(names) - set(RENAMED) - set(GONE) == set()
+    s = Settings.from_env({})
+    assert {row[1] for row in TABLE if row[1]} <= set(vars(s)) and [r[0] for r in TABLE if not r[1]] == ["VQDIFF_ENGINE"]
