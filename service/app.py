@@ -57,8 +57,8 @@ def _respond(summary: dict, timer, as_json: bool, content: bytes, filename: str,
     return Response(content, media_type=media, headers=headers)
 
 
-def _names(ctx) -> dict[str, str]:
-    return getattr(ctx.request.state, UPLOAD_NAMES, {})  # the client's file names, field -> name (`service.guard`)
+def _names(ctx) -> dict[str, str]:  # the client's file names, field -> name (`service.guard`)
+    return getattr(ctx.request.state, UPLOAD_NAMES, {})
 
 
 @bentoml.service(
@@ -75,12 +75,10 @@ class VQDiff:
         limit_blas_threads()  # one BLAS thread per request thread, scipy's included (vqdiff.blas)
         self.model_dir, self.codec = backend.open_codec(SETTINGS.model_path, self.bento_model, device=SETTINGS.device,
                                                         threads=SETTINGS.threads)
-        self.pipeline, engine = self.codec.pipeline, self.codec.engine
-        self.card = backend.model_card(self.model_dir, self.codec)
+        self.pipeline, engine, self.card = self.codec.pipeline, self.codec.engine, backend.model_card(self.model_dir, self.codec)
         self.batcher = MicroBatcher({"encode": engine.encode_with_indices, "decode": engine.decode_groups},
                                     max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
         self.card["warmup_s"] = round(uploads.warm_up(self.codec), 3)
-        self._limiter = None
         log.info("worker ready in %.1f s: model %s (%s), engine %s (%s), %d thread(s)", time.perf_counter() - t0,
                  self.card["model"].get("id"), self.model_dir, self.card["engine_variant"], self.card["provider"], SETTINGS.threads)
 
@@ -95,7 +93,7 @@ class VQDiff:
 
     async def _cpu(self, fn, *args):
         """Parsing, canonicalisation and writing: worker threads, at most VQDIFF_IO_THREADS at once."""
-        self._limiter = self._limiter or anyio.CapacityLimiter(SETTINGS.io_threads)
+        self._limiter = getattr(self, "_limiter", None) or anyio.CapacityLimiter(SETTINGS.io_threads)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def _run(self, ctx, work, *uploads_: Path | None) -> Response:
@@ -114,7 +112,7 @@ class VQDiff:
                 Path(p).unlink(missing_ok=True)
 
     async def _encode_upload(self, file: Path, reference: Path | None, register: str, timer, names: dict):
-        """An upload -> (bundle, state, its `Latents`): read and prepared in a worker thread, the groups through the
+        """An upload -> (bundle, state, its `Latents`, its decoded groups): read and prepared in a worker thread, the groups through the
         batched engine. A route of several bundles gathers this per bundle (their groups then share engine calls)."""
         def read():
             bundle, sha = uploads.read_bundle(file, reference, name=uploads.bundle_name(names.get("file")),
@@ -130,8 +128,9 @@ class VQDiff:
         bundle, x, state = await self._cpu(read)
         timer.mark("read")
         latents, indices = await self.batcher.run("encode", x)
+        decoded = await self.batcher.run("decode", latents)  # the fidelity recorded in the latents, as the API's
         timer.mark("model")
-        return bundle, state, self.pipeline.assemble_latents(state, latents, indices)
+        return bundle, state, self.pipeline.assemble_latents(state, latents, indices, decoded), decoded
 
     def _summary(self, lat, **extra) -> dict:
         return {"streamlines": lat.n_streamlines, "groups": lat.n_groups, "model": self.pipeline.model_info, **extra}
@@ -142,7 +141,7 @@ class VQDiff:
         """Tractogram (TRK; TCK + ``reference``; TRX) -> latents file (.vqlat); ``register``: auto | off | <bundle>."""
 
         async def work(timer):
-            bundle, state, lat = await self._encode_upload(file, reference, register, timer, _names(ctx))
+            bundle, state, lat, _ = await self._encode_upload(file, reference, register, timer, _names(ctx))
             data = await self._cpu(lat.to_bytes)
             info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data), latent_shape=list(
                 lat.latents.shape), registration=state.registration, warnings=state.warnings)
@@ -180,10 +179,8 @@ class VQDiff:
 
         async def work(timer):
             fmt = uploads.output_format(format, "trk") if format else None
-            bundle, state, lat = await self._encode_upload(file, reference, register, timer, _names(ctx))
+            bundle, state, lat, groups = await self._encode_upload(file, reference, register, timer, _names(ctx))
             fmt = fmt or uploads.output_format(None, bundle.source_format)
-            groups = await self.batcher.run("decode", lat.latents)
-            timer.mark("model")
 
             def finish():
                 recon = self.pipeline.assemble_bundle(lat, groups, restore_points=True)

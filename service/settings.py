@@ -20,7 +20,8 @@ TABLE = (
     ("VQDIFF_MODEL", "model_path", _TEXT, None, "models/default", "checkpoint or export directory to serve"),
     ("VQDIFF_MODEL_TAG", "model_tag", _TEXT, None, "(unset)", "a BentoML model-store tag (`vqdiff:latest`); wins "
      "over VQDIFF_MODEL (import one with `vqdiff-model-store`)"),
-    ("VQDIFF_ENGINE", None, _TEXT, None, "auto", "engine variant, read by `vqdiff.export.select` (docs/engines.md): "
+    ("VQDIFF_ENGINE", None, _TEXT, None, "auto", "engine variant (`vqdiff.engine.engine_choice`, checked at start; "
+     "docs/engines.md): "
      "`auto` = the fastest that passes the quality gate on this machine, or a variant name (`ort-fp32`, ...)"),
     ("VQDIFF_DEVICE", "device", _TEXT, None, "(auto)", "`cpu` or `cuda[:N]` (auto: the GPU when there is one)"),
     ("VQDIFF_WORKERS", "workers", _INT, None, "(auto)", "worker processes, each with its own engine and "
@@ -45,7 +46,7 @@ TABLE = (
     ("VQDIFF_HEAP_TRIM_S", "heap_trim_s", _NONNEG, 2.0, "2", "while the engine works, return free heap pages to the "
      "OS this often (glibc `malloc_trim`; 0: never): bounds the RSS under ever-different batch sizes"),
 )
-# names of earlier releases: honoured where the concept is the same, else a warning naming the new one
+# names of earlier releases: honoured where the concept is the same, else refused naming the new one
 RENAMED = {"VQDIFF_GATEWAY_WORKERS": "VQDIFF_WORKERS", "VQDIFF_GATEWAY_THREADS": "VQDIFF_IO_THREADS"}
 GONE = {"VQDIFF_BACKEND": "VQDIFF_ENGINE (a variant name)", "VQDIFF_MAX_LATENCY_MS": "VQDIFF_TIMEOUT_S"}
 
@@ -87,10 +88,15 @@ class Settings(SimpleNamespace):
     @classmethod
     def from_env(cls, env=None) -> Settings:
         env = os.environ if env is None else env
+        from vqdiff.engine import engine_choice
+
         for old, new in GONE.items():
             if (env.get(old) or "").strip():
-                log.warning("%s is no longer read; use %s", old, new)
-        values = {}
+                raise ValueError(f"environment variable {old} is no longer read; use {new}")
+        try:  # read once here so that a wrong name stops the start, with the valid ones
+            values = {"engine": engine_choice((env.get("VQDIFF_ENGINE") or "").strip() or "auto")}
+        except ValueError as exc:
+            raise ValueError(f"environment variable VQDIFF_ENGINE: {exc}") from exc
         for name, attr, kind, default, _, _ in TABLE:
             if attr is not None:
                 value = _read(name, env, kind)
@@ -106,11 +112,9 @@ class Settings(SimpleNamespace):
     max_points = property(lambda self: max(self.max_upload_bytes // 12, self.max_streamlines * 64))
     max_in_flight = property(lambda self: -(-self.max_concurrency // self.workers))  # one worker's limit
 
-    def public(self) -> dict:
-        """What `GET /model` shows (never the token)."""
-        out = {k: getattr(self, k) for k in ("max_upload_bytes", "max_streamlines", "max_batch_groups",
-                                             "max_batch_wait_ms", "timeout_s", "max_concurrency", "workers",
-                                             "threads", "io_threads", "drain_s")}
+    def public(self) -> dict:  # what `GET /model` shows (never the token)
+        out = {k: getattr(self, k) for k in ("max_upload_bytes", "max_streamlines", "max_batch_groups", "max_batch_wait_ms",
+                                             "timeout_s", "max_concurrency", "workers", "threads", "io_threads", "drain_s")}
         return {**out, "auth": "bearer" if self.api_token else "none"}
 
 

@@ -115,8 +115,11 @@ def test_encode_decode_round_trip(client, offline, subject_dir):
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == LATENTS_TYPE and "CC_Fr_1.vqlat" in r.headers["content-disposition"]
     summary = json.loads(r.headers["x-vqdiff-summary"])
-    assert summary["streamlines"] == len(bundle) == 960 and summary["groups"] == 15 and summary["warnings"] == []
+    assert summary["streamlines"] == len(bundle) == 960 and summary["groups"] == 15
     lat, ref = Latents.from_bytes(r.content), offline.encode(bundle)
+    # the fidelity is measured at encode, as the API's (the dev model of this test reconstructs poorly: flagged)
+    assert lat.fidelity["mean_mdf_mm"] == pytest.approx(ref.fidelity["mean_mdf_mm"], abs=1e-3)
+    assert [w["code"] for w in summary["warnings"]] == (["poor_reconstruction"] if ref.fidelity["poor"] else [])
     np.testing.assert_array_equal(lat.order, ref.order)
     np.testing.assert_array_equal(lat.flipped, ref.flipped)
     np.testing.assert_allclose(lat.latents, ref.latents, atol=1e-4)
@@ -203,10 +206,11 @@ def test_reconstruct_reports_quality(client, offline, subject_dir):
 
 def test_out_of_range_coordinates_are_flagged(client):
     near = _post(client, "/encode", bundle_to_bytes(_synthetic(), format="trk"), summary=True).json()
-    assert near["warnings"] == []
+    # (the dev model of this test reconstructs a synthetic bundle poorly: the measured fidelity flags it too)
+    assert [w for w in near["warnings"] if w["code"] != "poor_reconstruction"] == []
     r = _post(client, "/encode", bundle_to_bytes(_synthetic(shift=900.0), format="trk"))
-    assert r.status_code == 200 and r.headers["x-vqdiff-warning"] == "out_of_training_range"
-    (warning,) = json.loads(r.headers["x-vqdiff-summary"])["warnings"]
+    assert r.status_code == 200 and r.headers["x-vqdiff-warning"].split(",")[0] == "out_of_training_range"
+    (warning,) = [w for w in json.loads(r.headers["x-vqdiff-summary"])["warnings"] if w["code"] != "poor_reconstruction"]
     assert warning["fraction_points_outside"] == 1.0 and warning["input_min"][0] > 800
     assert warning["training_max"][0] < 800 and "training range" in warning["message"]
 

@@ -404,10 +404,14 @@ def test_settings_defaults_renames_and_refusals(caplog):
     cores = os.cpu_count() or 1
     assert s.workers == max(1, cores // 4) and s.threads == max(1, cores // s.workers) and s.max_batch_groups == 64
     assert Settings.from_env({"VQDIFF_DEVICE": "cuda:0"}).workers == 1  # a GPU host: one worker, one engine
-    s = Settings.from_env({"VQDIFF_DEVICE": "cpu", "VQDIFF_GATEWAY_WORKERS": "3", "VQDIFF_BACKEND": "torch",
-                           "VQDIFF_MAX_CONCURRENCY": "10"})
-    assert s.workers == 3 and s.max_in_flight == 4
-    assert "VQDIFF_WORKERS" in caplog.text and "VQDIFF_ENGINE" in caplog.text  # the old names are not dropped silently
+    s = Settings.from_env({"VQDIFF_DEVICE": "cpu", "VQDIFF_GATEWAY_WORKERS": "3", "VQDIFF_MAX_CONCURRENCY": "10"})
+    assert s.workers == 3 and s.max_in_flight == 4 and s.engine == "auto"
+    assert "VQDIFF_WORKERS" in caplog.text  # the old names are not dropped silently
+    with pytest.raises(ValueError, match="VQDIFF_BACKEND.*VQDIFF_ENGINE"):  # a concept renamed: refused, naming it
+        Settings.from_env({"VQDIFF_BACKEND": "torch"})
+    with pytest.raises(ValueError, match="VQDIFF_ENGINE.*accepted: auto, .*ort-fp32"):  # the valid names, at start
+        Settings.from_env({"VQDIFF_ENGINE": "bogus"})
+    assert Settings.from_env({"VQDIFF_ENGINE": "ORT-FP32 "}).engine == "ort-fp32"
     for bad in ({"VQDIFF_WORKERS": "0"}, {"VQDIFF_MAX_UPLOAD_MB": "lots"}, {"VQDIFF_MAX_BATCH_WAIT_MS": "-1"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Settings.from_env(bad)

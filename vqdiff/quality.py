@@ -38,7 +38,11 @@ def streamline_mdf(original: Bundle, recon: Bundle) -> np.ndarray:
     from .metrics import mdf
 
     x, y = at_model_points(original, recon)
-    return mdf(x[None], y[None])[0]
+    ok = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(y).all(axis=(1, 2))
+    d = np.full(len(x), np.inf)  # a streamline that comes back non-finite (an input far out of range) is infinitely off
+    if ok.any():
+        d[ok] = mdf(x[ok][None], y[ok][None])[0]
+    return d
 
 
 def reconstruction_quality(original: Bundle, recon: Bundle) -> dict[str, Any]:
@@ -96,11 +100,15 @@ def fidelity(original: Bundle, recon: Bundle, limits: dict[str, Any] | None = No
     """What an encoding records of its own reconstruction: MDF in the input's mm (module doc), mean,
     p95 and max, and ``poor`` when the mean or the p95 exceeds ``limits`` (`poor_limits`)."""
     d = streamline_mdf(original, recon)
-    out = {"mean_mdf_mm": round(float(d.mean()), 4), "p95_mdf_mm": round(float(np.percentile(d, 95)), 4),
-           "max_mdf_mm": round(float(d.max()), 4), "streamlines": int(len(d))}
+    bad, f = int((~np.isfinite(d)).sum()), d[np.isfinite(d)]  # figures over the finite ones, the others counted
+    out = {k: round(float(fn(f)), 4) if len(f) else None for k, fn in (
+        ("mean_mdf_mm", np.mean), ("p95_mdf_mm", lambda v: np.percentile(v, 95)), ("max_mdf_mm", np.max))}
+    out["streamlines"] = int(len(d))
+    if bad:
+        out["non_finite_streamlines"] = bad
     if limits:
         out["limits"] = dict(limits)
-        out["poor"] = bool(out["mean_mdf_mm"] > limits["mean_mdf_mm"] or out["p95_mdf_mm"] > limits["p95_mdf_mm"])
+        out["poor"] = bool(bad or out["mean_mdf_mm"] > limits["mean_mdf_mm"] or out["p95_mdf_mm"] > limits["p95_mdf_mm"])
     return out
 
 
@@ -110,7 +118,8 @@ def fidelity_warning(fid: dict[str, Any], name: str = "") -> dict[str, Any] | No
         return None
     lim = fid["limits"]
     return {"code": "poor_reconstruction",
-            "message": f"{name or 'the bundle'} comes back at mean MDF {fid['mean_mdf_mm']:.2f} mm, p95 "
-                       f"{fid['p95_mdf_mm']:.2f} mm (measured on this encoding), above the limits "
+            "message": f"{name or 'the bundle'} comes back at mean MDF {fid['mean_mdf_mm'] or 0:.2f} mm, p95 "
+                       f"{fid['p95_mdf_mm'] or 0:.2f} mm" + (f" and {fid['non_finite_streamlines']} streamline(s) "
+                       "not finite" if fid.get("non_finite_streamlines") else "") + " (measured on this encoding), above the limits "
                        f"{lim['mean_mdf_mm']:.2f} / {lim['p95_mdf_mm']:.2f} mm ({lim['origin']})",
             "mean_mdf_mm": fid["mean_mdf_mm"], "p95_mdf_mm": fid["p95_mdf_mm"], "limits": lim}
