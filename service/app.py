@@ -1,5 +1,5 @@
 """The vqdiff service (``bentoml serve`` from the repository root): ``POST /encode /decode /reconstruct``
-(README), ``GET /model``, BentoML's probes and ``/metrics``. Each worker owns a codec (`service.backend`)
+(README), ``GET /model``, BentoML's probes and ``/metrics``. Each worker owns a codec (`vqdiff.export.served`)
 and a `MicroBatcher` joining its concurrent requests' groups into engine calls. A route is: read the upload
 (`service.uploads`, worker threads), the engine (``self.batcher.run``), assemble and write (worker threads);
 refusals are 4xx JSON (`service.errors`); the ASGI middlewares (`service.guard`, `service.lifecycle`) run first."""
@@ -27,12 +27,15 @@ from .settings import SETTINGS, gpu_host
 with bentoml.importing():
     import anyio
 
+    from vqdiff import filesteps
     from vqdiff.blas import limit_blas_threads
     from vqdiff.codec import REGISTER_MODES
     from vqdiff.errors import VQDiffError
-    from vqdiff.quality import reconstruction_quality
+    from vqdiff.export.served import model_card, open_codec, warm_up
+    from vqdiff.segment import MODES as SEGMENT_MODES
+    from vqdiff.subject import Subject
 
-    from . import backend, uploads
+    from . import uploads
     from .batcher import MicroBatcher
 
 log = logging.getLogger("bentoml.vqdiff")
@@ -73,12 +76,12 @@ class VQDiff:
     def __init__(self) -> None:
         t0 = time.perf_counter()
         limit_blas_threads()  # one BLAS thread per request thread, scipy's included (vqdiff.blas)
-        self.model_dir, self.codec = backend.open_codec(SETTINGS.model_path, self.bento_model, device=SETTINGS.device,
+        self.model_dir, self.codec = open_codec(SETTINGS.model_path, self.bento_model, device=SETTINGS.device,
                                                         threads=SETTINGS.threads)
-        self.pipeline, engine, self.card = self.codec.pipeline, self.codec.engine, backend.model_card(self.model_dir, self.codec)
+        self.pipeline, engine, self.card = self.codec.pipeline, self.codec.engine, model_card(self.model_dir, self.codec)
         self.batcher = MicroBatcher({"encode": engine.encode_with_indices, "decode": engine.decode_groups},
                                     max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
-        self.card["warmup_s"] = round(uploads.warm_up(self.codec), 3)
+        self.card["warmup_s"] = round(warm_up(self.codec), 3)
         log.info("worker ready in %.1f s: model %s (%s), engine %s (%s), %d thread(s)", time.perf_counter() - t0,
                  self.card["model"].get("id"), self.model_dir, self.card["engine_variant"], self.card["provider"], SETTINGS.threads)
 
@@ -111,15 +114,24 @@ class VQDiff:
             for p in filter(None, uploads_):
                 Path(p).unlink(missing_ok=True)
 
-    async def _encode_upload(self, file: Path, reference: Path | None, register: str, timer, names: dict):
-        """An upload -> (bundle, state, its `Latents`, its decoded groups): read and prepared in a worker thread, the groups through the
-        batched engine. A route of several bundles gathers this per bundle (their groups then share engine calls)."""
+    async def _encode_upload(self, files: list[Path], reference: Path | None, register: str, segment: str, timer,
+                             names: dict):
+        """Uploads -> (file, state, its `Latents` or `Subject`, its decoded groups): read and prepared in a worker
+        thread (`vqdiff.filesteps.prepare_file`: a TRX with groups, a segmented file or several files is a subject),
+        every bundle's groups through the batched engine together, decoded for the fidelity the latents record."""
+        if segment not in SEGMENT_MODES:
+            raise ApiError(400, "bad_segment", f"segment={segment!r}", f"segment = {' | '.join(SEGMENT_MODES)}")
+
         def read():
-            bundle, sha = uploads.read_bundle(file, reference, name=uploads.bundle_name(names.get("file")),
-                                              reference_name=names.get("reference", ""),
-                                              max_streamlines=SETTINGS.max_streamlines, max_points=SETTINGS.max_points)
+            bundle, sha = uploads.read_files(files, reference, names.get("file", []), max_bundles=SETTINGS.max_bundles,
+                                             reference_name=names.get("reference", ""),
+                                             max_streamlines=SETTINGS.max_streamlines, max_points=SETTINGS.max_points)
+            if len(bundle.groups) > SETTINGS.max_bundles:
+                raise ApiError(413, "too_many_bundles", f"the file has {len(bundle.groups)} groups; this server takes "
+                               f"at most {SETTINGS.max_bundles} bundles per request", limit_bundles=SETTINGS.max_bundles)
             try:
-                return bundle, *self.pipeline.prepare_encode(bundle, input_sha256=sha, register=register)
+                return bundle, *filesteps.prepare_file(self.pipeline, bundle, input_sha256=sha, register=register,
+                                                       segment=segment)
             except ValueError as exc:
                 if isinstance(exc, VQDiffError):  # BundleFormatError: `_run` answers it
                     raise
@@ -130,70 +142,79 @@ class VQDiff:
         latents, indices = await self.batcher.run("encode", x)
         decoded = await self.batcher.run("decode", latents)  # the fidelity recorded in the latents, as the API's
         timer.mark("model")
-        return bundle, state, self.pipeline.assemble_latents(state, latents, indices, decoded), decoded
+        return bundle, state, filesteps.assemble_file_latents(self.pipeline, state, latents, indices, decoded), decoded
 
     def _summary(self, lat, **extra) -> dict:
-        return {"streamlines": lat.n_streamlines, "groups": lat.n_groups, "model": self.pipeline.model_info, **extra}
+        return {**filesteps.describe(lat), "model": self.pipeline.model_info, **extra}
 
     @bentoml.api(route="/encode")
-    async def encode(self, file: Path, reference: OptionalFile = None, register: str = "auto",
-                     summary: bool = False, ctx: bentoml.Context = None) -> Path:
-        """Tractogram (TRK; TCK + ``reference``; TRX) -> latents file (.vqlat); ``register``: auto | off | <bundle>."""
+    async def encode(self, file: list[Path], reference: OptionalFile = None, register: str = "auto",
+                     segment: str = "auto", summary: bool = False, ctx: bentoml.Context = None) -> Path:
+        """Tractogram (TRK; TCK + ``reference``; TRX), or a subject's per-bundle files -> latents file (.vqlat; a
+        subject file for several bundles); ``register``: auto | off | <bundle>; ``segment``: auto | on | off."""
 
         async def work(timer):
-            bundle, state, lat, _ = await self._encode_upload(file, reference, register, timer, _names(ctx))
+            bundle, state, lat, _ = await self._encode_upload(file, reference, register, segment, timer, _names(ctx))
             data = await self._cpu(lat.to_bytes)
-            info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data), latent_shape=list(
-                lat.latents.shape), registration=state.registration, warnings=state.warnings)
+            info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data),
+                                 registration=getattr(state, "registration", None), warnings=filesteps.file_warnings(state))
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
 
-        return await self._run(ctx, work, file, reference)
+        return await self._run(ctx, work, *file, reference)
 
     @bentoml.api(route="/decode")
-    async def decode(self, file: Path, format: str = "trk", restore_points: bool = False,
+    async def decode(self, file: Path, format: str | None = None, restore_points: bool = False, bundles: str = "file",
                      summary: bool = False, ctx: bentoml.Context = None) -> Path:
-        """Latents file -> tractogram (TRK, or TCK / TRX) in the caller's original space and order."""
+        """Latents file -> tractogram (TRK, or TCK / TRX) in the caller's original space and order; a subject file
+        -> the whole file (TRX with its groups by default), or with ``bundles=zip`` a zip of one file per bundle."""
 
         async def work(timer):
-            fmt = uploads.output_format(format, "trk")
-            lat = await self._cpu(lambda: uploads.read_latents(file, self.pipeline, self.card["latent_shape"],
-                                                               max_groups=SETTINGS.max_groups, max_points=SETTINGS.max_points))
+            if bundles not in ("file", "zip"):
+                raise ApiError(400, "bad_bundles", f"bundles={bundles!r}", "bundles = file (one file) | zip (one per bundle)")
+            lat, x = await self._cpu(lambda: uploads.read_latents(
+                file, self.pipeline, self.card["latent_shape"], max_groups=SETTINGS.max_groups,
+                max_points=SETTINGS.max_points, max_bundles=SETTINGS.max_bundles))
+            fmt = uploads.output_format(format, "trx" if isinstance(lat, Subject) else "trk")
             timer.mark("read")
-            groups = await self.batcher.run("decode", lat.latents)
+            groups = await self.batcher.run("decode", x)
             timer.mark("model")
 
             def finish():
-                bundle = self.pipeline.assemble_bundle(lat, groups, restore_points=restore_points)
-                return bundle, uploads.write_bundle(bundle, fmt)
+                out = filesteps.assemble_decoded(self.pipeline, lat, groups, restore_points=restore_points,
+                                                 per_bundle=bundles == "zip")
+                return (lat.source.get("name"), uploads.write_zip(out, fmt)) if bundles == "zip" else (
+                    out.name, uploads.write_bundle(out, fmt))
 
-            bundle, data = await self._cpu(finish)
+            name, data = await self._cpu(finish)
             info = self._summary(lat, format=fmt, bytes=len(data), warnings=[])
-            return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.{fmt}")
+            return _respond(info, timer, summary, data, f"{name or 'bundle'}.{'zip' if bundles == 'zip' else fmt}")
 
         return await self._run(ctx, work, file)
 
     @bentoml.api(route="/reconstruct")
-    async def reconstruct(self, file: Path, reference: OptionalFile = None, register: str = "auto",
-                          format: str | None = None, summary: bool = False, ctx: bentoml.Context = None) -> Path:
-        """Tractogram -> its reconstruction through the model, with BUAN and MDF figures."""
+    async def reconstruct(self, file: list[Path], reference: OptionalFile = None, register: str = "auto",
+                          segment: str = "auto", format: str | None = None, summary: bool = False,
+                          ctx: bentoml.Context = None) -> Path:
+        """Tractogram(s) -> the reconstruction through the model, with BUAN and MDF figures (per bundle too)."""
 
         async def work(timer):
             fmt = uploads.output_format(format, "trk") if format else None
-            bundle, state, lat, groups = await self._encode_upload(file, reference, register, timer, _names(ctx))
-            fmt = fmt or uploads.output_format(None, bundle.source_format)
+            bundle, state, lat, groups = await self._encode_upload(file, reference, register, segment, timer,
+                                                                   _names(ctx))
+            fmt = fmt or ("trx" if isinstance(lat, Subject) else uploads.output_format(None, bundle.source_format))
 
             def finish():
-                recon = self.pipeline.assemble_bundle(lat, groups, restore_points=True)
-                figures = reconstruction_quality(bundle, recon)
+                recon, figures = filesteps.reconstruct(self.pipeline, bundle, lat, groups)
                 timer.mark("quality")
                 return figures, uploads.write_bundle(recon, fmt)
 
             figures, data = await self._cpu(finish)
-            info = self._summary(lat, format=fmt, quality=figures, registration=state.registration, warnings=state.warnings)
+            info = self._summary(lat, format=fmt, quality=figures, registration=getattr(state, "registration", None),
+                                 warnings=filesteps.file_warnings(state))
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}_recon.{fmt}", {
                 "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
 
-        return await self._run(ctx, work, file, reference)
+        return await self._run(ctx, work, *file, reference)
 
 
 async def _model_card(request: Request) -> Response:
@@ -205,4 +226,4 @@ VQDiff.mount_asgi_app(Starlette(routes=[Route("/model", _model_card, methods=["G
 # Outermost first: while draining, new API requests are refused before their body is read.
 VQDiff.add_asgi_middleware(Drain, drain_s=SETTINGS.drain_s, refuse=frozenset(ROUTES))
 VQDiff.add_asgi_middleware(RequestGuard, max_upload_bytes=SETTINGS.max_upload_bytes, api_token=SETTINGS.api_token,
-                           max_in_flight=SETTINGS.max_in_flight)
+                           max_in_flight=SETTINGS.max_in_flight, max_bundles=SETTINGS.max_bundles)

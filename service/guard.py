@@ -19,9 +19,9 @@ RETRY_AFTER_S = 1
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 FILE_FIELDS = frozenset({"file", "reference"})
 ROUTES = {  # route -> (its form fields, what it accepts)
-    "/encode": (frozenset({"file", "reference", "register", "summary"}), ACCEPTED_BUNDLE),
-    "/reconstruct": (frozenset({"file", "reference", "register", "format", "summary"}), ACCEPTED_BUNDLE),
-    "/decode": (frozenset({"file", "format", "restore_points", "summary"}), ACCEPTED_LATENTS),
+    "/encode": (frozenset({"file", "reference", "register", "segment", "summary"}), ACCEPTED_BUNDLE),
+    "/reconstruct": (frozenset({"file", "reference", "register", "segment", "format", "summary"}), ACCEPTED_BUNDLE),
+    "/decode": (frozenset({"file", "format", "restore_points", "bundles", "summary"}), ACCEPTED_LATENTS),
 }
 PART_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/zip",
                         "application/x-zip-compressed", "application/gzip", "application/x-gzip", "application/x-trk",
@@ -36,8 +36,9 @@ def _media_type(value: str | None) -> str:
 
 
 class RequestGuard:
-    def __init__(self, app, *, max_upload_bytes: int, api_token: str | None = None, max_in_flight: int | None = None):
-        self.app, self.max_bytes, self.max_in_flight = app, int(max_upload_bytes), max_in_flight
+    def __init__(self, app, *, max_upload_bytes: int, api_token: str | None = None, max_in_flight: int | None = None,
+                 max_bundles: int = 1):
+        self.app, self.max_bytes, self.max_in_flight, self.max_bundles = app, int(max_upload_bytes), max_in_flight, max_bundles
         self.token = api_token.encode() if api_token else None
         self.in_flight = 0
 
@@ -60,7 +61,8 @@ class RequestGuard:
                 if counted:
                     fields, accepted = ROUTES[path]
                     body = await self._read_body(headers, receive, accepted)
-                    scope.setdefault("state", {})[UPLOAD_NAMES] = await _check_form(scope, body, fields, accepted)
+                    names = await _check_form(scope, body, fields, accepted, self.max_bundles if path != "/decode" else 1)
+                    scope.setdefault("state", {})[UPLOAD_NAMES] = names
                     receive = _replay(body, receive)
             except ApiError as err:
                 return await err.to_response()(scope, receive, send)
@@ -106,22 +108,28 @@ class RequestGuard:
                 return b"".join(chunks)
 
 
-async def _check_form(scope, body: bytes, fields: frozenset, accepted: str) -> dict[str, str]:
-    """Check the form; the names of its files (field -> the file name the client sent)."""
+async def _check_form(scope, body: bytes, fields: frozenset, accepted: str, files: int) -> dict:
+    """Check the form (up to ``files`` 'file' parts); the names of its files (field -> the file name the client
+    sent; 'file' -> the list of them)."""
     try:
-        form = await Request(scope, _replay(body, None)).form(max_files=len(FILE_FIELDS), max_fields=len(fields))
+        form = await Request(scope, _replay(body, None)).form(max_files=files + 2, max_fields=len(fields))
     except Exception as exc:  # MultiPartException, malformed headers, bad boundary, ...
         raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({exc})", accepted) from exc
     try:
-        names: dict[str, str] = {}
+        names: dict = {"file": []}
         seen = set()
         for key, value in form.multi_items():
             if key not in fields:
                 raise ApiError(400, "unknown_field", f"unknown form field {key!r}", f"fields {sorted(fields)}; {accepted}")
-            if key in seen:
+            if key in seen and key != "file":
                 raise ApiError(400, "duplicate_field", f"form field {key!r} is given twice", accepted)
+            if key == "file" and len(names["file"]) == files:
+                raise ApiError(413 if files > 1 else 400, "too_many_bundles" if files > 1 else "duplicate_field",
+                               f"more than {files} 'file' part(s)", f"at most {files} 'file' part(s); {accepted}")
             seen.add(key)
-            if key in FILE_FIELDS:
+            if key == "file":
+                names[key].append(_check_file_field(key, value, accepted))
+            elif key in FILE_FIELDS:
                 names[key] = _check_file_field(key, value, accepted)
             elif isinstance(value, UploadFile):
                 raise ApiError(400, "unexpected_file", f"form field {key!r} must be a plain value, not a file", accepted)

@@ -39,6 +39,8 @@ TABLE = (
     ("VQDIFF_MAX_UPLOAD_MB", "max_upload_mb", _POS, 64.0, "64", "largest request body (413 beyond)"),
     ("VQDIFF_MAX_STREAMLINES", "max_streamlines", _INT, 200000, "200000", "most streamlines in one request (413 "
      "beyond)"),
+    ("VQDIFF_MAX_BUNDLES", "max_bundles", _INT, 100, "100", "most bundles in one request: 'file' parts of /encode and "
+     "/reconstruct, groups of a TRX, bundles of a subject file (413 beyond)"),
     ("VQDIFF_API_TOKEN", "api_token", _TEXT, None, "(unset)", "when set, every route but /livez, /readyz, /healthz "
      "and /metrics needs `Authorization: Bearer <token>`"),
     ("VQDIFF_DRAIN_S", "drain_s", _POS, 25.0, "25", "graceful stop on SIGTERM: /readyz and new requests 503 + "
@@ -113,7 +115,7 @@ class Settings(SimpleNamespace):
     max_in_flight = property(lambda self: -(-self.max_concurrency // self.workers))  # one worker's limit
 
     def public(self) -> dict:  # what `GET /model` shows (never the token)
-        out = {k: getattr(self, k) for k in ("max_upload_bytes", "max_streamlines", "max_batch_groups", "max_batch_wait_ms",
+        out = {k: getattr(self, k) for k in ("max_upload_bytes", "max_streamlines", "max_bundles", "max_batch_groups", "max_batch_wait_ms",
                                              "timeout_s", "max_concurrency", "workers", "threads", "io_threads", "drain_s")}
         return {**out, "auth": "bearer" if self.api_token else "none"}
 

@@ -5,18 +5,22 @@ or decoding is restated here (that is `vqdiff.codec.Pipeline`)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from vqdiff.bundle import Bundle, SpatialHeader
+from vqdiff.bundle import Bundle
 from vqdiff.canonical import zero_length_streamlines
+from vqdiff.carried import join_bundles
 from vqdiff.errors import BundleFormatError
+from vqdiff.filesteps import decode_file_input
 from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
-from vqdiff.latents import Latents
+from vqdiff.subject import Subject, load_latents
 
 from .errors import ACCEPTED_BUNDLE, ACCEPTED_LATENTS, ApiError
 
@@ -87,25 +91,55 @@ def read_bundle(file: Path, reference: Path | None, *, name: str, reference_name
     return bundle, hashlib.sha256(data).hexdigest()
 
 
-def read_latents(file: Path, pipeline, latent_shape: tuple, *, max_groups: int, max_points: int) -> Latents:
-    """An uploaded latents file -> `Latents` checked against the served model and the limits."""
+def read_files(files: list[Path], reference: Path | None, names: list[str], *, max_bundles: int,
+               max_streamlines: int, **limits) -> tuple[Bundle, str]:
+    """One uploaded tractogram -> (`Bundle`, sha256); several (a subject's per-bundle files, one format, named by
+    their file names) -> one file whose groups are the bundles (`join_bundles`, as batch's ``--per-subject``)."""
+    if len(files) > max_bundles:
+        raise ApiError(413, "too_many_bundles", f"{len(files)} files; this server takes at most {max_bundles} bundles "
+                       "per request", f"at most {max_bundles} 'file' parts; {ACCEPTED_BUNDLE}", limit_bundles=max_bundles)
+    read = [read_bundle(f, reference, name=bundle_name(n), max_streamlines=max_streamlines, **limits)
+            for f, n in zip(files, names + [""] * (len(files) - len(names)), strict=False)]
+    if len(read) == 1:
+        return read[0]
+    if len(formats := sorted({b.source_format for b, _ in read})) > 1:
+        raise ApiError(400, "mixed_formats", f"the files are of several formats ({', '.join(formats)})",
+                       "the 'file' parts of one request all TRK, all TCK (one 'reference') or all TRX")
+    if (total := sum(len(b) for b, _ in read)) > max_streamlines:
+        raise ApiError(413, "too_many_streamlines", f"the files hold {total} streamlines; this server accepts at most "
+                       f"{max_streamlines} per request", ACCEPTED_BUNDLE, limit_streamlines=max_streamlines)
+    digest = hashlib.sha256()  # as batch's `subject_sha`: over (bundle name, file sha256) in order
+    for b, sha in read:
+        digest.update(f"{b.name}\0{sha}\n".encode())
+    try:
+        return join_bundles([b for b, _ in read], name="subject"), digest.hexdigest()
+    except ValueError as exc:
+        raise ApiError(400, "duplicate_bundle_names", str(exc), "'file' parts with distinct file names") from exc
+
+
+def read_latents(file: Path, pipeline, latent_shape: tuple, *, max_groups: int, max_points: int, max_bundles: int):
+    """An uploaded latents or subject file -> (`Latents` | `Subject`, its decoder input), checked against the
+    served model and the limits."""
     data = file.read_bytes()
     if not data:
         raise ApiError(400, "empty", "the uploaded latents file is empty (0 bytes)", ACCEPTED_LATENTS)
-    lat = Latents.from_bytes(data)  # LatentsFormatError: 400 (`errors.refusal`)
-    if lat.n_groups > max_groups:
-        raise ApiError(413, "too_many_groups", f"the latents hold {lat.n_groups} groups; this server decodes at "
+    lat = load_latents(data)  # LatentsFormatError: 400 (`errors.refusal`)
+    parts = [p.latents for p in lat.parts] if isinstance(lat, Subject) else [lat]
+    if len(parts) > max_bundles:
+        raise ApiError(413, "too_many_bundles", f"the subject holds {len(parts)} bundles; this server decodes at most "
+                       f"{max_bundles} per request", ACCEPTED_LATENTS, limit_bundles=max_bundles)
+    if (n_groups := sum(p.n_groups for p in parts)) > max_groups:
+        raise ApiError(413, "too_many_groups", f"the latents hold {n_groups} groups; this server decodes at "
                        f"most {max_groups} per request", ACCEPTED_LATENTS, limit_groups=max_groups)
-    if tuple(lat.latents.shape[1:]) != tuple(latent_shape):
-        raise ApiError(422, "latent_shape_mismatch", f"latents of shape {list(lat.latents.shape[1:])} per group; "
+    if bad := next((p for p in parts if tuple(p.latents.shape[1:]) != tuple(latent_shape)), None):
+        raise ApiError(422, "latent_shape_mismatch", f"latents of shape {list(bad.latents.shape[1:])} per group; "
                        f"the served model uses {list(latent_shape)}", ACCEPTED_LATENTS)
-    if lat.total_points > max_points:
-        raise ApiError(413, "too_many_points", f"the latents record {lat.total_points} points in all; this "
+    if (points := sum(p.total_points for p in parts)) > max_points:
+        raise ApiError(413, "too_many_points", f"the latents record {points} points in all; this "
                        f"server restores at most {max_points}", ACCEPTED_LATENTS, limit_points=max_points)
-    if not np.isfinite(lat.latents).all():
+    if not all(np.isfinite(p.latents).all() for p in parts):
         raise ApiError(422, "non_finite", "the latents hold NaN or infinite values", ACCEPTED_LATENTS)
-    pipeline.prepare_decode(lat)  # ModelMismatchError: 409
-    return lat
+    return lat, decode_file_input(pipeline, lat)  # ModelMismatchError: 409
 
 
 def output_format(requested: str | None, default: str) -> str:
@@ -116,24 +150,18 @@ def output_format(requested: str | None, default: str) -> str:
     return fmt
 
 
+def write_zip(bundles: dict[str, Bundle], fmt: str) -> bytes:
+    """A zip of one ``<name>.<fmt>`` per bundle (``bundles=zip`` on /decode)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:  # the formats compress themselves or hardly at all
+        for name, bundle in bundles.items():
+            z.writestr(f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.{fmt}", write_bundle(bundle, fmt))
+    return out.getvalue()
+
+
 def write_bundle(bundle: Bundle, fmt: str) -> bytes:
     try:
         return bundle_to_bytes(bundle, format=fmt)
     except BundleFormatError as exc:
         raise ApiError(422, exc.reason, str(exc), "latents whose spatial header can be written as TRK/TRX, "
                        "or format=tck") from exc
-
-
-def warm_up(codec) -> float:
-    """One synthetic bundle through parsing, registration, the codec, writing and the figures (imports,
-    caches, dipy's slow first calls); seconds."""
-    from vqdiff.quality import reconstruction_quality
-
-    t0 = time.perf_counter()
-    lines = np.cumsum(np.random.default_rng(0).normal(0.0, 1.0, (70, 30, 3)), axis=1).astype(np.float32) + 10
-    data = bundle_to_bytes(Bundle(list(lines), SpatialHeader.identity(), "memory", "warmup"), format="trk")
-    bundle = load_bundle_bytes(data, format="trk", name="warmup")
-    recon = codec.decode(codec.encode(bundle), restore_points=True)
-    write_bundle(recon, "trk")
-    reconstruction_quality(bundle, recon)
-    return time.perf_counter() - t0

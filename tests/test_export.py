@@ -867,7 +867,7 @@ def test_forced_int8_on_an_export_builds_it_in_the_cache(small_exports, subject_
 
 def test_make_codec_and_the_service_use_the_selection(selected, monkeypatch):
     from vqdiff.export.runtime import make_codec, open_engine
-    from vqdiff.service.backend import model_card, open_codec
+    from vqdiff.export.served import model_card, open_codec
 
     ck, cache, eng = selected
     monkeypatch.setenv("VQDIFF_ENGINE_CACHE", str(cache))

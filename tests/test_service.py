@@ -27,6 +27,7 @@ from vqdiff.latents import Latents  # noqa: E402
 LATENTS_TYPE = "application/vnd.vqdiff.latents"
 MAX_UPLOAD_MB = 4
 MAX_STREAMLINES = 20_000
+MAX_BUNDLES = 4
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def server(tmp_path_factory):
     env = {
         "VQDIFF_MODEL": str(model), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
         "VQDIFF_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB), "VQDIFF_MAX_STREAMLINES": str(MAX_STREAMLINES),
-        "VQDIFF_WORKERS": "2", "VQDIFF_THREADS": "2",
+        "VQDIFF_WORKERS": "2", "VQDIFF_THREADS": "2", "VQDIFF_MAX_BUNDLES": str(MAX_BUNDLES),
         "BENTOML_HOME": str(root / "bentoml"), "TMPDIR": str(tmp),
     }
     with ServeProcess(env, log_path=root / "serve.log") as proc:
@@ -431,3 +432,90 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path, subjec
     assert Latents.from_bytes(r.content).n_streamlines == len(load_bundle(subject_dir / "IFOF_R.trk"))
     assert server.proc.returncode == 0 and exited_in < drain_s, f"exited after {exited_in:.1f} s"
     assert "Traceback" not in log and "Cannot connect" not in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- subjects
+SUBJECT_BUNDLES = ("ILF_R.trk", "POPT_R.trk", "PYT_R.trk")  # subject01's three smallest, in batch's (path) order
+
+
+def _subject_files(subject_dir):
+    return [("file", (n, (subject_dir / n).read_bytes(), "application/octet-stream")) for n in SUBJECT_BUNDLES]
+
+
+def test_subject_of_three_files_matches_batch_per_subject(client, server, subject_dir, tmp_path):
+    """Three per-bundle files in one request -> the subject file that ``vqdiff-encode-batch --per-subject``
+    writes for a folder of them (byte for byte; the folder is called ``subject``, the service's name for it)."""
+    from vqdiff.batch.job import run_batch
+    from vqdiff.subject import Subject
+
+    r = client.post("/encode", files=_subject_files(subject_dir))
+    assert r.status_code == 200, r.text
+    info = json.loads(r.headers["x-vqdiff-summary"])
+    assert list(info["bundles"]) == [n[:-4] for n in SUBJECT_BUNDLES] and info["groups"] == sum(
+        b["groups"] for b in info["bundles"].values())
+    (tmp_path / "in" / "subject").mkdir(parents=True)
+    for n in SUBJECT_BUNDLES:
+        (tmp_path / "in" / "subject" / n).symlink_to(subject_dir / n)
+    summary = run_batch("encode", tmp_path / "in", tmp_path / "out", model=server.model_dir, backend="torch",
+                        progress=False, per_subject=True)
+    assert summary["done"] == 1, summary
+    assert r.content == (tmp_path / "out" / "subject.vqlat").read_bytes(), "service and batch subject files differ"
+    assert Subject.from_bytes(r.content).names == [n[:-4] for n in SUBJECT_BUNDLES]
+
+
+def test_subject_trx_round_trip_and_zip(client, server, subject_dir, tmp_path):
+    """A TRX with groups built here from subject01 bundles (the first 40 streamlines of three, one group each)
+    -> the API's subject bytes; /decode -> a TRX with the groups in order, or a zip of one file per bundle;
+    /reconstruct -> figures per bundle."""
+    import io
+    import zipfile
+
+    from vqdiff.api import Codec
+    from vqdiff.carried import join_bundles
+
+    parts = [load_bundle(subject_dir / n) for n in SUBJECT_BUNDLES]
+    joined = join_bundles([Bundle(b.streamlines[:40], b.header, "trk", b.name) for b in parts], name="sub")
+    src = tmp_path / "sub.trx"
+    src.write_bytes(bundle_to_bytes(joined, format="trx"))
+    r = _post(client, "/encode", src.read_bytes(), src.name)
+    assert r.status_code == 200, r.text
+    assert r.content == Codec.from_checkpoint(server.model_dir).encode_file(src).to_bytes(), "service and API differ"
+    dec = _post(client, "/decode", r.content, "sub.vqlat")
+    assert dec.status_code == 200 and dec.headers["content-disposition"].endswith('.trx"'), dec.text
+    back = load_bundle_bytes(dec.content, format="trx")
+    assert list(back.groups) == list(joined.groups) and len(back) == len(joined) == 120
+    assert all(np.array_equal(back.groups[k], joined.groups[k]) for k in joined.groups)
+    z = _post(client, "/decode", r.content, "sub.vqlat", bundles="zip", format="tck")
+    assert z.status_code == 200, z.text
+    with zipfile.ZipFile(io.BytesIO(z.content)) as f:
+        assert f.namelist() == [n[:-4] + ".tck" for n in SUBJECT_BUNDLES]
+    q = _post(client, "/reconstruct", src.read_bytes(), src.name, summary=True).json()
+    assert sorted(q["quality"]["bundles"]) == sorted(joined.groups) and q["format"] == "trx"
+    assert all(np.isfinite(v["mean_mdf_mm"]) for v in q["quality"]["bundles"].values())
+
+
+def test_subject_refusals_name_what_is_accepted(client, subject_dir, tmp_path):
+    """A mix of formats, duplicated names, groups with unknown indices or none, an unknown ``bundles`` or
+    ``segment``: each a 4xx JSON saying what is accepted."""
+    b = load_bundle(subject_dir / "PYT_R.trk")
+    small = Bundle(b.streamlines[:30], b.header, "trk", "PYT_R")
+    trk, trx = bundle_to_bytes(small, format="trk"), bundle_to_bytes(small, format="trx")
+    mixed = client.post("/encode", files=[("file", ("a.trk", trk)), ("file", ("b.trx", trx))])
+    assert mixed.status_code == 400 and mixed.json()["error"] == "mixed_formats" and "all TRK" in mixed.json()["accepted"]
+    dup = client.post("/encode", files=[("file", ("a.trk", trk)), ("file", ("a.trk", trk))])
+    assert dup.status_code == 400 and dup.json()["error"] == "duplicate_bundle_names"
+    for groups in ({"A": np.array([0, 99])}, {"A": np.array([], np.int64)}):
+        bad = Bundle(small.streamlines, small.header, "trx", "g", groups=groups)
+        from vqdiff.carried import GROUPS_ACCEPTED
+
+        try:
+            data = bundle_to_bytes(bad, format="trx")
+        except Exception:  # noqa: BLE001 - the writer may refuse it first; then nothing to post
+            continue
+        r = _post(client, "/encode", data, "g.trx")
+        assert r.status_code == 400 and r.json()["error"] == "bad_groups" and GROUPS_ACCEPTED in r.json()["message"]
+    assert _post(client, "/encode", trk, "a.trk", segment="maybe").json()["error"] == "bad_segment"
+    lat = _post(client, "/encode", trk, "a.trk").content
+    assert _post(client, "/decode", lat, "a.vqlat", bundles="tar").json()["error"] == "bad_bundles"
+    many = client.post("/encode", files=[("file", (f"b{i}.trk", trk)) for i in range(MAX_BUNDLES + 1)])
+    assert many.status_code == 413 and many.json()["error"] == "too_many_bundles" and many.json()["accepted"]

@@ -23,7 +23,7 @@ def _echo_app():
     async def echo(request):
         form = await request.form()
         data = await form["file"].read()
-        return PlainTextResponse(f"ok {len(data)} {request.state.upload_names['file']}")
+        return PlainTextResponse(f"ok {len(data)} {' '.join(request.state.upload_names['file'])}")
 
     return Starlette(routes=[Route("/encode", echo, methods=["POST"]), Route("/livez", lambda r: PlainTextResponse("ok"))])
 
@@ -39,6 +39,16 @@ def guarded():
 def test_guard_passes_a_good_upload(guarded):
     r = guarded().post("/encode", files={"file": ("a.trk", b"TRACK" + b"x" * 100)})
     assert r.status_code == 200 and r.text == "ok 105 a.trk"  # the client's file name, for the bundle's name
+
+
+def test_guard_passes_several_files_up_to_the_bundle_limit(guarded):
+    files = [("file", (f"{n}.trk", b"TRACK")) for n in ("a", "b", "c")]
+    r = guarded(max_bundles=3).post("/encode", files=files)
+    assert r.status_code == 200 and r.text.endswith(" a.trk b.trk c.trk")  # in the client's order
+    r = guarded(max_bundles=2).post("/encode", files=files)
+    assert r.status_code == 413 and r.json()["error"] == "too_many_bundles" and "at most 2" in r.json()["accepted"]
+    r = guarded(max_bundles=3).post("/decode", files=files[:2])  # /decode takes one file
+    assert r.status_code == 400 and r.json()["error"] == "duplicate_field"
 
 
 @pytest.mark.parametrize("kwargs, status, reason", [

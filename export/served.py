@@ -1,5 +1,6 @@
-"""The served model: its directory, its codec (the engine `vqdiff.export.select` chooses here, with the
-model's templates) and its card for ``GET /model``. Called in each worker's start-up, never at import."""
+"""The served model (the service's workers open it at start-up): its directory and codec (`open_codec`), a
+warm-up through every step (`warm_up`) and its card for ``GET /model`` (`model_card`: model id/kind/hash,
+config, normalisation, templates, card text, the engine (variant and why it was chosen), versions)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("bentoml.vqdiff")
+log = logging.getLogger(__name__)
 
 
 def open_codec(model_path: str | None, bento_model: Any = None, *, device: str | None = None,
@@ -25,6 +27,25 @@ def open_codec(model_path: str | None, bento_model: Any = None, *, device: str |
         raise FileNotFoundError(f"VQDIFF_MODEL={model_path} is not a directory; expected a checkpoint directory "
                                 "(model.safetensors + config.json) or an export directory")
     return path, make_codec(path, backend="auto", device=device, threads=threads)
+
+
+def warm_up(codec) -> float:
+    """One synthetic bundle through parsing, registration, the codec, writing and the figures (imports,
+    caches, dipy's slow first calls); seconds."""
+    import numpy as np
+
+    from vqdiff.bundle import Bundle, SpatialHeader
+    from vqdiff.io import bundle_to_bytes, load_bundle_bytes
+    from vqdiff.quality import reconstruction_quality
+
+    t0 = time.perf_counter()
+    lines = np.cumsum(np.random.default_rng(0).normal(0.0, 1.0, (70, 30, 3)), axis=1).astype(np.float32) + 10
+    data = bundle_to_bytes(Bundle(list(lines), SpatialHeader.identity(), "memory", "warmup"), format="trk")
+    bundle = load_bundle_bytes(data, format="trk", name="warmup")
+    recon = codec.decode(codec.encode(bundle), restore_points=True)
+    bundle_to_bytes(recon, format="trk")
+    reconstruction_quality(bundle, recon)
+    return time.perf_counter() - t0
 
 
 def _versions() -> dict[str, str]:
