@@ -18,7 +18,7 @@ and stops the server. Reports:
   level`` (so the end, too). The warm-up is the first ``--warmup`` seconds of load (default: a quarter
   of the duration, at most 60 s); the level is the highest RSS sampled in its last ``--window``
   seconds (default 30: t = 30..60 s), not one sample, because the allocator and the heap trim
-  (`service.lifecycle.trim_heap`) swing a worker's RSS by up to 2x within seconds (the torch
+  (`vqdiff.memory.trim_heap`) swing a worker's RSS by up to 2x within seconds (the torch
   engine) and one sample would be a coin toss. The end level (the peak of the last ``--window``
   seconds) and the single samples are reported too. The exit status is 1 when a worker exceeds it;
 * load average before and after, CPU model and SIMD flags, the server's environment overrides.

@@ -21,17 +21,20 @@ from starlette.routing import Route
 
 from .errors import ApiError, refusal
 from .guard import ROUTES, UPLOAD_NAMES, RequestGuard
-from .lifecycle import Drain, trim_heap
+from .lifecycle import Drain
 from .settings import SETTINGS, gpu_host
 
 with bentoml.importing():
     import anyio
 
-    from vqdiff import filesteps
+    from vqdiff import analysis, filesteps
+    from vqdiff.analysis.norms import Norms
+    from vqdiff.analysis.scoring import score_latents
     from vqdiff.blas import limit_blas_threads
     from vqdiff.codec import REGISTER_MODES
     from vqdiff.errors import VQDiffError
     from vqdiff.export.served import model_card, open_codec, warm_up
+    from vqdiff.memory import trim_heap
     from vqdiff.segment import MODES as SEGMENT_MODES
     from vqdiff.subject import Subject
 
@@ -82,6 +85,8 @@ class VQDiff:
         self.batcher = MicroBatcher({"encode": engine.encode_with_indices, "decode": engine.decode_groups},
                                     max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
         self.card["warmup_s"] = round(warm_up(self.codec), 3)
+        self.norms = Norms.load(SETTINGS.norms) if SETTINGS.norms else None  # POST /score; a bad file stops the start
+        self.card["norms"] = {"path": SETTINGS.norms, "tracts": sorted(self.norms.tracts)} if self.norms else None
         log.info("worker ready in %.1f s: model %s (%s), engine %s (%s), %d thread(s)", time.perf_counter() - t0,
                  self.card["model"].get("id"), self.model_dir, self.card["engine_variant"], self.card["provider"], SETTINGS.threads)
 
@@ -149,15 +154,23 @@ class VQDiff:
 
     @bentoml.api(route="/encode")
     async def encode(self, file: list[Path], reference: OptionalFile = None, register: str = "auto",
-                     segment: str = "auto", summary: bool = False, ctx: bentoml.Context = None) -> Path:
+                     segment: str = "auto", summary: bool = False, embedding: bool = False,
+                     ctx: bentoml.Context = None) -> Path:
         """Tractogram (TRK; TCK + ``reference``; TRX), or a subject's per-bundle files -> latents file (.vqlat; a
-        subject file for several bundles); ``register``: auto | off | <bundle>; ``segment``: auto | on | off."""
+        subject file for several bundles); ``register``: auto | off | <bundle>; ``segment``: auto | on | off;
+        ``embedding`` (with ``summary``): each bundle's embedding (`vqdiff.analysis.embedding`) in the summary."""
 
         async def work(timer):
+            if embedding and not summary:
+                raise ApiError(400, "embedding_needs_summary", "embedding=true without summary=true", "embedding=true "
+                               "with summary=true (the embedding is in the JSON summary)")
             bundle, state, lat, _ = await self._encode_upload(file, reference, register, segment, timer, _names(ctx))
             data = await self._cpu(lat.to_bytes)
             info = self._summary(lat, source_format=bundle.source_format, latents_bytes=len(data),
                                  registration=getattr(state, "registration", None), warnings=filesteps.file_warnings(state))
+            if embedding:
+                info["embedding"] = {"version": analysis.EMBEDDING_VERSION, "bundles": {
+                    n: analysis.embedding(part).tolist() for n, part in filesteps.named_parts(lat)}}
             return _respond(info, timer, summary, data, f"{bundle.name or 'bundle'}.vqlat")
 
         return await self._run(ctx, work, *file, reference)
@@ -215,6 +228,29 @@ class VQDiff:
                 "X-VQDiff-BUAN": str(figures["buan_t5"]), "X-VQDiff-Mean-MDF-mm": str(figures["mean_mdf_mm"])})
 
         return await self._run(ctx, work, *file, reference)
+
+    @bentoml.api(route="/score")
+    async def score(self, file: Path, ctx: bentoml.Context = None) -> Path:
+        """Latents or subject file -> each bundle's deviation score against the norms (``VQDIFF_NORMS``)."""
+
+        async def work(timer):
+            if self.norms is None:
+                raise ApiError(503, "no_norms", "this server has no norms to score against", "a server started with "
+                               "VQDIFF_NORMS set to a norms file from `vqdiff-norms fit`")
+
+            def run():
+                lat, _ = uploads.read_latents(file, self.pipeline, self.card["latent_shape"], max_groups=SETTINGS.max_groups,
+                                              max_points=SETTINGS.max_points, max_bundles=SETTINGS.max_bundles)
+                try:
+                    return [score_latents(part, self.norms, bundle=n).to_dict() for n, part in filesteps.named_parts(lat)]
+                except analysis.AnalysisError as exc:
+                    raise ApiError(422, "cannot_score", str(exc), "latents of tracts the norms have, made by their model "
+                                   "(GET /model: norms)") from exc
+
+            return JSONResponse({"bundles": await self._cpu(run), "embedding_version": analysis.EMBEDDING_VERSION,
+                                 "seconds": timer.seconds})
+
+        return await self._run(ctx, work, file)
 
 
 async def _model_card(request: Request) -> Response:

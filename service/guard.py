@@ -19,9 +19,10 @@ RETRY_AFTER_S = 1
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 FILE_FIELDS = frozenset({"file", "reference"})
 ROUTES = {  # route -> (its form fields, what it accepts)
-    "/encode": (frozenset({"file", "reference", "register", "segment", "summary"}), ACCEPTED_BUNDLE),
+    "/encode": (frozenset({"file", "reference", "register", "segment", "summary", "embedding"}), ACCEPTED_BUNDLE),
     "/reconstruct": (frozenset({"file", "reference", "register", "segment", "format", "summary"}), ACCEPTED_BUNDLE),
     "/decode": (frozenset({"file", "format", "restore_points", "bundles", "summary"}), ACCEPTED_LATENTS),
+    "/score": (frozenset({"file"}), ACCEPTED_LATENTS),
 }
 PART_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/zip",
                         "application/x-zip-compressed", "application/gzip", "application/x-gzip", "application/x-trk",
@@ -61,7 +62,7 @@ class RequestGuard:
                 if counted:
                     fields, accepted = ROUTES[path]
                     body = await self._read_body(headers, receive, accepted)
-                    names = await _check_form(scope, body, fields, accepted, self.max_bundles if path != "/decode" else 1)
+                    names = await _check_form(scope, body, fields, accepted, self.max_bundles if "reference" in fields else 1)
                     scope.setdefault("state", {})[UPLOAD_NAMES] = names
                     receive = _replay(body, receive)
             except ApiError as err:

@@ -41,6 +41,8 @@ TABLE = (
      "beyond)"),
     ("VQDIFF_MAX_BUNDLES", "max_bundles", _INT, 100, "100", "most bundles in one request: 'file' parts of /encode and "
      "/reconstruct, groups of a TRX, bundles of a subject file (413 beyond)"),
+    ("VQDIFF_NORMS", "norms", _TEXT, None, "(unset)", "a norms file from `vqdiff-norms fit`, loaded at start, "
+     "for POST /score (unset: /score answers 503 saying so)"),
     ("VQDIFF_API_TOKEN", "api_token", _TEXT, None, "(unset)", "when set, every route but /livez, /readyz, /healthz "
      "and /metrics needs `Authorization: Bearer <token>`"),
     ("VQDIFF_DRAIN_S", "drain_s", _POS, 25.0, "25", "graceful stop on SIGTERM: /readyz and new requests 503 + "

@@ -16,9 +16,8 @@ import numpy as np
 
 from vqdiff.bundle import Bundle
 from vqdiff.canonical import zero_length_streamlines
-from vqdiff.carried import join_bundles
 from vqdiff.errors import BundleFormatError
-from vqdiff.filesteps import decode_file_input
+from vqdiff.filesteps import decode_file_input, join_files
 from vqdiff.io import bundle_to_bytes, load_bundle_bytes, sniff_format
 from vqdiff.subject import Subject, load_latents
 
@@ -108,11 +107,8 @@ def read_files(files: list[Path], reference: Path | None, names: list[str], *, m
     if (total := sum(len(b) for b, _ in read)) > max_streamlines:
         raise ApiError(413, "too_many_streamlines", f"the files hold {total} streamlines; this server accepts at most "
                        f"{max_streamlines} per request", ACCEPTED_BUNDLE, limit_streamlines=max_streamlines)
-    digest = hashlib.sha256()  # as batch's `subject_sha`: over (bundle name, file sha256) in order
-    for b, sha in read:
-        digest.update(f"{b.name}\0{sha}\n".encode())
     try:
-        return join_bundles([b for b, _ in read], name="subject"), digest.hexdigest()
+        return join_files(read, name="subject")
     except ValueError as exc:
         raise ApiError(400, "duplicate_bundle_names", str(exc), "'file' parts with distinct file names") from exc
 

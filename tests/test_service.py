@@ -30,16 +30,30 @@ MAX_STREAMLINES = 20_000
 MAX_BUNDLES = 4
 
 
+def _norms(model, path):
+    """Norms for tract PYT_R (synthetic: 8 reference profiles, subject01's PYT_R encoded by the dev model plus
+    noise; enough to exercise /score, not a cohort)."""
+    from vqdiff.analysis import embedding, profile
+    from vqdiff.analysis.norms import fit
+    from vqdiff.api import Codec
+
+    lat = Codec.from_checkpoint(model).encode_file(SUBJECT / "PYT_R.trk")
+    emb, n_nodes = embedding(lat), profile(lat).shape[0]
+    ref = emb + np.random.default_rng(0).normal(0, 0.1 * emb.std(), (8, emb.size))
+    return fit({"PYT_R": ref}, n_nodes=n_nodes, model_sha256=lat.model["sha256"]).save(path)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model = make_dev_model(root / "model", SUBJECT if SUBJECT.is_dir() else None)
+    norms = _norms(model, root / "norms.vqnorm")
     tmp = root / "tmp"
     tmp.mkdir()
     env = {
         "VQDIFF_MODEL": str(model), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "",
         "VQDIFF_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB), "VQDIFF_MAX_STREAMLINES": str(MAX_STREAMLINES),
-        "VQDIFF_WORKERS": "2", "VQDIFF_THREADS": "2", "VQDIFF_MAX_BUNDLES": str(MAX_BUNDLES),
+        "VQDIFF_WORKERS": "2", "VQDIFF_THREADS": "2", "VQDIFF_MAX_BUNDLES": str(MAX_BUNDLES), "VQDIFF_NORMS": str(norms),
         "BENTOML_HOME": str(root / "bentoml"), "TMPDIR": str(tmp),
     }
     with ServeProcess(env, log_path=root / "serve.log") as proc:
@@ -519,3 +533,33 @@ def test_subject_refusals_name_what_is_accepted(client, subject_dir, tmp_path):
     assert _post(client, "/decode", lat, "a.vqlat", bundles="tar").json()["error"] == "bad_bundles"
     many = client.post("/encode", files=[("file", (f"b{i}.trk", trk)) for i in range(MAX_BUNDLES + 1)])
     assert many.status_code == 413 and many.json()["error"] == "too_many_bundles" and many.json()["accepted"]
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def test_score_and_embedding(client, subject_dir):
+    """/score against the server's norms (VQDIFF_NORMS, `_norms`): a bundle it has, scored as
+    `score_latents` scores it; one it has not: a 422 naming its tracts; the embedding on request."""
+    from vqdiff.analysis import EMBEDDING_VERSION, embedding
+    from vqdiff.analysis.norms import Norms
+    from vqdiff.analysis.scoring import score_latents
+
+    src = subject_dir / "PYT_R.trk"
+    r = _post(client, "/encode", src.read_bytes(), src.name, summary=True, embedding=True)
+    assert r.status_code == 200, r.text
+    emb = r.json()["embedding"]
+    assert emb["version"] == EMBEDDING_VERSION and list(emb["bundles"]) == ["PYT_R"]
+    lat = _post(client, "/encode", src.read_bytes(), src.name).content
+    np.testing.assert_allclose(emb["bundles"]["PYT_R"], embedding(Latents.from_bytes(lat)), atol=1e-6)
+    card = client.get("/model").json()
+    s = _post(client, "/score", lat, "PYT_R.vqlat")
+    assert s.status_code == 200, s.text
+    (got,) = s.json()["bundles"]
+    want = score_latents(Latents.from_bytes(lat), Norms.load(card["norms"]["path"]), bundle="PYT_R").to_dict()
+    assert got.keys() == want.keys() and (got["tract"], got["flagged"], got["peak_node"]) == ("PYT_R", want["flagged"],
+                                                                                               want["peak_node"])
+    np.testing.assert_allclose([got["d2"], got["p_value"], *got["node_z"]], [want["d2"], want["p_value"], *want["node_z"]],
+                               rtol=1e-6)
+    other = _post(client, "/encode", (subject_dir / "ILF_R.trk").read_bytes(), "ILF_R.trk").content
+    bad = _post(client, "/score", other, "ILF_R.vqlat")
+    assert bad.status_code == 422 and bad.json()["error"] == "cannot_score" and "PYT_R" in bad.json()["message"]
+    assert _post(client, "/encode", src.read_bytes(), src.name, embedding=True).status_code == 400

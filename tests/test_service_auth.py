@@ -78,5 +78,8 @@ def test_the_token_opens_every_route(client, server):
     assert card["model"]["sha256"] == file_sha256(server.model_dir / "model.safetensors")  # served by tag
     r = client.post("/encode", files={"file": ("a.trk", _trk())}, headers={"authorization": f"bearer {TOKEN}"})
     assert r.status_code == 200, r.text
-    r = client.post("/decode", files={"file": ("a.vqlat", r.content)}, headers=_auth())
+    lat = r.content
+    r = client.post("/decode", files={"file": ("a.vqlat", lat)}, headers=_auth())
     assert r.status_code == 200 and r.content[:5] == b"TRACK"
+    r = client.post("/score", files={"file": ("a.vqlat", lat)}, headers=_auth())  # no VQDIFF_NORMS here
+    assert r.status_code == 503 and r.json()["error"] == "no_norms" and "VQDIFF_NORMS" in r.json()["accepted"]

@@ -326,15 +326,15 @@ def test_drain_installs_on_lifespan_startup_and_reacts_to_the_signal():
 def test_heap_trim_runs_while_there_is_activity_only(monkeypatch):
     import asyncio
 
-    from vqdiff.service import lifecycle
+    from vqdiff import memory
 
-    real = lifecycle._malloc_trim()
+    real = memory._malloc_trim()
     assert real is None or real(0) in (0, 1)  # glibc's, where there is glibc
     calls, activity = [], [0]
-    monkeypatch.setattr(lifecycle, "_malloc_trim", lambda: calls.append)  # instead of glibc's malloc_trim
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append)  # instead of glibc's malloc_trim
 
     async def main():
-        task = asyncio.get_running_loop().create_task(lifecycle.trim_heap(0.05, lambda: activity[0]))
+        task = asyncio.get_running_loop().create_task(memory.trim_heap(0.05, lambda: activity[0]))
         await asyncio.sleep(0.15)
         assert calls == []  # nothing before the first engine call
         for _ in range(3):
@@ -348,7 +348,7 @@ def test_heap_trim_runs_while_there_is_activity_only(monkeypatch):
 
     n = asyncio.run(main())
     assert 1 <= n <= 4 and calls == [0] * n
-    assert asyncio.run(lifecycle.trim_heap(0, lambda: 0)) is None  # off: returns at once
+    assert asyncio.run(memory.trim_heap(0, lambda: 0)) is None  # off: returns at once
 
 
 # ---------------------------------------------------------------------------------------------- batching

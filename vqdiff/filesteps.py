@@ -93,3 +93,26 @@ def reconstruct(pipeline, bundle: Bundle, lat, groups: np.ndarray) -> tuple[Bund
     figures["bundles"] = {p.name: reconstruction_quality(part_bundle(bundle, p.name, p.members), per[p.name])
                           for p in lat.parts}
     return recon, figures
+
+
+def named_parts(lat) -> list[tuple[str, Any]]:
+    """``[(bundle name, its Latents)]`` of a `Latents` (one, named by its source) or a `Subject`."""
+    from .subject import Subject
+
+    if isinstance(lat, Subject):
+        return [(p.name, p.latents) for p in lat.parts]
+    return [(str(lat.source.get("name") or (lat.registration or {}).get("template") or "bundle"), lat)]
+
+
+def join_files(read: list[tuple[Bundle, str]], *, name: str) -> tuple[Bundle, str]:
+    """A subject's per-bundle files, read as ``[(bundle, file sha256)]``, as one file whose groups are the
+    bundles (`vqdiff.carried.join_bundles`) and its input hash: as batch's ``--per-subject`` (`subject_sha`,
+    over each bundle's name and file hash in order). ValueError for duplicated or missing names."""
+    import hashlib
+
+    from .carried import join_bundles
+
+    digest = hashlib.sha256()
+    for bundle, sha in read:
+        digest.update(f"{bundle.name}\0{sha}\n".encode())
+    return join_bundles([b for b, _ in read], name=name), digest.hexdigest()
