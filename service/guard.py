@@ -51,7 +51,7 @@ class RequestGuard:
         if counted and self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             err = ApiError(503, "overloaded", f"this server is busy ({self.in_flight} requests in flight in this "
                            f"worker, limit {self.max_in_flight}); retry after {RETRY_AFTER_S} s",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+                           headers={"Retry-After": str(RETRY_AFTER_S)}, retry_after_s=RETRY_AFTER_S)
             return await err.to_response()(scope, receive, send)
         self.in_flight += counted
         try:

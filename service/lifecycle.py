@@ -69,7 +69,7 @@ class Drain:
 
     async def _refuse(self, scope, receive, send, message: str) -> None:
         left = max(0.0, self.since + self.drain_s - time.monotonic())
-        err = ApiError(503, "draining", f"{message}; retry after {self.retry_after_s} s",
+        err = ApiError(503, "draining", f"{message}; retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s,
                        headers={"Retry-After": str(self.retry_after_s)}, drain_left_s=round(left, 1))
         await err.to_response()(scope, receive, send)
 

@@ -563,3 +563,27 @@ def test_score_and_embedding(client, subject_dir):
     bad = _post(client, "/score", other, "ILF_R.vqlat")
     assert bad.status_code == 422 and bad.json()["error"] == "cannot_score" and "PYT_R" in bad.json()["message"]
     assert _post(client, "/encode", src.read_bytes(), src.name, embedding=True).status_code == 400
+
+
+def test_bentoml_client_for_a_subject(client, server, subject_dir, tmp_path):
+    """BentoML's own client (`bentoml.SyncHTTPClient`, README) for a subject: three per-bundle files in one call,
+    and a TRX with groups (built here from subject01 bundles: the first 40 streamlines of each); decoded back
+    to a TRX with the groups. The same bytes as a plain multipart POST."""
+    import bentoml
+
+    from vqdiff.carried import join_bundles
+    from vqdiff.subject import Subject
+
+    files = [subject_dir / n for n in SUBJECT_BUNDLES]
+    parts = [load_bundle(p) for p in files]
+    trx = tmp_path / "sub.trx"
+    trx.write_bytes(bundle_to_bytes(join_bundles([Bundle(b.streamlines[:40], b.header, "trk", b.name) for b in parts],
+                                                 name="sub"), format="trx"))
+    with bentoml.SyncHTTPClient(server.url, timeout=120) as c:
+        three = c.encode(file=files)  # a Path to the answer's file
+        assert three.read_bytes() == client.post("/encode", files=_subject_files(subject_dir)).content
+        sub = c.encode(file=[trx], register="auto")
+        assert Subject.from_bytes(sub.read_bytes()).names == [n[:-4] for n in SUBJECT_BUNDLES]
+        back = c.decode(file=sub, format="trx")
+    out = load_bundle_bytes(back.read_bytes(), format="trx")
+    assert list(out.groups) == [n[:-4] for n in SUBJECT_BUNDLES] and len(out) == 120

@@ -31,7 +31,7 @@ def server(tmp_path_factory):
                          env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     assert tag.startswith("vqdiff-test:")
     env = {"VQDIFF_MODEL": "", "VQDIFF_MODEL_TAG": tag, "VQDIFF_API_TOKEN": TOKEN, "VQDIFF_WORKERS": "1",
-           "VQDIFF_THREADS": "1", "BENTOML_HOME": str(root / "bentoml")}
+           "VQDIFF_THREADS": "1", "VQDIFF_MAX_CONCURRENCY": "1", "BENTOML_HOME": str(root / "bentoml")}
     with ServeProcess(env, log_path=root / "serve.log") as proc:
         proc.model_dir = model
         yield proc
@@ -83,3 +83,49 @@ def test_the_token_opens_every_route(client, server):
     assert r.status_code == 200 and r.content[:5] == b"TRACK"
     r = client.post("/score", files={"file": ("a.vqlat", lat)}, headers=_auth())  # no VQDIFF_NORMS here
     assert r.status_code == 503 and r.json()["error"] == "no_norms" and "VQDIFF_NORMS" in r.json()["accepted"]
+
+
+def call_with_retry(client, endpoint: str, *, tries: int = 5, waited: list | None = None, **inputs):
+    """The README's retry loop: ``client.call`` (BentoML's client), and on a 503 wait what the answer says
+    (its JSON body's ``retry_after_s``, the ``Retry-After`` header's value) and try again."""
+    import json
+    import time
+    from http import HTTPStatus
+
+    from bentoml.exceptions import BentoMLException
+
+    for attempt in range(tries):
+        try:
+            return client.call(endpoint, **inputs)
+        except BentoMLException as exc:
+            if exc.error_code != HTTPStatus.SERVICE_UNAVAILABLE or attempt == tries - 1:
+                raise
+            delay = float(json.loads(str(exc)).get("retry_after_s", 1))  # the client raises with the body as text
+            if waited is not None:
+                waited.append(delay)
+            time.sleep(delay)
+
+
+def test_bentoml_client_retries_a_503_after_retry_after(server, client, subject_dir):
+    """VQDIFF_MAX_CONCURRENCY=1 here: while a slow /reconstruct (subject01 CC_Fr_1) holds the one slot,
+    BentoML's SyncHTTPClient gets 503 + Retry-After on /encode, waits the advertised second and succeeds."""
+    import threading
+    import time
+
+    import bentoml
+
+    from vqdiff.latents import Latents
+
+    slow_answer = []
+    slow = threading.Thread(target=lambda: slow_answer.append(client.post(
+        "/reconstruct", headers=_auth(), files={"file": ("CC_Fr_1.trk", (subject_dir / "CC_Fr_1.trk").read_bytes())})))
+    with bentoml.SyncHTTPClient(server.url, token=TOKEN, timeout=120) as c:
+        slow.start()
+        time.sleep(0.2)  # the slow request first
+        waited: list = []
+        while not waited and slow.is_alive():
+            out = call_with_retry(c, "encode", waited=waited, file=[subject_dir / "PYT_R.trk"])
+        slow.join()
+    assert slow_answer[0].status_code == 200, slow_answer[0].text
+    assert waited and waited[0] == 1.0, "no 503 while the slow request ran"
+    assert Latents.from_bytes(out.read_bytes()).n_streamlines == 320  # PYT_R
