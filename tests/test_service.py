@@ -358,10 +358,15 @@ def test_fuzzed_uploads_never_reach_a_5xx(client, subject_dir):
     small = Bundle(src.streamlines[:70], src.header, "trk", "PYT_R")
     bodies = {"trk": bundle_to_bytes(small, format="trk"), "trx": bundle_to_bytes(small, format="trx")}
     latents = _post(client, "/encode", bodies["trk"], "PYT_R.trk").content
+    # subjects: a TRX with two groups, its subject latents file (decoded and scored)
+    grouped = Bundle(small.streamlines, small.header, "trk", "sub", groups={"A": np.arange(35), "B": np.arange(35, 70)})
+    bodies["subject"] = bundle_to_bytes(grouped, format="trx")
+    subject = _post(client, "/encode", bodies["subject"], "sub.trx").content
     statuses = []
     for case in range(n):
         for route, name, data, header in (("/encode", "b.trk", bodies["trk"], 1000), ("/encode", "b.trx", bodies["trx"], 400),
-                                          ("/decode", "b.vqlat", latents, 2000)):
+                                          ("/decode", "b.vqlat", latents, 2000), ("/encode", "s.trx", bodies["subject"], 400),
+                                          ("/decode", "s.vqlat", subject, 4000), ("/score", "s.vqlat", subject, 4000)):
             r = _post(client, route, mutations(data, rng, header), name)
             assert r.status_code < 500, f"case {case} {route} {name}: {r.status_code} {r.text[:300]}"
             if r.status_code >= 400:
