@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU bento: add TensorRT when its wheels can be installed (NVIDIA publishes them on PyPI and on
-# pypi.nvidia.com). Without it the model service runs on ONNX Runtime CUDA (VQDIFF_BACKEND=auto:
-# TensorRT -> ORT CUDA -> ORT CPU -> torch), so a failed install does not fail the image build.
+# pypi.nvidia.com). Without it the service runs on another engine (VQDIFF_ENGINE=auto: the fastest
+# variant that opens and passes the quality gate, docs/engines.md), so a failed install does not fail the image build.
 set -u
 PY=/app/.venv/bin/python
 if uv pip install --python "$PY" --extra-index-url https://pypi.nvidia.com "tensorrt-cu12>=10"; then
