@@ -77,6 +77,24 @@ def safetensors_parts(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
     return [len(text).to_bytes(8, "little") + text, *data]
 
 
+def safetensors_metadata(data: bytes, formats: Sequence[str], accepted: str, error: type[Exception]) -> dict:
+    """The ``__metadata__`` of a safetensors file's JSON header, checked to carry one of ``formats`` as
+    its ``format`` tag, without touching the tensors; ``error(... accepted ...)`` otherwise."""
+    if len(data) < 8:
+        raise error(f"file is too short to be {accepted}")
+    n = int.from_bytes(bytes(data[:8]), "little")
+    if n <= 0 or n > len(data) - 8 or n > 100_000_000:
+        raise error(f"not {accepted} (bad header length)")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"not {accepted} (header is not JSON)") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
+        raise error(f"not {accepted} (format tag missing)")
+    return meta
+
+
 def read_versioned_json(path: str | os.PathLike, fmt: str, version: int, error: type[Exception]) -> dict[str, Any]:
     """Read a JSON file whose ``format`` must be ``fmt`` and ``format_version`` ``version``.
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .bundle import SpatialHeader
 from .errors import LatentsFormatError
-from .fileio import atomic_write_bytes, safetensors_parts
+from .fileio import atomic_write_bytes, safetensors_metadata, safetensors_parts
 from .geometry import GROUP_SIZE
 from .normalise import Normalisation
 
@@ -264,18 +264,7 @@ def carried_problems(carried: dict, n: int, points: int) -> list[str]:
 def _read_metadata(data: bytes) -> dict[str, str]:
     """Parse and check the safetensors JSON header without touching the tensors."""
     accepted = f"a {FORMAT} file (safetensors, version {' or '.join(map(str, READ_VERSIONS))}) written by vqdiff encode"
-    if len(data) < 8:
-        raise LatentsFormatError(f"file is too short to be {accepted}")
-    n = int.from_bytes(bytes(data[:8]), "little")
-    if n <= 0 or n > len(data) - 8 or n > 100_000_000:
-        raise LatentsFormatError(f"not {accepted} (bad header length)")
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LatentsFormatError(f"not {accepted} (header is not JSON)") from e
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LatentsFormatError(f"not {accepted} (format tag missing)")
+    meta = safetensors_metadata(data, (FORMAT,), accepted, LatentsFormatError)
     if meta.get("format_version") not in {str(v) for v in READ_VERSIONS}:
         raise LatentsFormatError(
             f"latents format_version {meta.get('format_version')!r} is not supported; "

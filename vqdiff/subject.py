@@ -36,7 +36,7 @@ import numpy as np
 
 from .bundle import Bundle, SpatialHeader
 from .errors import LatentsFormatError
-from .fileio import atomic_write_bytes, safetensors_parts
+from .fileio import atomic_write_bytes, safetensors_metadata, safetensors_parts
 from .latents import FORMAT as LATENTS_FORMAT
 from .latents import Latents, carried_problems, carried_tensors, optional_metadata, read_carried
 
@@ -232,19 +232,7 @@ class Subject:
 
 def _metadata(data: bytes) -> dict[str, Any]:
     accepted = f"a {LATENTS_FORMAT} or {FORMAT} file (safetensors) written by vqdiff encode"
-    if len(data) < 8:
-        raise LatentsFormatError(f"file is too short to be {accepted}")
-    n = int.from_bytes(bytes(data[:8]), "little")
-    if n <= 0 or n > len(data) - 8 or n > 100_000_000:
-        raise LatentsFormatError(f"not {accepted} (bad header length)")
-    try:
-        header = json.loads(bytes(data[8:8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LatentsFormatError(f"not {accepted} (header is not JSON)") from e
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") not in (LATENTS_FORMAT, FORMAT):
-        raise LatentsFormatError(f"not {accepted} (format tag missing)")
-    return meta
+    return safetensors_metadata(data, (LATENTS_FORMAT, FORMAT), accepted, LatentsFormatError)
 
 
 def load_latents(source: str | os.PathLike | bytes) -> Latents | Subject:
