@@ -77,6 +77,16 @@ def safetensors_parts(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
     return [len(text).to_bytes(8, "little") + text, *data]
 
 
+def save_file(path: str | os.PathLike, parts, *, overwrite: bool = False) -> Path:
+    """Write ``parts()`` (a callable giving the bytes or buffers) atomically to ``path``; refuse to
+    overwrite unless asked (before the parts are made)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: -f) to replace it")
+    atomic_write_bytes(path, parts())
+    return path
+
+
 def safetensors_metadata(data: bytes, formats: Sequence[str], accepted: str, error: type[Exception]) -> dict:
     """The ``__metadata__`` of a safetensors file's JSON header, checked to carry one of ``formats`` as
     its ``format`` tag, without touching the tensors; ``error(... accepted ...)`` otherwise."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from .bundle import SpatialHeader
 from .errors import LatentsFormatError
-from .fileio import atomic_write_bytes, safetensors_metadata, safetensors_parts
+from .fileio import safetensors_metadata, safetensors_parts, save_file
 from .geometry import GROUP_SIZE
 from .normalise import Normalisation
 
@@ -154,11 +154,7 @@ class Latents:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically (temp file + rename); refuse to overwrite unless asked."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: -f) to replace it")
-        atomic_write_bytes(path, self.to_parts())
-        return path
+        return save_file(path, self.to_parts, overwrite=overwrite)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Latents:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .bundle import Bundle, SpatialHeader
 from .errors import LatentsFormatError
-from .fileio import atomic_write_bytes, safetensors_metadata, safetensors_parts
+from .fileio import safetensors_metadata, safetensors_parts, save_file
 from .latents import FORMAT as LATENTS_FORMAT
 from .latents import Latents, carried_problems, carried_tensors, optional_metadata, read_carried
 
@@ -185,11 +185,7 @@ class Subject:
         return b"".join(self.to_parts())
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: -f) to replace it")
-        atomic_write_bytes(path, self.to_parts())
-        return path
+        return save_file(path, self.to_parts, overwrite=overwrite)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Subject:
