@@ -275,17 +275,13 @@ def prepare(spec: JobSpec, task: BatchTask) -> Prepared | tuple[dict, str]:
             from vqdiff.io import load_bundle
 
             bundle = load_bundle(task.input, reference=spec.reference, data=data)
-            from vqdiff.segment import file_parts
+            from vqdiff.filesteps import prepare_file
+            from vqdiff.subject import SubjectState
 
-            parts, seg = file_parts(bundle, spec.pipeline.templates, mode=spec.segment)
-            if parts is not None:  # a TRX with groups or a segmented file is a subject, as `Codec.encode_file` has it
-                from vqdiff.subject import prepare_subject
-
-                x, state = prepare_subject(spec.pipeline, bundle, parts=parts, input_sha256=sha)
-                state.source.update({} if seg is None else {"segmentation": seg.to_dict()})  # as `seg.record`
-                return Prepared(x, state, sha)
-            x, state = spec.pipeline.prepare_encode(bundle, input_sha256=sha)
-            state.bundle = state.bundle if spec.fidelity else None  # kept only to measure the fidelity
+            # a TRX with groups or a segmented file is a subject, as `Codec.encode_file` has it
+            x, state = prepare_file(spec.pipeline, bundle, input_sha256=sha, segment=spec.segment)
+            if not isinstance(state, SubjectState):
+                state.bundle = state.bundle if spec.fidelity else None  # kept only to measure the fidelity
             return Prepared(x, state, sha)
         from vqdiff.subject import Subject, decode_input, load_latents
 
