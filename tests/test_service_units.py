@@ -105,44 +105,6 @@ def test_bundle_name_is_the_clients_file_name():
     assert bundle_name("") == "bundle" and bundle_name(None) == "bundle" and bundle_name(".trk") == "bundle"
 
 
-@pytest.mark.parametrize("bentofile, name", [(None, "vqdiff"), ("service/bentofile-gpu.yaml", "vqdiff-gpu")])
-def test_bentoml_build(tmp_path, bentofile, name):
-    """Both bentos build here (CPU: bentofile.yaml; GPU: service/bentofile-gpu.yaml): the vqdiff wheel
-    installed (one name per module), the bundled model, no sources, runs/, .venv or tests."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-    from serving import REPO
-
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}
-    if bentofile:  # as `make bento-gpu`
-        env["VQDIFF_DEVICE"] = "cuda:0"
-    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist",
-                            "."], cwd=REPO, capture_output=True, text=True, timeout=300)  # as `make wheel`
-    assert wheel.returncode == 0, wheel.stdout[-2000:] + wheel.stderr[-2000:]
-    cmd = [sys.executable, "-m", "bentoml", "build", "-o", "tag", *(["-f", bentofile] if bentofile else []), "."]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    tag = out.stdout.strip().splitlines()[-1].split("__tag__:")[-1].strip()
-    bento = tmp_path / "bentos" / name / tag.split(":")[1]
-    info = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert info["service"] == "vqdiff.service.app:VQDiff"
-    assert [s["name"] for s in info["services"]] == ["vqdiff"]  # one service: no second one behind HTTP
-    config = info["services"][0]["config"]
-    if bentofile:  # a GPU host: one worker with the GPU engine (every request's groups meet in one batcher)
-        assert config["workers"] == 1 and config["resources"]["gpu"] == 1, config
-    else:
-        assert "gpu" not in config.get("resources", {}), config
-    src = bento / "src"
-    assert (src / "models" / "default" / "model.safetensors").is_file()
-    assert not any((src / d).exists() for d in ("vqdiff", "service", "export", "runs", ".venv", "tests", "training"))
-    assert [w.name for w in (bento / "env" / "python" / "wheels").iterdir()] == ["vqdiff-0.2.0-py3-none-any.whl"]
-    reqs = (bento / "env" / "python" / "requirements.txt").read_text()
-    assert ("onnxruntime-gpu" in reqs) == (name == "vqdiff-gpu")
-
-
 def test_guard_refuses_past_the_concurrency_limit_at_once():
     """Past max_in_flight requests in flight, a new one gets a 503 with Retry-After immediately; the
     counter comes back down when requests finish (and after refusals)."""
