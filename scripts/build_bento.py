@@ -111,7 +111,7 @@ def lean_export(export_dir: str | None) -> Path:
         return path
     path = REPO / "build" / "export-default"
     if not (path / "manifest.json").is_file():
-        print("build_bento: exporting models/default to build/export-default (vqdiff-export)", flush=True)
+        print("build_bento: exporting models/default to build/export-default (vqdiff-export)", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "vqdiff.export.cli_export", str(REPO / MODEL_DIR), str(path), "-f"],
                        check=True, stdout=subprocess.DEVNULL)
     return path
