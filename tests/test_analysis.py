@@ -176,6 +176,34 @@ def test_norms_flag_a_shifted_profile_at_its_node(tmp_path):
         score_profile(norms, "X", shifted)
 
 
+
+def test_node_z_is_not_capped_so_the_largest_of_several_extreme_nodes_is_the_peak():
+    """Far from the norm every node's tail probability underflows; z = Phi^-1(1 - p) then capped at
+    ~8.2 and the first capped node won the argmax (80 % of the validation's truncations had two or
+    more capped nodes). z is (log d2 - mu) / sd, computed without p: the largest deviation is the peak."""
+    from vqdiff.analysis.norms import fit, standardised, tail_probability
+    from vqdiff.analysis.scoring import score_profile
+
+    rng = np.random.default_rng(0)
+    n_nodes, d = 16, 8
+    base = np.sin(np.linspace(0, 3, n_nodes * d))
+    norms = fit({"T": base + 0.1 * rng.normal(size=(25, n_nodes * d))}, n_nodes=n_nodes)
+    far = (base + 0.1 * rng.normal(size=n_nodes * d)).reshape(n_nodes, d)
+    far[3:13] += 20.0  # ten extreme nodes, one of them ten times further
+    far[7] += 200.0
+    s = score_profile(norms, "T", far)
+    z = np.sort(s.node_z)
+    assert s.peak_node == 7 and z[-10] > 8.3 and len(set(z[-10:])) == 10 and s.peak_z > z[-2] + 3
+    t = norms.tracts["T"]
+    _, nodes = t.distances(far.reshape(1, -1))
+    cal = np.asarray(t.calibration["nodes"])
+    np.testing.assert_allclose(s.node_z, (np.log(nodes[0]) - cal[:, 0]) / cal[:, 1])
+    # the tail probability stays positive and exact far out: P(Z >= 10) = 7.62e-24
+    mu, sd = 1.0, 0.5
+    d2 = np.exp(mu + sd * np.array([0.0, 10.0]))
+    np.testing.assert_allclose(tail_probability(d2, (mu, sd)), [0.5, 7.6198530241605e-24], rtol=1e-9)
+    np.testing.assert_allclose(standardised(d2, (mu, sd)), [0.0, 10.0])
+
 def _run(*args):
     return subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, timeout=300)
 

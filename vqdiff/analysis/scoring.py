@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .embedding import EMBEDDING_VERSION, profile_from_embedding, profile_of
-from .norms import Norms, _ndtri, fit, tail_probability
+from .norms import Norms, fit, standardised, tail_probability
 from .records import AnalysisError
 from .tables import embedding_columns, long_to_profiles, tract_key
 
@@ -60,8 +60,7 @@ def score_profile(norms: Norms, tract: str, prof: np.ndarray, *, subject: str = 
     whole, nodes = t.distances(prof.reshape(1, -1))
     p = float(tail_probability(whole, t.calibration["bundle"])[0])
     cal = np.asarray(t.calibration["nodes"], np.float64)  # (N, 2): log-normal mean, sd per node
-    p_nodes = tail_probability(nodes[0], (cal[:, 0], cal[:, 1]))
-    z = _ndtri(1.0 - p_nodes)
+    z = standardised(nodes[0], (cal[:, 0], cal[:, 1]))  # = Phi^-1(1 - p_node), never capped (no ties)
     peak = int(np.argmax(z))
     return BundleScore(subject, bundle or tract, tract, float(whole[0]), p, bool(p < alpha), peak, float(z[peak]),
                        [float(v) for v in z], int(t.deviations.shape[0]))
