@@ -204,6 +204,38 @@ def test_node_z_is_not_capped_so_the_largest_of_several_extreme_nodes_is_the_pea
     np.testing.assert_allclose(tail_probability(d2, (mu, sd)), [0.5, 7.6198530241605e-24], rtol=1e-9)
     np.testing.assert_allclose(standardised(d2, (mu, sd)), [0.0, 10.0])
 
+
+def test_leave_one_group_out_calibration_scores_a_new_individual_as_one_of_the_reference():
+    """Copies of two individuals (synthetic draws of a subject and of its mirror image): leave-one-out
+    keeps each copy's siblings in the model, so a third individual looks abnormal; holding each
+    individual out as a whole (group_by) calibrates on an unseen individual's distances."""
+    import pandas as pd
+
+    from vqdiff.analysis.embedding import embedding_from_profile
+    from vqdiff.analysis.records import AnalysisError
+    from vqdiff.analysis.scoring import fit_table, score_profile
+
+    rng = np.random.default_rng(3)
+    n_nodes, d = 16, 4
+    base = np.sin(np.linspace(0, 3, n_nodes * d))
+    people = base + 0.3 * rng.normal(size=(3, n_nodes * d))  # individuals differ by 0.3; copies by 0.03
+    rows = [{"subject": f"s{k}{i}", "tract": "T", "source": f"person{k}", "n_nodes": n_nodes,
+             **{f"e{j}": v for j, v in enumerate(embedding_from_profile(
+                 (people[k] + 0.03 * rng.normal(size=n_nodes * d)).reshape(n_nodes, d)))}}
+            for k in range(2) for i in range(12)]
+    df = pd.DataFrame(rows)
+    third = (people[2] + 0.03 * rng.normal(size=n_nodes * d)).reshape(n_nodes, d)
+    loo = fit_table(df, "wide")
+    grouped = fit_table(df, "wide", group_by="source")
+    assert grouped.tracts["T"].calibration["held_out"] == "leave-one-group-out (2 groups)"
+    assert loo.tracts["T"].calibration["held_out"] == "leave-one-out"
+    assert score_profile(loo, "T", third).p_value < 1e-6
+    assert score_profile(grouped, "T", third).p_value > 0.05
+    with pytest.raises(AnalysisError, match="no column 'site'.*subject, tract, source"):
+        fit_table(df, "wide", group_by="site")
+    with pytest.raises(AnalysisError, match="2 or more groups"):
+        fit_table(df.assign(source="one"), "wide", group_by="source")
+
 def _run(*args):
     return subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, timeout=300)
 

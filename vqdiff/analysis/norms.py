@@ -12,8 +12,9 @@ to p = N * D) of n reference bundles:
   the n x n Gram matrix, so a tract with p = 1024 and n = 25 costs a 25 x 25 solve.
 - **distances**: ``d2 = z' R^-1 z`` with ``z = (x - m) / s`` for the whole profile (bundle level), and
   the same on each node's D coordinates with that node's block of ``R`` (node level).
-- **calibration** (tail probabilities): leave-one-out. Each reference bundle is scored by the
-  model fitted without it; ``log d2`` of those held-out scores is fitted by a normal law (mean,
+- **calibration** (tail probabilities): held out. Each reference bundle is scored by the model
+  fitted without it (leave-one-out), or without its whole group when the reference bundles come in
+  groups of copies of one individual (``groups``: leave-one-group-out); ``log d2`` of those held-out scores is fitted by a normal law (mean,
   sd), once for the bundle level and once per node. A new bundle's tail probability is
   ``P(D2 >= d2)`` under that law (`p_value`), its node z-score ``Phi^-1(1 - p_node)`` =
   ``(log d2_node - mu) / sd`` (`standardised`: computed directly, so it is never capped): about N(0, 1)
@@ -143,19 +144,33 @@ def _lognormal(d2: np.ndarray) -> list[float]:
     return [float(v.mean()), float(max(v.std(ddof=1), 1e-3))]
 
 
-def calibrate(norm: TractNorm, x: np.ndarray, *, lam: float | None = None) -> TractNorm:
-    """Leave-one-out calibration of ``norm`` fitted on ``x`` (module doc); returns ``norm``."""
+def calibrate(norm: TractNorm, x: np.ndarray, *, lam: float | None = None, groups=None) -> TractNorm:
+    """Held-out calibration of ``norm`` fitted on ``x`` (module doc); returns ``norm``.
+
+    ``groups`` (one label per row of ``x``; default: every row its own group, i.e. leave-one-out):
+    each group's bundles are scored by the model fitted without that group. Give the rows that are
+    copies of one individual (synthetic draws of one real bundle) one label, so that the held-out
+    distances are those of an individual the model has not seen, which is what a new subject is.
+    """
     x = np.asarray(x, np.float64)
-    whole, nodes = [], []
-    for i in range(len(x)):
-        held = fit_tract(np.delete(x, i, axis=0), norm.n_nodes, lam=norm.lam if lam is None else lam)
-        w, nd = held.distances(x[i:i + 1])
-        whole.append(w[0])
-        nodes.append(nd[0])
-    nodes = np.asarray(nodes)
-    norm.calibration = {"bundle": _lognormal(np.asarray(whole)),
+    labels = np.arange(len(x)) if groups is None else np.asarray([str(g) for g in groups])
+    if len(labels) != len(x):
+        raise AnalysisError(f"{len(labels)} group labels for {len(x)} reference bundles")
+    kinds = list(dict.fromkeys(labels.tolist()))
+    if len(kinds) < 2:
+        raise AnalysisError(f"held-out calibration needs 2 or more groups of reference bundles, got {len(kinds)}")
+    whole, nodes = np.empty(len(x)), np.empty((len(x), norm.n_nodes))
+    for g in kinds:
+        out = labels == g
+        if (~out).sum() < 2:
+            raise AnalysisError(f"group {g!r} holds {out.sum()} of {len(x)} reference bundles: fewer than 2 remain "
+                                "to fit the model that scores it")
+        held = fit_tract(x[~out], norm.n_nodes, lam=norm.lam if lam is None else lam)
+        whole[out], nodes[out] = held.distances(x[out])
+    norm.calibration = {"bundle": _lognormal(whole),
                         "nodes": [_lognormal(nodes[:, k]) for k in range(norm.n_nodes)],
-                        "loo_bundle_d2": [float(v) for v in whole]}
+                        "loo_bundle_d2": [float(v) for v in whole],
+                        "held_out": "leave-one-out" if groups is None else f"leave-one-group-out ({len(kinds)} groups)"}
     return norm
 
 
@@ -229,15 +244,19 @@ class Norms:
 
 
 def fit(profiles: dict[str, np.ndarray], *, n_nodes: int, subjects: dict[str, list[str]] | None = None,
-        model_sha256: str = "", lam: float | None = None, info: dict[str, Any] | None = None) -> Norms:
-    """Norms of every tract: ``profiles`` tract -> (n, N * D) reference profiles (module doc)."""
+        model_sha256: str = "", lam: float | None = None, info: dict[str, Any] | None = None,
+        groups: dict[str, list[str]] | None = None) -> Norms:
+    """Norms of every tract: ``profiles`` tract -> (n, N * D) reference profiles (module doc);
+    ``groups`` tract -> one label per profile for the held-out calibration (`calibrate`; default
+    leave-one-out)."""
     tracts, small = {}, []
     for name, x in sorted(profiles.items()):
         x = np.asarray(x, np.float64)
         if len(x) < MIN_REFERENCE:
             small.append(f"{name} ({len(x)})")
             continue
-        norm = calibrate(fit_tract(x, n_nodes, lam=lam), x)
+        g = None if groups is None else groups[name]
+        norm = calibrate(fit_tract(x, n_nodes, lam=lam), x, groups=g)
         norm.subjects = list((subjects or {}).get(name, []))
         tracts[name] = norm
     if not tracts:
