@@ -221,6 +221,7 @@ def main(argv=None) -> None:
     table = build_tables(norm_dirs)["wide"]
     table["source"] = table["subject"].map(source)
     res["reference_sources"] = table.groupby("source")["subject"].nunique().to_dict()
+    res["synthetic_sources"] = source  # subject -> the individual it is a copy of (the norms' --group-by source)
     res["heldout_sources"] = {k: sum(source[d.name] == k for d in held) for k in sorted(set(source.values()))}
     group_by = "source" if table["source"].nunique() > 1 else None
     models = {"shrinkage": fit_table(table, "wide", group_by=group_by),

@@ -281,6 +281,18 @@ def test_clis_from_a_batch_folder_to_scores_and_figures(codec, bundles, lat, tmp
     norms = tmp_path / "n.vqnorm"
     code, _, err = _main(capsys, "norms", "fit", table, norms, "--label", "test reference")
     assert code == 0, err
+    import pandas as pd
+
+    grouped = tmp_path / "grouped.parquet"  # copies of two "individuals": held out as groups
+    pd.read_parquet(table).assign(source=lambda t: t["subject"].map(lambda s: "a" if s < "ref3" else "b")).to_parquet(grouped)
+    code, _, err = _main(capsys, "norms", "fit", grouped, tmp_path / "g.vqnorm", "--group-by", "source")
+    assert code == 0, err
+    from vqdiff.analysis.norms import Norms
+
+    cal = Norms.load(tmp_path / "g.vqnorm").tracts["ILF_R"].calibration
+    assert cal["held_out"] == "leave-one-group-out (2 groups)"
+    code, _, err = _main(capsys, "norms", "fit", grouped, tmp_path / "h.vqnorm", "--group-by", "site")
+    assert code != 0 and "no column 'site'" in err and "source" in err
     subject = _batch_folder(tmp_path, {n: lat[n] for n in ("ILF_R", "POPT_R", "PYT_L")})
     code, out, err = _main(capsys, "norms", "score", subject, "--norms", norms, "--out-table", tmp_path / "s.csv",
                            "--out-figures", tmp_path / "figs")
@@ -289,8 +301,6 @@ def test_clis_from_a_batch_folder_to_scores_and_figures(codec, bundles, lat, tmp
     scored = json.loads(out[out.index("{"):])["scored"]
     assert {s["bundle"] for s in scored} == {"ILF_R", "POPT_R"}
     assert len(list((tmp_path / "figs").glob("*.png"))) == 2
-    import pandas as pd
-
     assert list(pd.read_csv(tmp_path / "s.csv")["bundle"]) == [s["bundle"] for s in scored]
 
 
