@@ -1,9 +1,10 @@
 """Normative model of tract profiles (fit) and deviation scores of a subject's bundles (score).
 
 fit: per tract of a cohort table (vqdiff-embed), a robust centre and a shrunk correlation of the
-16-node profile, calibrated by leave-one-out as tail probabilities. score: per bundle, the tail
-probability p of its whole profile (flagged when p < --alpha, 0.01 recommended) and the z-score of
-each node; optionally a table and one figure per bundle (node z with the reference band, the
+16-node profile, calibrated on held-out bundles as tail probabilities (leave-one-out; with
+--group-by, leave-one-group-out for references made of copies of a few individuals). score: per
+bundle, the tail probability p of its whole profile (flagged when p < --alpha, 0.01 recommended)
+and the z-score of each node; optionally a table and one figure per bundle (node z with the reference band, the
 decoded bundle coloured by node z: decoding needs the model). See docs/analysis.md.
 
 Examples::
