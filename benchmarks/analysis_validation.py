@@ -5,11 +5,16 @@ Data and labels (say them with every number):
 
 - **subject01**: the 12 real bundles of the training subject (model space; within-subject).
 - **AFQ**: the 20 real bundles of another subject (its own space; cross-subject VALIDATION only).
-- **synthetic subjects**: subject01 under the training augmentations (one draw per subject, applied
-  to all its bundles coherently: similarity (rotation, scale, translation), small anisotropy and
-  shear, elastic field, jitter; `vqdiff.training.augment`), encoded with the default model
-  (registration on). The first ``--norm-subjects`` build the norms; the rest are held out as the
-  healthy negatives and as the bundles that get lesions.
+- **synthetic subjects**: subject01 under the training augmentations of models/default (one draw per
+  subject, applied to all its bundles coherently: the mirror image about the mid-sagittal plane with
+  probability ``--mirror-prob`` (0.5, as in training; left and right names swap), similarity
+  (rotation, scale, translation), small anisotropy and shear, elastic field, jitter;
+  `vqdiff.training.augment`), encoded with the default model (registration on). The first
+  ``--norm-subjects`` build the norms; the rest are held out as the healthy negatives and as the
+  bundles that get lesions. The mirror image is a second real instance of every tract (the other
+  hemisphere's, tracked by the same pipeline); the norms' calibration holds out each instance
+  (``source``: subject01 or its mirror) as a whole (``--group-by source``), so its held-out
+  distances are those of an individual the model has not seen.
 
 Encodings are cached under ``runs/analysis/`` (gitignored). Run niced::
 
@@ -39,20 +44,22 @@ def load_dir(folder: Path) -> dict[str, list[np.ndarray]]:
 
 
 def synthetic_subject(bundles, aug, rng):
-    """One draw of ``aug`` applied to all of a subject's bundles at once (module doc)."""
-    from vqdiff.training.augment import transform
+    """One draw of ``aug`` applied to all of a subject's bundles at once (module doc) -> (bundles by
+    name, mirrored). A mirrored subject's bundles take the mirror names (``PYT_L`` <-> ``PYT_R``)."""
+    from vqdiff.training.augment import mid_sagittal_x, mirror_name, transform
 
     names = list(bundles)
     lens = [np.array([len(s) for s in bundles[n]]) for n in names]
     pts = np.concatenate([np.concatenate(bundles[n]) for n in names]).astype(np.float64)
     d = aug.draw(rng, shape=(len(pts), 1, 3))
-    moved = transform(pts[:, None, :], d)[0][:, 0].astype(np.float32)
+    mx = mid_sagittal_x({n: np.concatenate(bundles[n]) for n in names})[0] if d.mirrored else 0.0
+    moved = transform(pts[:, None, :], d, mirror_x=mx)[0][:, 0].astype(np.float32)
     out, at = {}, 0
     for n, ln in zip(names, lens, strict=True):
         flat = moved[at:at + ln.sum()]
         at += ln.sum()
-        out[n] = np.split(flat, np.cumsum(ln)[:-1])
-    return out
+        out[mirror_name(n) if d.mirrored else n] = np.split(flat, np.cumsum(ln)[:-1])
+    return out, bool(d.mirrored)
 
 
 def encode(codec, streamlines, name):
@@ -132,6 +139,7 @@ def main(argv=None) -> None:
     p.add_argument("--elastic-wavelength-mm", type=float, default=40.0)
     p.add_argument("--aniso-scale", type=float, default=0.05)
     p.add_argument("--shear", type=float, default=0.03)
+    p.add_argument("--mirror-prob", type=float, default=0.5)
     p.add_argument("--draws", type=int, default=20)
     p.add_argument("--lesions-per-bundle", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -193,15 +201,17 @@ def main(argv=None) -> None:
 
     # --- synthetic subjects (cached encodings)
     aug = Augmentation(rotate_deg=10.0, translate_mm=5.0, scale_range=(0.9, 1.1), aniso_scale=args.aniso_scale, shear=args.shear,
-                       elastic_mm=args.elastic_mm, elastic_wavelength_mm=args.elastic_wavelength_mm, jitter_mm=0.2)
+                       mirror_prob=args.mirror_prob, elastic_mm=args.elastic_mm,
+                       elastic_wavelength_mm=args.elastic_wavelength_mm, jitter_mm=0.2)
     tag = (f"synth-e{args.elastic_mm:g}-w{args.elastic_wavelength_mm:g}-a{args.aniso_scale:g}-h{args.shear:g}"
-           f"-s{args.seed}")
-    synth_dirs, synth_bundles = [], {}
+           f"{f'-m{args.mirror_prob:g}' if args.mirror_prob else ''}-s{args.seed}")
+    synth_dirs, synth_bundles, source = [], {}, {}
     t0 = time.perf_counter()
     for i in range(args.subjects):
         subj = f"synth{i:02d}"
-        sb = synthetic_subject(s01, aug, np.random.default_rng([args.seed, i]))
+        sb, mirrored = synthetic_subject(s01, aug, np.random.default_rng([args.seed, i]))
         synth_bundles[subj] = sb
+        source[subj] = "subject01-mirrored" if mirrored else "subject01"
         for n, s in sb.items():
             cached(cache / tag / subj / f"{n}.vqlat", lambda s=s, n=n: encode(codec, s, n))
         synth_dirs.append(cache / tag / subj)
@@ -209,7 +219,15 @@ def main(argv=None) -> None:
 
     norm_dirs, held = synth_dirs[:args.norm_subjects], synth_dirs[args.norm_subjects:]
     table = build_tables(norm_dirs)["wide"]
-    models = {"shrinkage": fit_table(table, "wide"), "diagonal": fit_table(table, "wide", lam=1.0)}
+    table["source"] = table["subject"].map(source)
+    res["reference_sources"] = table.groupby("source")["subject"].nunique().to_dict()
+    res["synthetic_sources"] = source  # subject -> the individual it is a copy of (the norms' --group-by source)
+    res["heldout_sources"] = {k: sum(source[d.name] == k for d in held) for k in sorted(set(source.values()))}
+    group_by = "source" if table["source"].nunique() > 1 else None
+    models = {"shrinkage": fit_table(table, "wide", group_by=group_by),
+              "diagonal": fit_table(table, "wide", lam=1.0, group_by=group_by),
+              "shrinkage_loo": fit_table(table, "wide")}
+    res["calibration"] = {m: next(iter(n.tracts.values())).calibration["held_out"] for m, n in models.items()}
     res["shrinkage_lambda"] = {t: round(n.lam, 3) for t, n in models["shrinkage"].tracts.items()}
 
     from vqdiff.analysis.records import iter_records

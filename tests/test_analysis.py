@@ -176,6 +176,66 @@ def test_norms_flag_a_shifted_profile_at_its_node(tmp_path):
         score_profile(norms, "X", shifted)
 
 
+
+def test_node_z_is_not_capped_so_the_largest_of_several_extreme_nodes_is_the_peak():
+    """Far from the norm every node's tail probability underflows; z = Phi^-1(1 - p) then capped at
+    ~8.2 and the first capped node won the argmax (80 % of the validation's truncations had two or
+    more capped nodes). z is (log d2 - mu) / sd, computed without p: the largest deviation is the peak."""
+    from vqdiff.analysis.norms import fit, standardised, tail_probability
+    from vqdiff.analysis.scoring import score_profile
+
+    rng = np.random.default_rng(0)
+    n_nodes, d = 16, 8
+    base = np.sin(np.linspace(0, 3, n_nodes * d))
+    norms = fit({"T": base + 0.1 * rng.normal(size=(25, n_nodes * d))}, n_nodes=n_nodes)
+    far = (base + 0.1 * rng.normal(size=n_nodes * d)).reshape(n_nodes, d)
+    far[3:13] += 20.0  # ten extreme nodes, one of them ten times further
+    far[7] += 200.0
+    s = score_profile(norms, "T", far)
+    z = np.sort(s.node_z)
+    assert s.peak_node == 7 and z[-10] > 8.3 and len(set(z[-10:])) == 10 and s.peak_z > z[-2] + 3
+    t = norms.tracts["T"]
+    _, nodes = t.distances(far.reshape(1, -1))
+    cal = np.asarray(t.calibration["nodes"])
+    np.testing.assert_allclose(s.node_z, (np.log(nodes[0]) - cal[:, 0]) / cal[:, 1])
+    # the tail probability stays positive and exact far out: P(Z >= 10) = 7.62e-24
+    mu, sd = 1.0, 0.5
+    d2 = np.exp(mu + sd * np.array([0.0, 10.0]))
+    np.testing.assert_allclose(tail_probability(d2, (mu, sd)), [0.5, 7.6198530241605e-24], rtol=1e-9)
+    np.testing.assert_allclose(standardised(d2, (mu, sd)), [0.0, 10.0])
+
+
+def test_leave_one_group_out_calibration_scores_a_new_individual_as_one_of_the_reference():
+    """Copies of two individuals (synthetic draws of a subject and of its mirror image): leave-one-out
+    keeps each copy's siblings in the model, so a third individual looks abnormal; holding each
+    individual out as a whole (group_by) calibrates on an unseen individual's distances."""
+    import pandas as pd
+
+    from vqdiff.analysis.embedding import embedding_from_profile
+    from vqdiff.analysis.records import AnalysisError
+    from vqdiff.analysis.scoring import fit_table, score_profile
+
+    rng = np.random.default_rng(3)
+    n_nodes, d = 16, 4
+    base = np.sin(np.linspace(0, 3, n_nodes * d))
+    people = base + 0.3 * rng.normal(size=(3, n_nodes * d))  # individuals differ by 0.3; copies by 0.03
+    rows = [{"subject": f"s{k}{i}", "tract": "T", "source": f"person{k}", "n_nodes": n_nodes,
+             **{f"e{j}": v for j, v in enumerate(embedding_from_profile(
+                 (people[k] + 0.03 * rng.normal(size=n_nodes * d)).reshape(n_nodes, d)))}}
+            for k in range(2) for i in range(12)]
+    df = pd.DataFrame(rows)
+    third = (people[2] + 0.03 * rng.normal(size=n_nodes * d)).reshape(n_nodes, d)
+    loo = fit_table(df, "wide")
+    grouped = fit_table(df, "wide", group_by="source")
+    assert grouped.tracts["T"].calibration["held_out"] == "leave-one-group-out (2 groups)"
+    assert loo.tracts["T"].calibration["held_out"] == "leave-one-out"
+    assert score_profile(loo, "T", third).p_value < 1e-6
+    assert score_profile(grouped, "T", third).p_value > 0.05
+    with pytest.raises(AnalysisError, match="no column 'site'.*subject, tract, source"):
+        fit_table(df, "wide", group_by="site")
+    with pytest.raises(AnalysisError, match="2 or more groups"):
+        fit_table(df.assign(source="one"), "wide", group_by="source")
+
 def _run(*args):
     return subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, timeout=300)
 
@@ -221,6 +281,18 @@ def test_clis_from_a_batch_folder_to_scores_and_figures(codec, bundles, lat, tmp
     norms = tmp_path / "n.vqnorm"
     code, _, err = _main(capsys, "norms", "fit", table, norms, "--label", "test reference")
     assert code == 0, err
+    import pandas as pd
+
+    grouped = tmp_path / "grouped.parquet"  # copies of two "individuals": held out as groups
+    pd.read_parquet(table).assign(source=lambda t: t["subject"].map(lambda s: "a" if s < "ref3" else "b")).to_parquet(grouped)
+    code, _, err = _main(capsys, "norms", "fit", grouped, tmp_path / "g.vqnorm", "--group-by", "source")
+    assert code == 0, err
+    from vqdiff.analysis.norms import Norms
+
+    cal = Norms.load(tmp_path / "g.vqnorm").tracts["ILF_R"].calibration
+    assert cal["held_out"] == "leave-one-group-out (2 groups)"
+    code, _, err = _main(capsys, "norms", "fit", grouped, tmp_path / "h.vqnorm", "--group-by", "site")
+    assert code != 0 and "no column 'site'" in err and "source" in err
     subject = _batch_folder(tmp_path, {n: lat[n] for n in ("ILF_R", "POPT_R", "PYT_L")})
     code, out, err = _main(capsys, "norms", "score", subject, "--norms", norms, "--out-table", tmp_path / "s.csv",
                            "--out-figures", tmp_path / "figs")
@@ -229,8 +301,6 @@ def test_clis_from_a_batch_folder_to_scores_and_figures(codec, bundles, lat, tmp
     scored = json.loads(out[out.index("{"):])["scored"]
     assert {s["bundle"] for s in scored} == {"ILF_R", "POPT_R"}
     assert len(list((tmp_path / "figs").glob("*.png"))) == 2
-    import pandas as pd
-
     assert list(pd.read_csv(tmp_path / "s.csv")["bundle"]) == [s["bundle"] for s in scored]
 
 

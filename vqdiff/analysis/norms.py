@@ -12,10 +12,12 @@ to p = N * D) of n reference bundles:
   the n x n Gram matrix, so a tract with p = 1024 and n = 25 costs a 25 x 25 solve.
 - **distances**: ``d2 = z' R^-1 z`` with ``z = (x - m) / s`` for the whole profile (bundle level), and
   the same on each node's D coordinates with that node's block of ``R`` (node level).
-- **calibration** (tail probabilities): leave-one-out. Each reference bundle is scored by the
-  model fitted without it; ``log d2`` of those held-out scores is fitted by a normal law (mean,
+- **calibration** (tail probabilities): held out. Each reference bundle is scored by the model
+  fitted without it (leave-one-out), or without its whole group when the reference bundles come in
+  groups of copies of one individual (``groups``: leave-one-group-out); ``log d2`` of those held-out scores is fitted by a normal law (mean,
   sd), once for the bundle level and once per node. A new bundle's tail probability is
-  ``P(D2 >= d2)`` under that law (`p_value`), its node z-score ``Phi^-1(1 - p_node)``: about N(0, 1)
+  ``P(D2 >= d2)`` under that law (`p_value`), its node z-score ``Phi^-1(1 - p_node)`` =
+  ``(log d2_node - mu) / sd`` (`standardised`: computed directly, so it is never capped): about N(0, 1)
   for bundles like the reference ones, large where the profile deviates. Held-out scores are the
   honest reference (in-sample distances are smaller); the log-normal extrapolates beyond the
   1 / (n + 1) resolution of an empirical rank.
@@ -51,37 +53,12 @@ MIN_REFERENCE = 5  # bundles per tract
 _EPS = 1e-6
 
 
-def _ndtr(x: np.ndarray) -> np.ndarray:
-    """Standard normal CDF (numpy only)."""
-    from math import erf
+def _sf(u: np.ndarray) -> np.ndarray:
+    """Standard normal upper tail ``P(U >= u)`` by ``erfc`` (numpy only): accurate far into the tail,
+    where ``1 - Phi(u)`` would round to 0 (u > 8.3)."""
+    from math import erfc
 
-    return 0.5 * (1.0 + np.vectorize(erf)(np.asarray(x, np.float64) / math.sqrt(2.0)))
-
-
-def _ndtri(p: np.ndarray) -> np.ndarray:
-    """Inverse standard normal CDF (Acklam's rational approximation, rel. error < 1.2e-9), p clipped to (0, 1)."""
-    p = np.clip(np.asarray(p, np.float64), 1e-300, 1 - 1e-16)
-    a = [-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02,
-         -3.066479806614716e01, 2.506628277459239e00]
-    b = [-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01,
-         -1.328068155288572e01]
-    c = [-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00,
-         4.374664141464968e00, 2.938163982698783e00]
-    d = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00]
-    out = np.empty_like(p)
-    lo, hi = p < 0.02425, p > 1 - 0.02425
-    mid = ~(lo | hi)
-    q = np.sqrt(-2 * np.log(p[lo]))
-    out[lo] = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / \
-        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
-    q = np.sqrt(-2 * np.log(1 - p[hi]))
-    out[hi] = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / \
-        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
-    q = p[mid] - 0.5
-    r = q * q
-    out[mid] = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / \
-        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
-    return out
+    return 0.5 * np.vectorize(erfc, otypes=[np.float64])(np.asarray(u, np.float64) / math.sqrt(2.0))
 
 
 def shrinkage(y: np.ndarray) -> float:
@@ -167,26 +144,47 @@ def _lognormal(d2: np.ndarray) -> list[float]:
     return [float(v.mean()), float(max(v.std(ddof=1), 1e-3))]
 
 
-def calibrate(norm: TractNorm, x: np.ndarray, *, lam: float | None = None) -> TractNorm:
-    """Leave-one-out calibration of ``norm`` fitted on ``x`` (module doc); returns ``norm``."""
+def calibrate(norm: TractNorm, x: np.ndarray, *, lam: float | None = None, groups=None) -> TractNorm:
+    """Held-out calibration of ``norm`` fitted on ``x`` (module doc); returns ``norm``.
+
+    ``groups`` (one label per row of ``x``; default: every row its own group, i.e. leave-one-out):
+    each group's bundles are scored by the model fitted without that group. Give the rows that are
+    copies of one individual (synthetic draws of one real bundle) one label, so that the held-out
+    distances are those of an individual the model has not seen, which is what a new subject is.
+    """
     x = np.asarray(x, np.float64)
-    whole, nodes = [], []
-    for i in range(len(x)):
-        held = fit_tract(np.delete(x, i, axis=0), norm.n_nodes, lam=norm.lam if lam is None else lam)
-        w, nd = held.distances(x[i:i + 1])
-        whole.append(w[0])
-        nodes.append(nd[0])
-    nodes = np.asarray(nodes)
-    norm.calibration = {"bundle": _lognormal(np.asarray(whole)),
+    labels = np.arange(len(x)) if groups is None else np.asarray([str(g) for g in groups])
+    if len(labels) != len(x):
+        raise AnalysisError(f"{len(labels)} group labels for {len(x)} reference bundles")
+    kinds = list(dict.fromkeys(labels.tolist()))
+    if len(kinds) < 2:
+        raise AnalysisError(f"held-out calibration needs 2 or more groups of reference bundles, got {len(kinds)}")
+    whole, nodes = np.empty(len(x)), np.empty((len(x), norm.n_nodes))
+    for g in kinds:
+        out = labels == g
+        if (~out).sum() < 2:
+            raise AnalysisError(f"group {g!r} holds {out.sum()} of {len(x)} reference bundles: fewer than 2 remain "
+                                "to fit the model that scores it")
+        held = fit_tract(x[~out], norm.n_nodes, lam=norm.lam if lam is None else lam)
+        whole[out], nodes[out] = held.distances(x[out])
+    norm.calibration = {"bundle": _lognormal(whole),
                         "nodes": [_lognormal(nodes[:, k]) for k in range(norm.n_nodes)],
-                        "loo_bundle_d2": [float(v) for v in whole]}
+                        "loo_bundle_d2": [float(v) for v in whole],
+                        "held_out": "leave-one-out" if groups is None else f"leave-one-group-out ({len(kinds)} groups)"}
     return norm
+
+
+def standardised(d2: np.ndarray, mu_sd) -> np.ndarray:
+    """``(log d2 - mu) / sd``: a distance on the calibration's standard normal scale. This is the node
+    z-score (`Phi^-1(1 - p)` of the tail probability ``p``, computed without the round trip through
+    ``p``, which underflows to 0 for z above ~8.3 and would make every such node tie)."""
+    mu, sd = mu_sd
+    return (np.log(np.maximum(np.asarray(d2, np.float64), 1e-12)) - mu) / sd
 
 
 def tail_probability(d2: np.ndarray, mu_sd) -> np.ndarray:
     """``P(D2 >= d2)`` under the calibration's log-normal law."""
-    mu, sd = mu_sd
-    return 1.0 - _ndtr((np.log(np.maximum(np.asarray(d2, np.float64), 1e-12)) - mu) / sd)
+    return _sf(standardised(d2, mu_sd))
 
 
 @dataclass
@@ -246,15 +244,19 @@ class Norms:
 
 
 def fit(profiles: dict[str, np.ndarray], *, n_nodes: int, subjects: dict[str, list[str]] | None = None,
-        model_sha256: str = "", lam: float | None = None, info: dict[str, Any] | None = None) -> Norms:
-    """Norms of every tract: ``profiles`` tract -> (n, N * D) reference profiles (module doc)."""
+        model_sha256: str = "", lam: float | None = None, info: dict[str, Any] | None = None,
+        groups: dict[str, list[str]] | None = None) -> Norms:
+    """Norms of every tract: ``profiles`` tract -> (n, N * D) reference profiles (module doc);
+    ``groups`` tract -> one label per profile for the held-out calibration (`calibrate`; default
+    leave-one-out)."""
     tracts, small = {}, []
     for name, x in sorted(profiles.items()):
         x = np.asarray(x, np.float64)
         if len(x) < MIN_REFERENCE:
             small.append(f"{name} ({len(x)})")
             continue
-        norm = calibrate(fit_tract(x, n_nodes, lam=lam), x)
+        g = None if groups is None else groups[name]
+        norm = calibrate(fit_tract(x, n_nodes, lam=lam), x, groups=g)
         norm.subjects = list((subjects or {}).get(name, []))
         tracts[name] = norm
     if not tracts:

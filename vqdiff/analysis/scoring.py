@@ -17,13 +17,14 @@ recommends (chosen on the synthetic reference set's false-positive rate, checked
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from .embedding import EMBEDDING_VERSION, profile_from_embedding, profile_of
-from .norms import Norms, _ndtri, fit, tail_probability
+from .norms import Norms, fit, standardised, tail_probability
 from .records import AnalysisError
 from .tables import embedding_columns, long_to_profiles, tract_key
 
@@ -60,8 +61,7 @@ def score_profile(norms: Norms, tract: str, prof: np.ndarray, *, subject: str = 
     whole, nodes = t.distances(prof.reshape(1, -1))
     p = float(tail_probability(whole, t.calibration["bundle"])[0])
     cal = np.asarray(t.calibration["nodes"], np.float64)  # (N, 2): log-normal mean, sd per node
-    p_nodes = tail_probability(nodes[0], (cal[:, 0], cal[:, 1]))
-    z = _ndtri(1.0 - p_nodes)
+    z = standardised(nodes[0], (cal[:, 0], cal[:, 1]))  # = Phi^-1(1 - p_node), never capped (no ties)
     peak = int(np.argmax(z))
     return BundleScore(subject, bundle or tract, tract, float(whole[0]), p, bool(p < alpha), peak, float(z[peak]),
                        [float(v) for v in z], int(t.deviations.shape[0]))
@@ -116,8 +116,9 @@ def scores_table(scores: list[BundleScore]):
     return pd.DataFrame(rows)
 
 
-def table_profiles(df, layout: str) -> tuple[dict, dict, int, str]:
-    """A table -> (tract -> profiles (n, N * D), tract -> subjects, N, model sha256)."""
+def table_profiles(df, layout: str, group_by: str | None = None) -> tuple[dict, dict, int, str, dict | None]:
+    """A table -> (tract -> profiles (n, N * D), tract -> subjects, N, model sha256, tract -> the
+    ``group_by`` column's labels (None without ``group_by``))."""
     if layout == "long":
         keys, prof = long_to_profiles(df)
         n = prof.shape[1]
@@ -136,16 +137,32 @@ def table_profiles(df, layout: str) -> tuple[dict, dict, int, str]:
         if len(shas) > 1:
             raise AnalysisError(f"mixed models in the table ({sorted(s[:12] for s in shas)}); fit norms per model")
         sha = shas.pop()
+    labels = None
+    if group_by is not None:
+        if group_by not in df.columns:
+            raise AnalysisError(f"no column {group_by!r} to group the reference bundles by; the table has: "
+                                f"{', '.join(c for c in map(str, df.columns) if not re.fullmatch(r'[ef][0-9]+', c))}")
+        if layout == "long":
+            first = df.groupby(["subjectID", "tractID"], sort=False)[group_by].first()
+            labels = [str(first[k]) for k in keys]
+        else:
+            labels = df[group_by].astype(str).tolist()
     profiles: dict[str, list] = {}
     subj: dict[str, list] = {}
-    for t, s, row in zip(tracts, subjects, flat, strict=True):
+    grp: dict[str, list] = {}
+    for i, (t, s, row) in enumerate(zip(tracts, subjects, flat, strict=True)):
         profiles.setdefault(t, []).append(row)
         subj.setdefault(t, []).append(s)
-    return {t: np.stack(v) for t, v in profiles.items()}, subj, n, sha
+        grp.setdefault(t, []).append(labels[i] if labels is not None else s)
+    return {t: np.stack(v) for t, v in profiles.items()}, subj, n, sha, (grp if group_by is not None else None)
 
 
-def fit_table(df, layout: str, *, lam: float | None = None, info: dict | None = None) -> Norms:
-    """Norms from a cohort table (`vqdiff.analysis.tables.read_table`)."""
-    profiles, subjects, n, sha = table_profiles(df, layout)
-    return fit(profiles, n_nodes=n, subjects=subjects, model_sha256=sha, lam=lam,
-               info={"embedding_version": EMBEDDING_VERSION, **(info or {})})
+def fit_table(df, layout: str, *, lam: float | None = None, info: dict | None = None,
+              group_by: str | None = None) -> Norms:
+    """Norms from a cohort table (`vqdiff.analysis.tables.read_table`). ``group_by``: a column whose
+    equal values mark copies of one individual, held out together in the calibration
+    (`vqdiff.analysis.norms.calibrate`); default: leave-one-out."""
+    profiles, subjects, n, sha, groups = table_profiles(df, layout, group_by)
+    return fit(profiles, n_nodes=n, subjects=subjects, model_sha256=sha, lam=lam, groups=groups,
+               info={"embedding_version": EMBEDDING_VERSION, **(info or {}),
+                     **({"group_by": group_by} if group_by else {})})

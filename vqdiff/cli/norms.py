@@ -1,9 +1,10 @@
 """Normative model of tract profiles (fit) and deviation scores of a subject's bundles (score).
 
 fit: per tract of a cohort table (vqdiff-embed), a robust centre and a shrunk correlation of the
-16-node profile, calibrated by leave-one-out as tail probabilities. score: per bundle, the tail
-probability p of its whole profile (flagged when p < --alpha, 0.01 recommended) and the z-score of
-each node; optionally a table and one figure per bundle (node z with the reference band, the
+16-node profile, calibrated on held-out bundles as tail probabilities (leave-one-out; with
+--group-by, leave-one-group-out for references made of copies of a few individuals). score: per
+bundle, the tail probability p of its whole profile (flagged when p < --alpha, 0.01 recommended)
+and the z-score of each node; optionally a table and one figure per bundle (node z with the reference band, the
 decoded bundle coloured by node z: decoding needs the model). See docs/analysis.md.
 
 Examples::
@@ -30,6 +31,10 @@ def _build_arg_parser() -> argparse.ArgumentParser:
     f.add_argument("out_norms", help="Output norms file (.vqnorm).")
     f.add_argument("--label", default="", help="What the reference bundles are (shown on every figure).")
     f.add_argument("--diagonal", action="store_true", help="No correlations (shrinkage 1): the comparison model.")
+    f.add_argument("--group-by", metavar="COLUMN",
+                   help="A table column whose equal values mark copies of one individual (e.g. synthetic draws of "
+                        "one subject): the calibration holds each such group out together instead of one bundle "
+                        "at a time. Not needed for a cohort of real subjects.")
     add_overwrite_arg(f)
     add_verbose_arg(f)
     s = sub.add_parser("score", help="Score a subject's bundles against norms.")
@@ -51,7 +56,7 @@ def _fit(parser, args) -> None:
     check_outputs(parser, [args.out_norms], args.overwrite)
     t0 = time.perf_counter()
     df, layout = read_table(args.in_table)
-    norms = fit_table(df, layout, lam=1.0 if args.diagonal else None,
+    norms = fit_table(df, layout, lam=1.0 if args.diagonal else None, group_by=args.group_by,
                       info={"label": args.label, "table": str(args.in_table), "layout": layout})
     norms.save(args.out_norms, overwrite=args.overwrite)
     print(json.dumps({"norms": args.out_norms, "tracts": {t: {"n": int(n.deviations.shape[0]), "shrinkage": round(n.lam, 3)}
