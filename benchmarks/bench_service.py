@@ -4,9 +4,11 @@ Starts ``bentoml serve`` (the repository's service) on a free port, sends ``POST
 ``/decode``) requests of real bundles from 1, 4 and 16 concurrent clients (closed loop, fixed
 duration per level) and reports requests/s, streamlines/s, p50/p99 latency and the micro-batching
 (requests per engine call, from ``vqdiff_batch_requests`` on /metrics); the offline figures come from
-the same engine selection in this process (parse + canonicalise + encode + serialise, one bundle at a
-time, the engine on every core; and the engine alone), measured before and after the service runs
-(mean of the two) so that drifting background load is shared. The server runs its defaults
+the same engine selection in this process doing the same work as the service, one bundle at a time, the
+engine on every core: /encode = `Codec.encode_file` of the file (read, sha256, segment=auto's multi-bundle
+check, register, canonicalise, encode, the fidelity decode) + serialise; /decode = read the latents, decode,
+write TRK bytes; and the engine alone. Measured before and after the service runs (mean of the two) so
+that drifting background load is shared. The server runs its defaults
 (``VQDIFF_WORKERS`` / ``VQDIFF_THREADS`` auto) unless ``--workers`` / ``--server-threads`` say otherwise.
 
     python benchmarks/bench_service.py                       # models/default (or $VQDIFF_MODEL)
@@ -58,36 +60,35 @@ def _percentile(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def offline(model_dir: Path, payloads, endpoint: str, threads: int, seconds: float) -> dict:
-    """The same work in this process, one bundle after the other, for ``seconds``."""
+def offline(model_dir: Path, payloads, files, endpoint: str, threads: int, seconds: float) -> dict:
+    """The service's work in this process (the module doc), one bundle after the other, for ``seconds``."""
     from vqdiff.blas import limit_blas_threads
     from vqdiff.export.runtime import make_codec
-    from vqdiff.io import load_bundle_bytes
-    from vqdiff.latents import Latents
+    from vqdiff.io import bundle_to_bytes
+    from vqdiff.subject import load_latents
 
     limit_blas_threads()  # as in the gateway
     codec = make_codec(model_dir, threads=threads)  # the VQDIFF_ENGINE selection, the model's templates, as served
     engine = codec.engine
-    name, data, _ = payloads[0]  # warm-up (kernels, allocations), untimed
-    if endpoint == "encode":
-        codec.encode(load_bundle_bytes(data, format="trk", name=name))
+    if endpoint == "encode":  # warm-up (kernels, allocations), untimed
+        codec.encode_file(files[0])
     else:
-        codec.decode(Latents.from_bytes(data))
+        codec.decode(load_latents(payloads[0][1]))
     n_req = n_sl = n_groups = 0
     engine_s = 0.0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         name, data, count = payloads[n_req % len(payloads)]
-        if endpoint == "encode":
-            lat = codec.encode(load_bundle_bytes(data, format="trk", name=name))
+        if endpoint == "encode":  # as the service: segment=auto, register=auto, fidelity, input sha256
+            lat = codec.encode_file(files[n_req % len(files)])
             lat.to_bytes()
             n_groups += lat.n_groups
             te = time.perf_counter()
             codec.encode_groups(np.zeros((lat.n_groups, 3, 64, 64), np.float32))
             engine_s += time.perf_counter() - te
         else:
-            lat = Latents.from_bytes(data)
-            codec.decode(lat)
+            lat = load_latents(data)
+            bundle_to_bytes(codec.decode(lat), format="trk")
             n_groups += lat.n_groups
         n_req += 1
         n_sl += count
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
                "streamlines_per_round": sum(p[2] for p in payloads), "cpus": os.cpu_count(), "levels": []}
 
     watch = LoadWatch(os.cpu_count())  # server, workers and clients share the machine
-    off = [offline(model_dir, payloads, args.endpoint, args.threads, args.seconds)]
+    off = [offline(model_dir, payloads, files, args.endpoint, args.threads, args.seconds)]
     env = {"VQDIFF_MODEL": str(model_dir), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "", "VQDIFF_ENGINE": args.engine,
            "BENTOML_HOME": str(tmp / "bentoml"), **dict(kv.split("=", 1) for kv in args.server_env)}
     if args.workers:
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
         for n in levels:
             results["levels"].append(load_level(server.url, payloads, args.endpoint, n, args.seconds))
             print(json.dumps(results["levels"][-1]), file=sys.stderr)
-    off.append(offline(model_dir, payloads, args.endpoint, args.threads, args.seconds))
+    off.append(offline(model_dir, payloads, files, args.endpoint, args.threads, args.seconds))
     results["offline_runs"] = off
     sl = statistics.mean(o["streamlines_per_s"] for o in off)
     rq = statistics.mean(o["req_per_s"] for o in off)
