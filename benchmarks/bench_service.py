@@ -4,9 +4,12 @@ Starts ``bentoml serve`` (the repository's service) on a free port, sends ``POST
 ``/decode``) requests of real bundles from 1, 4 and 16 concurrent clients (closed loop, fixed
 duration per level) and reports requests/s, streamlines/s, p50/p99 latency and the micro-batching
 (requests per engine call, from ``vqdiff_batch_requests`` on /metrics); the offline figures come from
-the same engine selection in this process (parse + canonicalise + encode + serialise, one bundle at a
-time, the engine on every core; and the engine alone), measured before and after the service runs
-(mean of the two) so that drifting background load is shared. The server runs its defaults
+the same engine selection in this process doing the same work as the service, one bundle at a time, the
+engine on every core: /encode = `Codec.encode_file` of the file (read, sha256, segment=auto's multi-bundle
+check, register, canonicalise, encode, the fidelity decode) + serialise; /decode = read the latents, decode,
+write TRK bytes; and the engine alone. Measured before the service starts and again after each level,
+each level compared with the mean of the offline windows just before and after it, so that background
+load drifting on a shared machine is shared (the windows are ``--seconds`` long and adjacent to the level). The server runs its defaults
 (``VQDIFF_WORKERS`` / ``VQDIFF_THREADS`` auto) unless ``--workers`` / ``--server-threads`` say otherwise.
 
     python benchmarks/bench_service.py                       # models/default (or $VQDIFF_MODEL)
@@ -35,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the serve-process helper of the tests
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import LoadWatch, add_served_model_args  # noqa: E402
+from _common import LoadWatch, add_served_model_args, cpu_summary  # noqa: E402
 from serving import ServeProcess, make_dev_model  # noqa: E402
 
 
@@ -58,36 +61,31 @@ def _percentile(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def offline(model_dir: Path, payloads, endpoint: str, threads: int, seconds: float) -> dict:
-    """The same work in this process, one bundle after the other, for ``seconds``."""
-    from vqdiff.blas import limit_blas_threads
-    from vqdiff.export.runtime import make_codec
-    from vqdiff.io import load_bundle_bytes
-    from vqdiff.latents import Latents
+def offline(codec, payloads, files, endpoint: str, seconds: float) -> dict:
+    """The service's work in this process (the module doc), one bundle after the other, for ``seconds``."""
+    from vqdiff.io import bundle_to_bytes
+    from vqdiff.subject import load_latents
 
-    limit_blas_threads()  # as in the gateway
-    codec = make_codec(model_dir, threads=threads)  # the VQDIFF_ENGINE selection, the model's templates, as served
     engine = codec.engine
-    name, data, _ = payloads[0]  # warm-up (kernels, allocations), untimed
-    if endpoint == "encode":
-        codec.encode(load_bundle_bytes(data, format="trk", name=name))
+    if endpoint == "encode":  # warm-up (kernels, allocations), untimed
+        codec.encode_file(files[0])
     else:
-        codec.decode(Latents.from_bytes(data))
+        codec.decode(load_latents(payloads[0][1]))
     n_req = n_sl = n_groups = 0
     engine_s = 0.0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         name, data, count = payloads[n_req % len(payloads)]
-        if endpoint == "encode":
-            lat = codec.encode(load_bundle_bytes(data, format="trk", name=name))
+        if endpoint == "encode":  # as the service: segment=auto, register=auto, fidelity, input sha256
+            lat = codec.encode_file(files[n_req % len(files)])
             lat.to_bytes()
             n_groups += lat.n_groups
             te = time.perf_counter()
             codec.encode_groups(np.zeros((lat.n_groups, 3, 64, 64), np.float32))
             engine_s += time.perf_counter() - te
         else:
-            lat = Latents.from_bytes(data)
-            codec.decode(lat)
+            lat = load_latents(data)
+            bundle_to_bytes(codec.decode(lat), format="trk")
             n_groups += lat.n_groups
         n_req += 1
         n_sl += count
@@ -176,7 +174,14 @@ def main(argv=None) -> int:
                "streamlines_per_round": sum(p[2] for p in payloads), "cpus": os.cpu_count(), "levels": []}
 
     watch = LoadWatch(os.cpu_count())  # server, workers and clients share the machine
-    off = [offline(model_dir, payloads, args.endpoint, args.threads, args.seconds)]
+    results["cpu"] = cpu_summary()
+    print(f"CPU: {results['cpu']}", flush=True)
+    from vqdiff.blas import limit_blas_threads
+    from vqdiff.export.runtime import make_codec
+
+    limit_blas_threads()  # as in the service
+    codec = make_codec(model_dir, threads=args.threads)  # the VQDIFF_ENGINE selection, the model's templates, as served
+    off = [offline(codec, payloads, files, args.endpoint, args.seconds)]
     env = {"VQDIFF_MODEL": str(model_dir), "VQDIFF_MODEL_TAG": "", "VQDIFF_API_TOKEN": "", "VQDIFF_ENGINE": args.engine,
            "BENTOML_HOME": str(tmp / "bentoml"), **dict(kv.split("=", 1) for kv in args.server_env)}
     if args.workers:
@@ -187,10 +192,12 @@ def main(argv=None) -> int:
         with httpx.Client(base_url=server.url) as c:
             card = c.get("/model").json()
         load_level(server.url, payloads, args.endpoint, max(levels), min(5.0, args.seconds))  # warm-up
-        for n in levels:
-            results["levels"].append(load_level(server.url, payloads, args.endpoint, n, args.seconds))
-            print(json.dumps(results["levels"][-1]), file=sys.stderr)
-    off.append(offline(model_dir, payloads, args.endpoint, args.threads, args.seconds))
+        for n in levels:  # each level between two offline windows (the server idles during them)
+            level = load_level(server.url, payloads, args.endpoint, n, args.seconds)
+            off.append(offline(codec, payloads, files, args.endpoint, args.seconds))
+            level["offline_streamlines_per_s"] = (off[-2]["streamlines_per_s"] + off[-1]["streamlines_per_s"]) / 2
+            results["levels"].append(level)
+            print(json.dumps(level), file=sys.stderr)
     results["offline_runs"] = off
     sl = statistics.mean(o["streamlines_per_s"] for o in off)
     rq = statistics.mean(o["req_per_s"] for o in off)
@@ -218,7 +225,7 @@ def _table(r: dict) -> str:
             f"{r['cpus']} CPUs; server {r['server_backend']} {r['server_engine']}, offline "
             f"{off['backend']}/{off['provider']} {off['variant']} x{r['offline_threads']} threads",
             "",
-            "| mode | clients | requests | req/s | streamlines/s | p50 ms | p99 ms | requests/batch | % of offline |",
+            "| mode | clients | requests | req/s | streamlines/s | p50 ms | p99 ms | requests/batch | % of offline (windows around it) |",
             "|---|---|---|---|---|---|---|---|---|",
             f"| offline pipeline (in-process) | 1 | {sum(o['requests'] for o in r['offline_runs'])} | "
             f"{off['req_per_s']:.2f} | {off['streamlines_per_s']:.0f} | | | | 100% |"]
@@ -226,7 +233,8 @@ def _table(r: dict) -> str:
         rpb = f"{lv['requests_per_batch']:.2f}" if lv["requests_per_batch"] else "-"
         rows.append(f"| service | {lv['clients']} | {lv['requests']} ({lv['errors']} errors) | {lv['req_per_s']:.2f} | "
                     f"{lv['streamlines_per_s']:.0f} | {lv['p50_ms']:.0f} | {lv['p99_ms']:.0f} | {rpb} | "
-                    f"{100 * lv['streamlines_per_s'] / off['streamlines_per_s']:.0f}% |")
+                    f"{100 * lv['streamlines_per_s'] / lv['offline_streamlines_per_s']:.0f}% "
+                    f"(of {lv['offline_streamlines_per_s']:.0f}) |")
     if off.get("engine_groups_per_s"):
         rows.append("")
         rows.append(f"offline engine alone: {off['engine_groups_per_s']:.0f} groups/s "

@@ -79,10 +79,9 @@ class VQDiff:
     def __init__(self) -> None:
         t0 = time.perf_counter()
         limit_blas_threads()  # one BLAS thread per request thread, scipy's included (vqdiff.blas)
-        self.model_dir, self.codec = open_codec(SETTINGS.model_path, self.bento_model, device=SETTINGS.device,
-                                                        threads=SETTINGS.threads)
-        self.pipeline, engine, self.card = self.codec.pipeline, self.codec.engine, model_card(self.model_dir, self.codec)
-        self.batcher = MicroBatcher({"encode": engine.encode_with_indices, "decode": engine.decode_groups},
+        self.model_dir, self.codec = open_codec(SETTINGS.model_path, self.bento_model, device=SETTINGS.device, threads=SETTINGS.threads)
+        self.pipeline, self.card = self.codec.pipeline, model_card(self.model_dir, self.codec)
+        self.batcher = MicroBatcher({"encode": lambda x: filesteps.encode_and_decode(self.codec, x), "decode": self.codec.decode_groups},
                                     max_groups=SETTINGS.max_batch_groups, max_wait_ms=SETTINGS.max_batch_wait_ms)
         self.card["warmup_s"] = round(warm_up(self.codec), 3)
         self.norms = Norms.load(SETTINGS.norms) if SETTINGS.norms else None  # POST /score; a bad file stops the start
@@ -144,10 +143,10 @@ class VQDiff:
 
         bundle, x, state = await self._cpu(read)
         timer.mark("read")
-        latents, indices = await self.batcher.run("encode", x)
-        decoded = await self.batcher.run("decode", latents)  # the fidelity recorded in the latents, as the API's
+        latents, indices, decoded = await self.batcher.run("encode", x)  # decoded: the fidelity the latents record
         timer.mark("model")
-        return bundle, state, filesteps.assemble_file_latents(self.pipeline, state, latents, indices, decoded), decoded
+        return bundle, state, await self._cpu(filesteps.assemble_file_latents, self.pipeline, state, latents, indices,
+                                              decoded), decoded
 
     def _summary(self, lat, **extra) -> dict:
         return {**filesteps.describe(lat), "model": self.pipeline.model_info, **extra}

@@ -1,7 +1,7 @@
 """The in-process micro-batcher: a request's groups, cut into pieces of at most ``max_groups``, are joined
 with other requests' pieces in arrival order up to ``max_groups`` per engine call (an idle engine waits up to
 ``max_wait_ms`` for more; a busy one batches what queued meanwhile). The engine runs in a thread of its own,
-one call at a time; each call is counted in the histograms ``vqdiff_batch_requests`` / ``_groups``."""
+one call (one job: the service's encode decodes too) at a time; counted in ``vqdiff_batch_requests`` / ``_groups``."""
 
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ class MicroBatcher:
             held, size, deadline = None, len(batch[0][1]), loop.time() + self.max_wait_s
             while size < self.max_groups:
                 try:
-                    item = queue.get_nowait() if queue.qsize() else await asyncio.wait_for(queue.get(),
-                                                                                         deadline - loop.time())
+                    item = queue.get_nowait() if queue.qsize() else await asyncio.wait_for(queue.get(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
                 if size + len(item[1]) > self.max_groups:

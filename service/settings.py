@@ -31,8 +31,9 @@ TABLE = (
      "write answers"),
     ("VQDIFF_MAX_BATCH_GROUPS", "max_batch_groups", _INT, 64, "64", "micro-batching: most groups in one engine call "
      "(a larger request is cut into pieces of this size)"),
-    ("VQDIFF_MAX_BATCH_WAIT_MS", "max_batch_wait_ms", _NONNEG, 2.0, "2", "micro-batching: most an idle engine waits "
-     "for other requests' groups (0: never; a busy engine batches what queued meanwhile)"),
+    ("VQDIFF_MAX_BATCH_WAIT_MS", "max_batch_wait_ms", _NONNEG, None, "(auto)", "micro-batching: most an idle engine waits for "
+     "other requests' groups (0: never; a busy engine batches what queued meanwhile); auto: 2 on a GPU host, 0 on a CPU one "
+     "(its cost per group is the same in calls of 5 to 64 groups: a wait only delays)"),
     ("VQDIFF_TIMEOUT_S", "timeout_s", _POS, 120.0, "120", "request timeout (BentoML `traffic.timeout`)"),
     ("VQDIFF_MAX_CONCURRENCY", "max_concurrency", _INT, 64, "64", "API requests in flight (shared out over the "
      "workers); past it a 503 with `Retry-After` at once"),
@@ -105,9 +106,10 @@ class Settings(SimpleNamespace):
             if attr is not None:
                 value = _read(name, env, kind)
                 values[attr] = default if value is None else value
-        cores = os.cpu_count() or 1
-        values["workers"] = values["workers"] or (1 if gpu_host(values["device"]) else max(1, cores // 4))
+        gpu, cores = gpu_host(values["device"]), os.cpu_count() or 1
+        values["workers"] = values["workers"] or (1 if gpu else max(1, cores // 4))
         values["threads"] = values["threads"] or max(1, cores // values["workers"])
+        values["max_batch_wait_ms"] = (2.0 if gpu else 0.0) if values["max_batch_wait_ms"] is None else values["max_batch_wait_ms"]
         return cls(**values)
 
     max_upload_bytes = property(lambda self: int(self.max_upload_mb * (1 << 20)))

@@ -107,8 +107,9 @@ def call_with_retry(client, endpoint: str, *, tries: int = 5, waited: list | Non
 
 
 def test_bentoml_client_retries_a_503_after_retry_after(server, client, subject_dir):
-    """VQDIFF_MAX_CONCURRENCY=1 here: while a slow /reconstruct (subject01 CC_Fr_1) holds the one slot,
-    BentoML's SyncHTTPClient gets 503 + Retry-After on /encode, waits the advertised second and succeeds."""
+    """VQDIFF_MAX_CONCURRENCY=1 here: while a slow /reconstruct (subject01 IFOF_R, 45 groups: well past the 0.2 s
+    head start; CC_Fr_1 took 0.14-0.19 s and could finish before the loop began) holds the one slot, BentoML's
+    SyncHTTPClient gets 503 + Retry-After on /encode, waits the advertised second and succeeds."""
     import threading
     import time
 
@@ -118,7 +119,7 @@ def test_bentoml_client_retries_a_503_after_retry_after(server, client, subject_
 
     slow_answer = []
     slow = threading.Thread(target=lambda: slow_answer.append(client.post(
-        "/reconstruct", headers=_auth(), files={"file": ("CC_Fr_1.trk", (subject_dir / "CC_Fr_1.trk").read_bytes())})))
+        "/reconstruct", headers=_auth(), files={"file": ("IFOF_R.trk", (subject_dir / "IFOF_R.trk").read_bytes())})))
     with bentoml.SyncHTTPClient(server.url, token=TOKEN, timeout=120) as c:
         slow.start()
         time.sleep(0.2)  # the slow request first

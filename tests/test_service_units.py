@@ -389,6 +389,17 @@ def test_settings_defaults_renames_and_refusals(caplog):
             Settings.from_env(bad)
 
 
+def test_batch_wait_defaults_to_0_ms_on_a_cpu_host_and_2_ms_on_a_gpu_host():
+    """On the CPU an engine call costs the same per group whatever its size (a wait only delays a request);
+    on a GPU concurrent requests are worth joining. An explicit value, 0 included, wins."""
+    from vqdiff.service.settings import Settings
+
+    assert Settings.from_env({"VQDIFF_DEVICE": "cpu"}).max_batch_wait_ms == 0.0
+    assert Settings.from_env({"VQDIFF_DEVICE": "cuda:0"}).max_batch_wait_ms == 2.0
+    assert Settings.from_env({"VQDIFF_DEVICE": "cpu", "VQDIFF_MAX_BATCH_WAIT_MS": "5"}).max_batch_wait_ms == 5.0
+    assert Settings.from_env({"VQDIFF_DEVICE": "cuda", "VQDIFF_MAX_BATCH_WAIT_MS": "0"}).max_batch_wait_ms == 0.0
+
+
 def test_every_setting_is_documented_once_and_the_readme_table_is_current():
     """The README's table is `markdown_table()`; every ``VQDIFF_`` name that service/ mentions is a row of
     `TABLE` (or an old name that gets a warning), once; every row but VQDIFF_ENGINE is read by `Settings`."""

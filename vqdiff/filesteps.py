@@ -26,6 +26,13 @@ def prepare_file(pipeline, bundle: Bundle, *, input_sha256: str | None = None, r
     return x, state
 
 
+def encode_and_decode(codec, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The engine's part of an encoding as one job: (latents, indices, the decoder's output for those latents:
+    the fidelity `assemble_file_latents` records), back to back (the service's micro-batcher runs it per batch)."""
+    latents, indices = codec.encode_groups(x)
+    return latents, indices, codec.decode_groups(latents)
+
+
 def assemble_file_latents(pipeline, state, latents: np.ndarray, indices: np.ndarray | None,
                           decoded: np.ndarray | None = None):
     """`Latents` or `Subject` of `prepare_file`'s state and the engine's output (``decoded``: fidelity)."""
