@@ -219,3 +219,61 @@ def test_cpu_bf16_variants_are_measured_only_where_bf16_is_native(monkeypatch):
     assert emulated("torch-bf16-trunk") is None
     flags("amx_tile", "amx_bf16")
     assert emulated("torch-bf16") is None
+
+
+def test_openvino_argmax_runs_without_the_stable_sort_and_gives_the_same_indices():
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vqdiff.export.openvino_backend import argmax_without_sort
+
+    g = helper.make_graph(  # as the exporter writes the bottleneck's argmax: ArgMax axis 1, first index on ties
+        [helper.make_node("ArgMax", ["w"], ["i"], axis=1, keepdims=0),
+         helper.make_node("TopK", ["w", "k"], ["v2", "i2"], axis=1)], "argmax",
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, [None, 512])],
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("i2", TensorProto.INT64, [None, 2])],
+        [helper.make_tensor("k", TensorProto.INT64, [1], [2])])
+    blob = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    core = ov.Core()
+    plain, changed = core.read_model(blob, b""), core.read_model(blob, b"")
+    assert argmax_without_sort(changed) == 1  # the k = 2 TopK keeps its sort
+    sorts = sorted(op.get_attributes()["sort"] for op in changed.get_ordered_ops() if op.get_type_name() == "TopK")
+    assert sorts == ["index", "value"]
+    w = np.random.default_rng(0).integers(0, 4, (64, 512)).astype(np.float32)  # many ties per row
+    w[:, -1] = w.max()  # a tie with the last column in every row
+    a = core.compile_model(plain, "CPU").create_infer_request().infer({0: w})
+    b = core.compile_model(changed, "CPU").create_infer_request().infer({0: w})
+    ia, ib = (np.asarray(list(r.values())[0]).reshape(-1) for r in (a, b))
+    assert np.array_equal(ia, w.argmax(1)) and np.array_equal(ib, w.argmax(1))  # first index on ties, both
+    onnx.checker.check_model(onnx.load_from_string(blob))
+
+
+def test_openvino_engine_full_and_partial_chunks_match_the_graph_as_exported(tmp_path, eight_groups):
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    from vqdiff.export.manifest import read_manifest
+    from vqdiff.export.onnx_export import export_checkpoint
+    from vqdiff.export.openvino_backend import OpenVinoEngine
+    from vqdiff.export.variants import model_source
+    from vqdiff.geometry import groups_to_model
+
+    export = export_checkpoint(MODEL, tmp_path / "export", parity_groups=eight_groups, exporter="torchscript")
+    x = groups_to_model(src_norm(model_source(MODEL)).apply(eight_groups))
+    x = np.concatenate([x, x[::-1], x])[:7]
+    assert len(x) == 7
+    eng = OpenVinoEngine(export, batch_size=4, threads=1)  # one full (static) chunk of 4, one partial of 3
+    assert eng._enc_full is not None and eng._dec_full is not None
+    lat, idx = eng.encode_with_indices(x)
+    rec = eng.decode_groups(lat)
+    core, m = ov.Core(), read_manifest(export)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": "1"}
+    enc = core.compile_model(str(export / m["graphs"]["encoder"]["file"]), "CPU", config)
+    dec = core.compile_model(str(export / m["graphs"]["decoder"]["file"]), "CPU", config)
+    for s, e in ((0, 4), (4, 7)):
+        r = enc.create_infer_request().infer({0: x[s:e]})
+        out = {" ".join(o.get_names()): r[o] for o in enc.outputs}
+        lat0 = next(v for k, v in out.items() if "latents" in k)
+        idx0 = next(v for k, v in out.items() if "indices" in k)
+        assert np.array_equal(lat[s:e], lat0) and np.array_equal(idx[s:e], idx0)  # bit for bit
+        assert np.array_equal(rec[s:e], dec.create_infer_request().infer({0: lat0})[dec.outputs[0]])
