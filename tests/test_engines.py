@@ -277,3 +277,36 @@ def test_openvino_engine_full_and_partial_chunks_match_the_graph_as_exported(tmp
         idx0 = next(v for k, v in out.items() if "indices" in k)
         assert np.array_equal(lat[s:e], lat0) and np.array_equal(idx[s:e], idx0)  # bit for bit
         assert np.array_equal(rec[s:e], dec.create_infer_request().infer({0: lat0})[dec.outputs[0]])
+
+
+def test_the_selection_does_not_time_a_first_call(monkeypatch):
+    """The first call of a shape pays one-time costs (oneDNN primitives, OpenVINO kernels): the
+    selection takes the gate's outputs from it, untimed, and times the calls after it."""
+    import time
+
+    from vqdiff.export import select
+
+    class Fake:
+        def __init__(self, first_s, then_s):
+            self.calls, self.first_s, self.then_s = 0, first_s, then_s
+
+        def encode_with_indices(self, x):
+            time.sleep(self.first_s if self.calls == 0 else self.then_s)
+            self.calls += 1
+            return x, None
+
+        def decode_groups(self, lat):
+            return lat
+
+    engines = {"ref": Fake(0.0, 0.004), "slow-start": Fake(0.3, 0.001), "fails": Fake(0.0, 0.0)}
+    seen = {}
+
+    def judge_all(recs):
+        seen.update(recs)
+        return {n: {"passed": n != "fails"} for n in recs}
+
+    gates, times = select.measure(engines, list(engines), np.zeros((2, 3, 4, 4), np.float32), judge_all, 1.0)
+    assert set(seen) == set(engines) and gates["slow-start"]["passed"] and not gates["fails"]["passed"]
+    assert all(len(t) >= 1 for t in times.values()) and max(times["slow-start"]) < 0.1  # its first call is not timed
+    assert min(times["slow-start"]) < min(times["ref"])  # so it is the faster one, as it is once warm
+    assert len(times["fails"]) == 1 and len(times["ref"]) >= 2  # only passing contenders are re-timed
