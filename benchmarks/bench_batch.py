@@ -194,7 +194,7 @@ def roof_lines(args, codecs: dict, rows: list[dict], groups_per_streamline: floa
         gps = row["engine_only_streamlines_per_s"] * groups_per_streamline
         spec = spec_of(codec.engine)
         prec = spec.precision if spec else "fp32"
-        top = spec_roof(model, spec, r, per_layer) if spec else None
+        top = spec_roof(model, spec, r, per_layer, codec.engine) if spec else None
         row["engine_groups_per_s"], row["roof_fraction"] = round(gps, 1), fraction(gps, prec, r, top)
         print(f"engine {row['engine']}: {gps:,.0f} groups/s engine-only = {row['roof_fraction']} of its roof "
               f"({spec.name if spec else '?'}: {top or 0:,.0f} groups/s)")

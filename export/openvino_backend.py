@@ -120,6 +120,22 @@ class OpenVinoEngine(_GroupEngine):
         self.precision, self.variant, self.threads = precision, variant or precision, threads
         self.provider = f"openvino {core.get_versions('CPU')['CPU'].build_number} CPU ({','.join(caps)})"
 
+    def runtime_precisions(self) -> dict[str, list[str]]:
+        """What the plugin really runs: the runtime precision of each convolution of the encoder and the
+        decoder graphs, in graph order ("bf16", "f32", "u8"...; from the compiled runtime model). The
+        bf16 hint lets the plugin choose per layer (on AVX512-BF16 without AMX it keeps the transposed
+        convolutions f32), so the roof of a variant (`benchmarks/_roof.py`) is computed from this."""
+        out = {}
+        for graph, compiled in (("encoder", self._enc_static or self.encoder),
+                                ("decoder", self._dec_static or self.decoder)):
+            precs = []
+            for op in compiled.get_runtime_model().get_ordered_ops():
+                info = op.get_rt_info()
+                if "layerType" in info and info["layerType"].astype(str) in ("Convolution", "Deconvolution"):
+                    precs.append(info["runtimePrecision"].astype(str).lower())
+            out[graph] = precs
+        return out
+
     def _run_encoder(self, x):
         full = len(x) == self.batch_size and self._enc_full is not None
         req, graph = (self._enc_full, self._enc_static) if full else (self._enc_req, self.encoder)

@@ -310,3 +310,46 @@ def test_the_selection_does_not_time_a_first_call(monkeypatch):
     assert all(len(t) >= 1 for t in times.values()) and max(times["slow-start"]) < 0.1  # its first call is not timed
     assert min(times["slow-start"]) < min(times["ref"])  # so it is the faster one, as it is once warm
     assert len(times["fails"]) == 1 and len(times["ref"]) >= 2  # only passing contenders are re-timed
+
+
+def test_the_roof_holds_an_openvino_variant_to_the_layers_it_runs(monkeypatch, tmp_path, eight_groups):
+    """The bf16 hint lets OpenVINO choose per layer: the roof counts what its runtime model runs in
+    reduced precision, not the spec's "all" (the fallback where the engine cannot say)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _roof
+
+    from vqdiff.checkpoint import load_checkpoint
+    from vqdiff.torch_engine import layer_names
+
+    model = load_checkpoint(MODEL).model
+    names = layer_names(model)
+    enc = [n for n in names if n.startswith("encoder.")]
+    dec = [n for n in names if n.startswith("decoder.")]
+
+    class Fake:
+        def runtime_precisions(self):
+            return {"encoder": ["bf16"] * len(enc), "decoder": ["bf16"] * (len(dec) - 2) + ["f32", "f32"]}
+
+    spec = SPECS["openvino-bf16"]
+    assert _roof.reduced_layers(model, spec) == set(names)  # by the policy: all
+    assert _roof.reduced_layers(model, spec, Fake()) == set(names) - set(dec[-2:])
+    r = {"gemm_gflops": {"fp32": 100.0, "bf16": 300.0}}
+    per = _roof.layer_gflop_per_group(model)
+    assert _roof.spec_roof(model, spec, r, per, Fake()) < _roof.spec_roof(model, spec, r, per)
+
+    class Other(Fake):  # a graph whose convolutions do not match the model's layers: the policy
+        def runtime_precisions(self):
+            return {"encoder": ["bf16"], "decoder": ["f32"]}
+
+    assert _roof.reduced_layers(model, spec, Other()) == set(names)
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    from vqdiff.export.onnx_export import export_checkpoint
+    from vqdiff.export.openvino_backend import OpenVinoEngine, cpu_capabilities
+
+    export = export_checkpoint(MODEL, tmp_path / "export", parity_groups=eight_groups, exporter="torchscript")
+    eng = OpenVinoEngine(export, threads=1)
+    got = eng.runtime_precisions()
+    assert [len(got["encoder"]), len(got["decoder"])] == [len(enc), len(dec)] and set(sum(got.values(), [])) == {"f32"}
+    if "BF16" in cpu_capabilities(ov.Core()):
+        low = _roof.reduced_layers(model, spec, OpenVinoEngine(export, precision="bf16", threads=1))
+        assert low and enc[1] in low  # native bf16: the plugin runs the encoder's convolutions in bf16
