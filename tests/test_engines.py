@@ -353,3 +353,23 @@ def test_the_roof_holds_an_openvino_variant_to_the_layers_it_runs(monkeypatch, t
     if "BF16" in cpu_capabilities(ov.Core()):
         low = _roof.reduced_layers(model, spec, OpenVinoEngine(export, precision="bf16", threads=1))
         assert low and enc[1] in low  # native bf16: the plugin runs the encoder's convolutions in bf16
+
+
+def test_bench_batch_times_the_engine_calls_the_job_makes(tmp_path, subject_dir, monkeypatch):
+    """A job decodes its latents by default (fidelity): the benchmark's stages must run the same calls,
+    or finish fails every file (as it did) and the engine's CPU per group leaves out the decode."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_batch
+
+    from vqdiff.batch.model import load_codec
+    from vqdiff.batch.tasks import encode_tasks
+
+    src = tmp_path / "in" / "sub-01" / "tractography"
+    src.mkdir(parents=True)
+    (src / "sub-01__POPT_R.trk").symlink_to(subject_dir / "POPT_R.trk")
+    tasks = encode_tasks(tmp_path / "in", tmp_path / "out")
+    codec = load_codec(MODEL, backend="torch", threads=1, batch_size=8)
+    cpu = bench_batch.cpu_seconds(codec, tasks, MODEL, 8, tmp_path / "scratch", repeats=1)
+    assert all(v > 0 for v in cpu.values())
+    enc_only = bench_batch.cpu_seconds(codec, tasks, MODEL, 8, tmp_path / "scratch", repeats=1, fidelity=False)
+    assert all(v > 0 for v in enc_only.values())
