@@ -13,7 +13,9 @@ model's FLOPs per group, and the groups/s that would make (see docs/engines.md, 
 
 A variant whose layer policy keeps some layers fp32 (``trunk``, ``safe``: `vqdiff.engine.LAYER_POLICIES`)
 is held to a mixed roof: its FLOPs split per layer (the counter's per-module counts), each part at
-its precision's peak, ``1 / sum(flops_p / peak_p)`` groups/s (`spec_roof`).
+its precision's peak, ``1 / sum(flops_p / peak_p)`` groups/s (`spec_roof`). An OpenVINO variant is
+held to the layers its compiled runtime model runs in reduced precision (the plugin chooses under a
+precision hint: on AVX512-BF16 without AMX the transposed convolutions stay f32).
 
 Every measure runs on ``threads`` threads, the threads the engines are given.
 """
@@ -106,13 +108,25 @@ def layer_gflop_per_group(model, batch: int = 8, *, what: str = "roundtrip") -> 
     return per
 
 
-def reduced_layers(model, spec) -> set[str]:
-    """The layers a spec runs in its (reduced) precision, by its layer policy."""
+def reduced_layers(model, spec, engine=None) -> set[str]:
+    """The layers a spec runs in its (reduced) precision: what ``engine`` reports it runs where it can
+    (OpenVINO: `runtime_precisions`, the plugin choosing per layer under a precision hint), else by the
+    spec's layer policy."""
     from vqdiff.torch_engine import edge_layers, layer_names
 
     names = layer_names(model)
     if spec.precision == "fp32":
         return set()
+    runtime = engine.runtime_precisions() if hasattr(engine, "runtime_precisions") else None
+    if runtime is not None:
+        out = set()
+        for graph, precs in runtime.items():
+            g = [n for n in names if n.startswith(graph + ".")]
+            if len(g) != len(precs):  # another graph than the torch model's layers: the policy below
+                break
+            out |= {n for n, p in zip(g, precs, strict=True) if p not in ("f32", "fp32")}
+        else:
+            return out
     if spec.layers == "all":
         return set(names)
     trunk = set(names) - set(edge_layers(model))
@@ -133,11 +147,12 @@ def reduced_layers(model, spec) -> set[str]:
     return trunk
 
 
-def spec_roof(model, spec, r: dict, per_layer: dict[str, float]) -> float | None:
-    """The groups/s roof of ``spec`` (`vqdiff.engine.EngineSpec`): its reduced layers at its precision's
-    peak, the rest at fp32's; None where a needed peak was not measured (not native here)."""
+def spec_roof(model, spec, r: dict, per_layer: dict[str, float], engine=None) -> float | None:
+    """The groups/s roof of ``spec`` (`vqdiff.engine.EngineSpec`) run by ``engine``: its reduced layers
+    (`reduced_layers`) at its precision's peak, the rest at fp32's; None where a needed peak was not
+    measured (not native here)."""
     peaks = r["gemm_gflops"]
-    low = reduced_layers(model, spec)
+    low = reduced_layers(model, spec, engine)
     need = {"fp32"} | ({spec.precision} if low else set())
     if not need <= set(peaks):
         return None

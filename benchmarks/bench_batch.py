@@ -6,7 +6,9 @@ as ``--subjects`` TractoInferno subjects (symlinks in a temp folder), then alter
 times each:
 
 - engine only: the groups of every file, canonicalised and normalised beforehand (not timed), run
-  through the same engine in the same fixed batches of ``--batch-size`` groups;
+  through the same engine in the same fixed batches of ``--batch-size`` groups, the calls the job
+  makes: encode, and decode too unless ``--no-fidelity`` (a job decodes its latents to record the
+  measured fidelity by default);
 - end to end: ``run_batch("encode", ...)`` into an empty folder (discovery, hashing, reading,
   canonicalisation, inference, atomic writes, index), timed from the call to its return;
 
@@ -19,8 +21,8 @@ engine / (prepare + engine + finish) CPU, printed as the ceiling. The CPU model,
 the load average before and after are printed with the figures.
 
 The roof (`_roof`, docs/engines.md): the machine's GEMM peak per natively supported precision on the
-engine's threads, over the model's encode FLOPs per group, and each engine's engine-only groups/s as
-a fraction of its precision's roof.
+engine's threads, over the model's FLOPs per group (encode + decode; encode only with
+``--no-fidelity``), and each engine's engine-only groups/s as a fraction of its precision's roof.
 
     python benchmarks/bench_batch.py [--model DIR] [--source subject01] [--subjects 10] [--batch-size 64] [--threads N]
 
@@ -76,10 +78,12 @@ def model_dir(arg: str | None, tmp: Path) -> tuple[Path, str]:
         return path, "paper architecture (hidden 128, D 64), random weights"
 
 
-def engine_only(codec, inputs: list[np.ndarray], batch_size: int) -> float:
+def engine_only(codec, inputs: list[np.ndarray], batch_size: int, fidelity: bool = True) -> float:
+    """Seconds of the job's engine calls over ``inputs``: encode, and decode too with ``fidelity`` (the
+    job's default: it decodes the latents to record the measured fidelity)."""
     from vqdiff.batch.stages import Batcher, engine_call
 
-    batcher = Batcher(lambda x: engine_call(codec, "encode", x), batch_size)
+    batcher = Batcher(lambda x: engine_call(codec, "encode", x, fidelity), batch_size)
     t0 = time.perf_counter()
     for i, x in enumerate(inputs):
         batcher.add(i, x)
@@ -87,7 +91,8 @@ def engine_only(codec, inputs: list[np.ndarray], batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_seconds(codec, tasks, model, batch_size: int, scratch: Path, repeats: int = 3) -> dict[str, float]:
+def cpu_seconds(codec, tasks, model, batch_size: int, scratch: Path, repeats: int = 3,
+                fidelity: bool = True) -> dict[str, float]:
     """CPU seconds of each stage over all files, the stages run one after the other on this thread.
 
     Process CPU time (every thread's: an engine's intra-op threads count, numpy's BLAS is held to one
@@ -99,7 +104,7 @@ def cpu_seconds(codec, tasks, model, batch_size: int, scratch: Path, repeats: in
     from vqdiff.blas import single_threaded_blas
 
     spec = JobSpec("encode", str(model), dict(codec.model_info), codec.normalisation.to_dict(), batch_size,
-                   engine=dict(codec.pipeline.provenance["engine"]))
+                   engine=dict(codec.pipeline.provenance["engine"]), fidelity=fidelity)
     tasks = [BatchTask(t.input, t.rel, t.subject, t.bundle, str(scratch / t.out_rel), t.out_rel) for t in tasks]
     cpu = {"prepare": float("inf"), "engine": float("inf"), "finish": float("inf")}
     with single_threaded_blas():
@@ -107,7 +112,7 @@ def cpu_seconds(codec, tasks, model, batch_size: int, scratch: Path, repeats: in
             c0 = time.process_time()
             items = [prepare(spec, t) for t in tasks]
             c1 = time.process_time()
-            batcher = Batcher(lambda x: engine_call(codec, "encode", x), batch_size)
+            batcher = Batcher(lambda x: engine_call(codec, "encode", x, spec.fidelity), batch_size)
             done = [d for t, it in zip(tasks, items, strict=True) for d in batcher.add((t, it), it.x)] + batcher.flush()
             c2 = time.process_time()
             for (t, it), outs in done:
@@ -120,13 +125,13 @@ def cpu_seconds(codec, tasks, model, batch_size: int, scratch: Path, repeats: in
     return cpu
 
 
-def engine_cpu(codec, inputs: list[np.ndarray], batch_size: int, repeats: int = 3) -> float:
+def engine_cpu(codec, inputs: list[np.ndarray], batch_size: int, repeats: int = 3, fidelity: bool = True) -> float:
     """Process CPU seconds of ``codec``'s engine over ``inputs`` in batches of ``batch_size`` (best of ``repeats``)."""
-    engine_only(codec, inputs[:1], batch_size)  # warm-up
+    engine_only(codec, inputs[:1], batch_size, fidelity)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         c0 = time.process_time()
-        engine_only(codec, inputs, batch_size)
+        engine_only(codec, inputs, batch_size, fidelity)
         best = min(best, time.process_time() - c0)
     return best
 
@@ -145,22 +150,23 @@ def e2e_rows(codec, backend: str, args, tmp: Path, tasks, inputs, n_sl: int) -> 
     eng, e2e = [], []
     label = f"{codec.engine.backend}/{getattr(codec.engine, 'variant_name', None) or codec.engine.provider}"
     print(f"engine {label}:\n{'run':>4} {'engine-only sl/s':>17} {'end-to-end sl/s':>16} {'ratio':>6}")
-    engine_only(codec, inputs[:1], args.batch_size)  # warm-up
+    engine_only(codec, inputs[:1], args.batch_size, args.fidelity)  # warm-up
     starts = []
     for _ in range(2):  # a job of one file: what every job pays once (model load, engine start and check)
         shutil.rmtree(tmp / "one-out", ignore_errors=True)
         t0 = time.perf_counter()
         run_batch("encode", tmp / "one", tmp / "one-out", model=args.model_path, backend=backend,
-                  threads=args.threads, batch_size=args.batch_size, workers=args.workers, progress=False)
+                  threads=args.threads, batch_size=args.batch_size, workers=args.workers, progress=False,
+                  fidelity=args.fidelity)
         starts.append(time.perf_counter() - t0)
     print(f"a job of one file takes {min(starts):.2f} s (start-up: model, engine, its check; then one batch)")
     for r in range(args.repeats):
-        eng.append(n_sl / engine_only(codec, inputs, args.batch_size))
+        eng.append(n_sl / engine_only(codec, inputs, args.batch_size, args.fidelity))
         shutil.rmtree(tmp / "out", ignore_errors=True)
         t0 = time.perf_counter()
         summary = run_batch("encode", tmp / "in", tmp / "out", model=args.model_path, backend=backend,
                             threads=args.threads, batch_size=args.batch_size, workers=args.workers,
-                            progress=False)
+                            progress=False, fidelity=args.fidelity)
         e2e.append(summary["streamlines_processed"] / (time.perf_counter() - t0))
         assert summary["done"] == len(tasks) and not summary["failures"], summary["message"]
         print(f"{r + 1:>4} {eng[-1]:>17.0f} {e2e[-1]:>16.0f} {e2e[-1] / eng[-1]:>6.2f}")
@@ -180,14 +186,15 @@ def roof_lines(args, codecs: dict, rows: list[dict], groups_per_streamline: floa
         return {}
     from vqdiff.engine import spec_of
 
-    r = roof(model, args.threads or os.cpu_count(), what="encode")
+    what = "roundtrip" if args.fidelity else "encode"  # with fidelity the job decodes too
+    r = roof(model, args.threads or os.cpu_count(), what=what)
     print_roof(r)
-    per_layer = layer_gflop_per_group(model, what="encode")
+    per_layer = layer_gflop_per_group(model, what=what)
     for row, codec in zip(rows, codecs.values(), strict=True):
         gps = row["engine_only_streamlines_per_s"] * groups_per_streamline
         spec = spec_of(codec.engine)
         prec = spec.precision if spec else "fp32"
-        top = spec_roof(model, spec, r, per_layer) if spec else None
+        top = spec_roof(model, spec, r, per_layer, codec.engine) if spec else None
         row["engine_groups_per_s"], row["roof_fraction"] = round(gps, 1), fraction(gps, prec, r, top)
         print(f"engine {row['engine']}: {gps:,.0f} groups/s engine-only = {row['roof_fraction']} of its roof "
               f"({spec.name if spec else '?'}: {top or 0:,.0f} groups/s)")
@@ -215,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="the engine measured (default: the one a job selects)")
     p.add_argument("--no-torch-reference", action="store_true",
                    help="skip the torch-fp32 reference engine (its CPU per group and its end-to-end ratio)")
+    p.add_argument("--no-fidelity", dest="fidelity", action="store_false",
+                   help="as the batch CLI's --no-fidelity: encode only (default: the job also decodes, to record "
+                        "the measured fidelity, and so does the engine-only run)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
@@ -242,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
               f"model: {model_label}; batch {args.batch_size} groups, {args.workers} prepare workers, "
               f"engine threads {args.threads or 'default'}; {cpu_desc['model']}, {cpu_desc['cores']} cores "
               f"[{' '.join(cpu_desc['isa'])}]")
-        cpu = cpu_seconds(codec, tasks, args.model_path, args.batch_size, tmp / "scratch")
+        cpu = cpu_seconds(codec, tasks, args.model_path, args.batch_size, tmp / "scratch", fidelity=args.fidelity)
         ceiling = cpu["engine"] / sum(cpu.values())
         print("CPU seconds per stage (process CPU, serial, warm, best of 3): "
               + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
@@ -250,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = {k: 1e3 * v / n_groups for k, v in cpu.items()}
         engines = {codec.engine.backend: ms["engine"]}
         if "torch" in codecs and codecs["torch"] is not codec:
-            engines["torch"] = 1e3 * engine_cpu(codecs["torch"], inputs, args.batch_size) / n_groups
+            engines["torch"] = 1e3 * engine_cpu(codecs["torch"], inputs, args.batch_size,
+                                                fidelity=args.fidelity) / n_groups
         result = {"source": args.source, "groups": n_groups, "streamlines": n_sl, "cpu_ms_per_group": {k: round(v, 3) for k, v in ms.items()},
                   "engine_cpu_ms_per_group": {k: round(v, 3) for k, v in engines.items()},
                   "cpu_bound_ceiling": round(ceiling, 3), "prepare_goal": 0.25}

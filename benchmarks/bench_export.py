@@ -136,8 +136,9 @@ def main(argv=None) -> int:
         print_roof(top)
         per_layer = layer_gflop_per_group(ckpt.model)
         for name, e in engines.items():
-            spec_top[name] = spec_roof(ckpt.model, e.spec, top, per_layer)
-            print(f"- {name}: roof {spec_top[name] or 0:,.0f} groups/s ({e.spec.precision}, layers {e.spec.layers})"
+            spec_top[name] = spec_roof(ckpt.model, e.spec, top, per_layer, e)
+            layers = "as its runtime model runs them" if hasattr(e, "runtime_precisions") else e.spec.layers
+            print(f"- {name}: roof {spec_top[name] or 0:,.0f} groups/s ({e.spec.precision}, layers {layers})"
                   if spec_top[name] else f"- {name}: no roof ({e.spec.precision} is not native here)")
         top["variants"] = spec_top
 

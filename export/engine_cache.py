@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 CACHE_ENV = "VQDIFF_ENGINE_CACHE"
-SELECTION_VERSION = 2  # 2: engine specs, layer policies, OpenVINO. Bump when the selection's rules change: old decisions are then ignored
+SELECTION_VERSION = 3  # 2: engine specs, layer policies, OpenVINO; 3: untimed first call, faster OpenVINO graphs. Bump when the selection's rules change: old decisions are then ignored
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 _PACKAGES = ("vqdiff", "numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt",

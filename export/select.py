@@ -12,9 +12,10 @@
 2. otherwise select, under the entry's lock: real groups split into calibration / held-out halves
    (`variants.gate_groups`); an export (TorchScript, parity-checked against torch) and int8 graphs
    are built into the entry when the model has none; every candidate of the device kind
-   (`variants.CANDIDATES`) is opened, encodes + decodes the held-out groups once (the gate, and the
-   first timing), then the ones within `CONTENDER_RATIO` of the fastest passing one are timed again
-   while `TIMING_BUDGET_S` lasts (interleaved rounds, best of); the fastest that passes is chosen.
+   (`variants.CANDIDATES`) is opened, encodes + decodes the held-out groups once untimed (the gate's
+   outputs; a first call of a shape pays one-time costs), once timed, then the ones within
+   `CONTENDER_RATIO` of the fastest passing one are timed again while `TIMING_BUDGET_S` lasts
+   (interleaved rounds, best of: `measure`); the fastest that passes is chosen.
    The decision (each candidate's groups/s and gate, the load average before / after) is written.
 3. anything failing on the way: the fp32 reference (torch; ONNX fp32 for an export without its
    checkpoint), with the reason logged and recorded (mode ``fallback``; not cached).
@@ -242,25 +243,14 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
     if ref_name is None:
         raise BackendUnavailable("neither fp32 reference could be opened: "
                                  + "; ".join(f"{k}: {v['reason']}" for k, v in cand.items()))
-    # round 1: every candidate once (gate outputs + first timing), the reference first
-    times: dict[str, list[float]] = {}
     order = [ref_name, *[n for n in engines if n != ref_name]]
-    recs = {}
-    for name in order:
-        dt, recs[name] = _roundtrip(engines[name], x)
-        times[name] = [dt]
-    ref_q = gate(held_mm, recs[ref_name], norm, None)
     limits = gate_limits(synthetic)
-    gates = {n: gate(held_mm, r, norm, ref_q, limits) if n != ref_name else ref_q for n, r in recs.items()}
-    t_budget = time.perf_counter()
-    for _ in range(MAX_ROUNDS - 1):
-        ranked = sorted((n for n in engines if gates[n]["passed"]), key=lambda n: min(times[n]))
-        best = min(times[ranked[0]])
-        contenders = [n for i, n in enumerate(ranked) if i < 2 or min(times[n]) <= CONTENDER_RATIO * best]
-        if len(contenders) < 2 or time.perf_counter() - t_budget > budget_s:
-            break
-        for name in contenders:  # interleaved: a burst of background load hits every contender alike
-            times[name].append(_roundtrip(engines[name], x)[0])
+
+    def judge_all(recs: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+        ref_q = gate(held_mm, recs[ref_name], norm, None)
+        return {n: gate(held_mm, r, norm, ref_q, limits) if n != ref_name else ref_q for n, r in recs.items()}
+
+    gates, times = measure(engines, order, x, judge_all, budget_s)
     gps = {n: len(x) / min(t) for n, t in times.items()}
     for n in engines:
         cand[n] = {"available": True, "groups_per_s": round(gps[n], 1), "timings": len(times[n]),
@@ -286,6 +276,29 @@ def run_selection(src: ModelSource, folder: Path, dev: str, threads, gate_data, 
         "_check_x": x[:2],
     }
     return decision, engines[chosen]
+
+
+def measure(engines: dict[str, _GroupEngine], order: list[str], x: np.ndarray, judge_all, budget_s: float):
+    """(gate results, timings in s) of every engine on ``x``: one untimed call each, the reference first
+    (the gate's outputs, judged by ``judge_all(outputs) -> {name: gate}``; untimed because the first
+    call of a shape pays one-time costs: oneDNN primitives, OpenVINO's dynamic-shape kernels, ORT's
+    arena), then one timed call each, then the passing ones within `CONTENDER_RATIO` of the fastest
+    (at least two) re-timed in interleaved rounds while ``budget_s`` lasts (`MAX_ROUNDS` in all)."""
+    recs = {name: _roundtrip(engines[name], x)[1] for name in order}
+    gates = judge_all(recs)
+    times = {name: [_roundtrip(engines[name], x)[0]] for name in order}
+    t_budget = time.perf_counter()
+    for _ in range(MAX_ROUNDS - 1):
+        ranked = sorted((n for n in order if gates[n]["passed"]), key=lambda n: min(times[n]))
+        if not ranked:
+            break
+        best = min(times[ranked[0]])
+        contenders = [n for i, n in enumerate(ranked) if i < 2 or min(times[n]) <= CONTENDER_RATIO * best]
+        if len(contenders) < 2 or time.perf_counter() - t_budget > budget_s:
+            break
+        for name in contenders:  # interleaved: a burst of background load hits every contender alike
+            times[name].append(_roundtrip(engines[name], x)[0])
+    return gates, times
 
 
 def emulated(name: str) -> str | None:

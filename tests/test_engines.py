@@ -219,3 +219,157 @@ def test_cpu_bf16_variants_are_measured_only_where_bf16_is_native(monkeypatch):
     assert emulated("torch-bf16-trunk") is None
     flags("amx_tile", "amx_bf16")
     assert emulated("torch-bf16") is None
+
+
+def test_openvino_argmax_runs_without_the_stable_sort_and_gives_the_same_indices():
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vqdiff.export.openvino_backend import argmax_without_sort
+
+    g = helper.make_graph(  # as the exporter writes the bottleneck's argmax: ArgMax axis 1, first index on ties
+        [helper.make_node("ArgMax", ["w"], ["i"], axis=1, keepdims=0),
+         helper.make_node("TopK", ["w", "k"], ["v2", "i2"], axis=1)], "argmax",
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, [None, 512])],
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("i2", TensorProto.INT64, [None, 2])],
+        [helper.make_tensor("k", TensorProto.INT64, [1], [2])])
+    blob = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    core = ov.Core()
+    plain, changed = core.read_model(blob, b""), core.read_model(blob, b"")
+    assert argmax_without_sort(changed) == 1  # the k = 2 TopK keeps its sort
+    sorts = sorted(op.get_attributes()["sort"] for op in changed.get_ordered_ops() if op.get_type_name() == "TopK")
+    assert sorts == ["index", "value"]
+    w = np.random.default_rng(0).integers(0, 4, (64, 512)).astype(np.float32)  # many ties per row
+    w[:, -1] = w.max()  # a tie with the last column in every row
+    a = core.compile_model(plain, "CPU").create_infer_request().infer({0: w})
+    b = core.compile_model(changed, "CPU").create_infer_request().infer({0: w})
+    ia, ib = (np.asarray(list(r.values())[0]).reshape(-1) for r in (a, b))
+    assert np.array_equal(ia, w.argmax(1)) and np.array_equal(ib, w.argmax(1))  # first index on ties, both
+    onnx.checker.check_model(onnx.load_from_string(blob))
+
+
+def test_openvino_engine_full_and_partial_chunks_match_the_graph_as_exported(tmp_path, eight_groups):
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    from vqdiff.export.manifest import read_manifest
+    from vqdiff.export.onnx_export import export_checkpoint
+    from vqdiff.export.openvino_backend import OpenVinoEngine
+    from vqdiff.export.variants import model_source
+    from vqdiff.geometry import groups_to_model
+
+    export = export_checkpoint(MODEL, tmp_path / "export", parity_groups=eight_groups, exporter="torchscript")
+    x = groups_to_model(src_norm(model_source(MODEL)).apply(eight_groups))
+    x = np.concatenate([x, x[::-1], x])[:7]
+    assert len(x) == 7
+    eng = OpenVinoEngine(export, batch_size=4, threads=1)  # one full (static) chunk of 4, one partial of 3
+    assert eng._enc_full is not None and eng._dec_full is not None
+    lat, idx = eng.encode_with_indices(x)
+    rec = eng.decode_groups(lat)
+    core, m = ov.Core(), read_manifest(export)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": "1"}
+    enc = core.compile_model(str(export / m["graphs"]["encoder"]["file"]), "CPU", config)
+    dec = core.compile_model(str(export / m["graphs"]["decoder"]["file"]), "CPU", config)
+    for s, e in ((0, 4), (4, 7)):
+        r = enc.create_infer_request().infer({0: x[s:e]})
+        out = {" ".join(o.get_names()): r[o] for o in enc.outputs}
+        lat0 = next(v for k, v in out.items() if "latents" in k)
+        idx0 = next(v for k, v in out.items() if "indices" in k)
+        assert np.array_equal(lat[s:e], lat0) and np.array_equal(idx[s:e], idx0)  # bit for bit
+        assert np.array_equal(rec[s:e], dec.create_infer_request().infer({0: lat0})[dec.outputs[0]])
+
+
+def test_the_selection_does_not_time_a_first_call(monkeypatch):
+    """The first call of a shape pays one-time costs (oneDNN primitives, OpenVINO kernels): the
+    selection takes the gate's outputs from it, untimed, and times the calls after it."""
+    import time
+
+    from vqdiff.export import select
+
+    class Fake:
+        def __init__(self, first_s, then_s):
+            self.calls, self.first_s, self.then_s = 0, first_s, then_s
+
+        def encode_with_indices(self, x):
+            time.sleep(self.first_s if self.calls == 0 else self.then_s)
+            self.calls += 1
+            return x, None
+
+        def decode_groups(self, lat):
+            return lat
+
+    engines = {"ref": Fake(0.0, 0.004), "slow-start": Fake(0.3, 0.001), "fails": Fake(0.0, 0.0)}
+    seen = {}
+
+    def judge_all(recs):
+        seen.update(recs)
+        return {n: {"passed": n != "fails"} for n in recs}
+
+    gates, times = select.measure(engines, list(engines), np.zeros((2, 3, 4, 4), np.float32), judge_all, 1.0)
+    assert set(seen) == set(engines) and gates["slow-start"]["passed"] and not gates["fails"]["passed"]
+    assert all(len(t) >= 1 for t in times.values()) and max(times["slow-start"]) < 0.1  # its first call is not timed
+    assert min(times["slow-start"]) < min(times["ref"])  # so it is the faster one, as it is once warm
+    assert len(times["fails"]) == 1 and len(times["ref"]) >= 2  # only passing contenders are re-timed
+
+
+def test_the_roof_holds_an_openvino_variant_to_the_layers_it_runs(monkeypatch, tmp_path, eight_groups):
+    """The bf16 hint lets OpenVINO choose per layer: the roof counts what its runtime model runs in
+    reduced precision, not the spec's "all" (the fallback where the engine cannot say)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _roof
+
+    from vqdiff.checkpoint import load_checkpoint
+    from vqdiff.torch_engine import layer_names
+
+    model = load_checkpoint(MODEL).model
+    names = layer_names(model)
+    enc = [n for n in names if n.startswith("encoder.")]
+    dec = [n for n in names if n.startswith("decoder.")]
+
+    class Fake:
+        def runtime_precisions(self):
+            return {"encoder": ["bf16"] * len(enc), "decoder": ["bf16"] * (len(dec) - 2) + ["f32", "f32"]}
+
+    spec = SPECS["openvino-bf16"]
+    assert _roof.reduced_layers(model, spec) == set(names)  # by the policy: all
+    assert _roof.reduced_layers(model, spec, Fake()) == set(names) - set(dec[-2:])
+    r = {"gemm_gflops": {"fp32": 100.0, "bf16": 300.0}}
+    per = _roof.layer_gflop_per_group(model)
+    assert _roof.spec_roof(model, spec, r, per, Fake()) < _roof.spec_roof(model, spec, r, per)
+
+    class Other(Fake):  # a graph whose convolutions do not match the model's layers: the policy
+        def runtime_precisions(self):
+            return {"encoder": ["bf16"], "decoder": ["f32"]}
+
+    assert _roof.reduced_layers(model, spec, Other()) == set(names)
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    from vqdiff.export.onnx_export import export_checkpoint
+    from vqdiff.export.openvino_backend import OpenVinoEngine, cpu_capabilities
+
+    export = export_checkpoint(MODEL, tmp_path / "export", parity_groups=eight_groups, exporter="torchscript")
+    eng = OpenVinoEngine(export, threads=1)
+    got = eng.runtime_precisions()
+    assert [len(got["encoder"]), len(got["decoder"])] == [len(enc), len(dec)] and set(sum(got.values(), [])) == {"f32"}
+    if "BF16" in cpu_capabilities(ov.Core()):
+        low = _roof.reduced_layers(model, spec, OpenVinoEngine(export, precision="bf16", threads=1))
+        assert low and enc[1] in low  # native bf16: the plugin runs the encoder's convolutions in bf16
+
+
+def test_bench_batch_times_the_engine_calls_the_job_makes(tmp_path, subject_dir, monkeypatch):
+    """A job decodes its latents by default (fidelity): the benchmark's stages must run the same calls,
+    or finish fails every file (as it did) and the engine's CPU per group leaves out the decode."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_batch
+
+    from vqdiff.batch.model import load_codec
+    from vqdiff.batch.tasks import encode_tasks
+
+    src = tmp_path / "in" / "sub-01" / "tractography"
+    src.mkdir(parents=True)
+    (src / "sub-01__POPT_R.trk").symlink_to(subject_dir / "POPT_R.trk")
+    tasks = encode_tasks(tmp_path / "in", tmp_path / "out")
+    codec = load_codec(MODEL, backend="torch", threads=1, batch_size=8)
+    cpu = bench_batch.cpu_seconds(codec, tasks, MODEL, 8, tmp_path / "scratch", repeats=1)
+    assert all(v > 0 for v in cpu.values())
+    enc_only = bench_batch.cpu_seconds(codec, tasks, MODEL, 8, tmp_path / "scratch", repeats=1, fidelity=False)
+    assert all(v > 0 for v in enc_only.values())
