@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
     if args.variant == "gpu":  # the bento's config records the GPU shape (one worker, resources gpu: 1)
         env["VQDIFF_DEVICE"] = "cuda:0"
-    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-o", "tag", str(ctx)], env=env,
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-o", "tag", "."], cwd=ctx, env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
