@@ -170,6 +170,35 @@ def test_deterministic(templates, bundles):
     assert np.array_equal(a.matrix, b.matrix) and a.to_dict() == b.to_dict()
 
 
+def test_shared_centroids_cluster_and_fit_once_with_the_same_bits(templates, bundles, monkeypatch):
+    """Within `shared_centroids` (a file's preparation) a bundle is clustered once and fitted onto a template
+    once, whatever registers it how often; the registrations are the same bits as without it, and another
+    list of the same streamlines (or the mirror image) is clustered on its own."""
+    import vqdiff.templates as T
+
+    calls = {"qb": 0, "fit": 0}
+    plain_qb, plain_fit = T._bundle_centroids, T.fit
+    monkeypatch.setattr(T, "_bundle_centroids", lambda *a: calls.__setitem__("qb", calls["qb"] + 1) or plain_qb(*a))
+    monkeypatch.setattr(T, "fit", lambda *a, **k: calls.__setitem__("fit", calls["fit"] + 1) or plain_fit(*a, **k))
+    sl = _moved(bundles["FPT_L"], compose44(np.r_[-20.0, 10.0, 5.0, -5.0, 8.0, 3.0, 0.9]))
+    plain = [register(sl, templates), register(sl, templates, hint="FPT_L"), register(_mirrored(sl), templates)]
+    qb, fits = calls["qb"], calls["fit"]
+    assert qb == 3 and fits >= 2
+    calls.update(qb=0, fit=0)
+    with T.shared_centroids():
+        shared = [register(sl, templates), register(sl, templates, hint="FPT_L"), register(_mirrored(sl), templates)]
+        again = register(list(sl), templates)  # another list object: clustered again
+    assert calls["qb"] == 3  # sl once, its mirror image once, the copied list once
+    assert calls["fit"] < fits  # the hinted registration's fit onto FPT_L was the unhinted one's
+    for a, b in zip(plain + [plain[0]], shared + [again], strict=True):
+        assert np.array_equal(a.matrix, b.matrix) and a.to_dict() == b.to_dict()
+    assert T._SHARED.get() is None  # forgotten on exit
+    shared[0].matrix[0, 0] = 123.0  # the caller's copy: the next registration is unchanged
+    with T.shared_centroids():
+        register(sl, templates)
+        assert np.array_equal(register(sl, templates).matrix, plain[0].matrix)
+
+
 def test_transform_round_trip_is_exact(templates, bundles):
     sl = _moved(bundles["POPT_L"], compose44(np.r_[12.0, -8.0, 30.0, 6.0, -3.0, 9.0, 1.15]))
     reg = register(sl, templates)

@@ -246,3 +246,35 @@ def test_batch_segments_as_encode_file_does(codec, concatenated, subject_dir, tm
     assert summary["done"] == 1, summary
     off = load_latents(tmp_path / "off" / "sub-01" / "file.vqlat")
     assert isinstance(off, Latents) and off.n_streamlines == len(concatenated[0])
+
+
+def test_prepare_file_shares_its_clustering_with_the_same_bits(codec, bundles, concatenated, subject_dir,
+                                                              monkeypatch):
+    """`vqdiff.filesteps.prepare_file` clusters a file once (`vqdiff.templates.shared_centroids`) for
+    segment=auto's detection and its registrations: the engine input and the state are the same bits as
+    with every step clustering on its own, for one bundle moved out of model space and for a multi-bundle file."""
+    import contextlib
+
+    import vqdiff.templates as T
+    from vqdiff.bundle import Bundle
+    from vqdiff.filesteps import prepare_file
+    from vqdiff.io import load_bundle
+
+    header = load_bundle(subject_dir / "MCP.trk").header
+    moved = transform(bundles["FPT_L"], compose44(np.r_[-20.0, 10.0, 5.0, -5.0, 8.0, 3.0, 0.9]))
+    calls, sharing = [], T.shared_centroids
+    plain = T._bundle_centroids
+    monkeypatch.setattr(T, "_bundle_centroids", lambda *a: calls.append(1) or plain(*a))
+    for streamlines, name in ((moved, "FPT_L"), (concatenated[0], "file")):
+        out = []
+        for shared in (True, False):
+            monkeypatch.setattr(T, "shared_centroids", sharing if shared else contextlib.nullcontext)
+            calls.clear()
+            x, state = prepare_file(codec.pipeline, Bundle(list(streamlines), header, "trk", name), input_sha256="a")
+            fields = {k: v for k, v in vars(state).items() if k != "bundle"}
+            if "states" in fields:
+                fields["states"] = [{k: v for k, v in vars(s).items() if k != "bundle"} for s in state.states]
+            with np.printoptions(threshold=np.inf):
+                out.append((x.tobytes(), repr(fields), len(calls)))
+        assert out[0][:2] == out[1][:2], name
+        assert out[0][2] < out[1][2], (name, out[0][2], out[1][2])  # fewer clusterings when shared

@@ -350,12 +350,15 @@ class Codec:
         from .fileio import file_sha256
         from .io import load_bundle
         from .segment import file_parts
+        from .templates import shared_centroids
 
         bundle, sha = load_bundle(path, reference=reference), file_sha256(path)
-        parts, seg = file_parts(bundle, self.pipeline.templates, mode=segment)  # (None, None): one bundle
-        if parts is None:
-            return self.encode(bundle, register=register, input_sha256=sha, fidelity=fidelity)
-        subject = self.encode_subject(bundle, parts=parts, register=register, input_sha256=sha, fidelity=fidelity)
+        with shared_centroids():  # the file is clustered once for detection and both registrations
+            parts, seg = file_parts(bundle, self.pipeline.templates, mode=segment)  # (None, None): one bundle
+            if parts is None:
+                return self.encode(bundle, register=register, input_sha256=sha, fidelity=fidelity)
+            subject = self.encode_subject(bundle, parts=parts, register=register, input_sha256=sha,
+                                          fidelity=fidelity)
         return subject if seg is None else seg.record(subject)
 
     def decode(self, latents, *, restore_points: bool = False, strict: bool = True):

@@ -17,11 +17,13 @@ def prepare_file(pipeline, bundle: Bundle, *, input_sha256: str | None = None, r
     """(engine input, state): an `EncodeState` for one bundle, a `SubjectState` for several."""
     from .segment import file_parts
     from .subject import prepare_subject
+    from .templates import shared_centroids
 
-    parts, seg = file_parts(bundle, pipeline.templates, mode=segment)  # (None, None): one bundle
-    if parts is None:
-        return pipeline.prepare_encode(bundle, input_sha256=input_sha256, register=register)
-    x, state = prepare_subject(pipeline, bundle, parts=parts, input_sha256=input_sha256, register=register)
+    with shared_centroids():  # the file is clustered once for detection and both registrations
+        parts, seg = file_parts(bundle, pipeline.templates, mode=segment)  # (None, None): one bundle
+        if parts is None:
+            return pipeline.prepare_encode(bundle, input_sha256=input_sha256, register=register)
+        x, state = prepare_subject(pipeline, bundle, parts=parts, input_sha256=input_sha256, register=register)
     state.source.update({} if seg is None else {"segmentation": seg.to_dict()})  # as `Segmentation.record`
     return x, state
 

@@ -55,9 +55,8 @@ from .slr import (
     apply_matrix,
     centre_radius,
     coarse_matrix,
-    fit,
 )
-from .templates import Templates, bundle_centroids, residual
+from .templates import Templates, bundle_centroids, residual, shared_fit
 from .tract_names import contains_words, name_words, tokens, tract_family
 
 SHORTLIST = 3
@@ -333,7 +332,7 @@ def _register(streamlines: Sequence[np.ndarray], templates: Templates, mode: str
     coarse = {n: residual(apply_matrix(coarse_matrix(mine, templates.centre_radius(n)), cents), templates.centroids[n])
               for n in names}
     ranked = sorted(coarse, key=coarse.get)
-    fits: dict[str, Fit] = {n: fit(cents, templates.centroids[n], model=MODEL)
+    fits: dict[str, Fit] = {n: shared_fit(cents, templates.centroids[n], model=MODEL)
                             for n in ranked[:shortlist] if coarse[n] <= SHORTLIST_RATIO * coarse[ranked[0]]}
     pick = min(fits, key=lambda n: fits[n].residual_mm)
     partner = templates.partner.get(pick, pick)

@@ -23,10 +23,12 @@ against the template, times 1.5, at least 0.5 mm).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,14 +49,61 @@ MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
 
 
 # ---------------------------------------------------------------------------------------- geometry
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vqdiff_shared_centroids", default=None)
+
+
+@contextlib.contextmanager
+def shared_centroids() -> Iterator[None]:
+    """Within it, `bundle_centroids` of the same streamlines (the same list object, of the same length)
+    with the same parameters is computed once and its copies returned after: a file's preparation
+    (segment=auto's detection, its registration, the registration again with the bundle's name) clusters
+    the file once instead of three times (and `shared_fit` fits those centroids onto a template once).
+    The results are the same bits either way (deterministic); per context (thread, task), forgotten on exit."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def bundle_centroids(streamlines: Sequence[np.ndarray], *, threshold: float = QB_THRESHOLD,
                      max_centroids: int = MAX_CENTROIDS, max_streamlines: int = MAX_STREAMLINES,
                      n_points: int = N_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """QuickBundles centroids of an evenly strided subsample -> ((K, n_points, 3) float64, sizes (K,)).
 
     Deterministic (the subsample and QuickBundles' order follow the input order), so the training
-    bundle itself gives exactly its template's centroids.
+    bundle itself gives exactly its template's centroids. Computed once per streamlines within
+    `shared_centroids`.
     """
+    memo = _SHARED.get()
+    if memo is None:
+        return _bundle_centroids(streamlines, threshold, max_centroids, max_streamlines, n_points)
+    key = (id(streamlines), len(streamlines), threshold, max_centroids, max_streamlines, n_points)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not streamlines:  # the object is held, so its id is not reused meanwhile
+        hit = memo[key] = (streamlines, _bundle_centroids(streamlines, threshold, max_centroids, max_streamlines,
+                                                          n_points))
+    return hit[1][0].copy(), hit[1][1].copy()
+
+
+def shared_fit(moving: np.ndarray, static: np.ndarray, *, model: str) -> Any:
+    """`vqdiff.slr.fit` of ``moving`` onto ``static``, once per (moving's values, the static array object,
+    ``model``) within `shared_centroids` (a copy of its matrix returned); outside it, a plain `fit`."""
+    from dataclasses import replace
+
+    memo = _SHARED.get()
+    if memo is None:
+        return fit(moving, static, model=model)
+    moving = np.ascontiguousarray(moving)
+    key = ("fit", moving.dtype.str, moving.shape, moving.tobytes(), id(static), model)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not static:
+        hit = memo[key] = (static, fit(moving, static, model=model))
+    return replace(hit[1], matrix=hit[1].matrix.copy())
+
+
+def _bundle_centroids(streamlines: Sequence[np.ndarray], threshold: float, max_centroids: int,
+                      max_streamlines: int, n_points: int) -> tuple[np.ndarray, np.ndarray]:
     from dipy.segment.clustering import QuickBundles
     from dipy.segment.featurespeed import ResampleFeature
     from dipy.segment.metric import AveragePointwiseEuclideanMetric
