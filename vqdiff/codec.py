@@ -45,10 +45,9 @@ def default_model_dir() -> Path:
     env = os.environ.get(MODEL_ENV)
     path = Path(env) if env else Path(__file__).resolve().parents[1] / "models" / "default"
     if not path.is_dir():
-        raise CheckpointError(
-            f"no model at {path}; set {MODEL_ENV} to a checkpoint directory "
-            "(model.safetensors + config.json) or an export directory, or train one with `vqdiff-train`"
-        )
+        raise CheckpointError(f"no model at {path}; set {MODEL_ENV} to a checkpoint directory "
+                              "(model.safetensors + config.json) or an export directory, "
+                              "or train one with `vqdiff-train`")
     return path
 
 
@@ -352,13 +351,12 @@ class Codec:
         from .segment import file_parts
         from .templates import shared_centroids
 
-        bundle, sha = load_bundle(path, reference=reference), file_sha256(path)
+        bundle, kw = load_bundle(path, reference=reference), dict(register=register, fidelity=fidelity)
         with shared_centroids():  # the file is clustered once for detection and both registrations
             parts, seg = file_parts(bundle, self.pipeline.templates, mode=segment)  # (None, None): one bundle
             if parts is None:
-                return self.encode(bundle, register=register, input_sha256=sha, fidelity=fidelity)
-            subject = self.encode_subject(bundle, parts=parts, register=register, input_sha256=sha,
-                                          fidelity=fidelity)
+                return self.encode(bundle, input_sha256=file_sha256(path), **kw)
+            subject = self.encode_subject(bundle, parts=parts, input_sha256=file_sha256(path), **kw)
         return subject if seg is None else seg.record(subject)
 
     def decode(self, latents, *, restore_points: bool = False, strict: bool = True):
