@@ -29,17 +29,19 @@ def _script():
     return mod
 
 
+BB = _script()  # scripts/build_bento.py, loaded once
+
+
 def test_packages_come_from_pyproject_and_bentofiles_hold_none():
-    bb = _script()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    deps = [bb._name(r) for r in project["dependencies"] + project["optional-dependencies"]["serve"]]
+    deps = [BB._name(r) for r in project["dependencies"] + project["optional-dependencies"]["serve"]]
     for variant in ("cpu", "lean"):
-        names = [bb._name(r) for r in bb.packages(variant)]
+        names = [BB._name(r) for r in BB.packages(variant)]
         assert "torch" not in names and set(names) == set(deps) - {"torch"}, (variant, names)
-    gpu = [bb._name(r) for r in bb.packages("gpu")]
+    gpu = [BB._name(r) for r in BB.packages("gpu")]
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu and "torch" in gpu and "tensorrt" not in gpu
     assert len(gpu) == len(set(gpu))
-    for variant, bentofile in bb.BENTOFILES.items():
+    for variant, bentofile in BB.BENTOFILES.items():
         python = yaml.safe_load((REPO / bentofile).read_text()).get("python", {})
         assert not {"packages", "wheels", "extra_index_url", "index_url", "requirements_txt"} & set(python), (variant, python)
 
@@ -100,4 +102,4 @@ def test_bento_builds_with_its_wheels_and_no_unreachable_index(tmp_path, variant
 
 
 def _name(line: str) -> str:
-    return _script()._name(line.strip()) if line.strip() and not line.startswith(("#", "-")) else ""
+    return BB._name(line.strip()) if line.strip() and not line.startswith(("#", "-")) else ""
